@@ -1,0 +1,114 @@
+"""The demo dataset: small synthetic H.264 clips of moving coloured patterns, a caption beside each.
+
+Generated once (deterministically from a seed) so the demo and the tests have real mp4 files to
+decode with decord, with no download. Each clip's caption names what moves, its colour and its
+direction, so a model could in principle learn the mapping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+COLOURS = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (40, 80, 230),
+    "yellow": (240, 220, 40),
+    "cyan": (40, 220, 220),
+    "magenta": (220, 40, 200),
+    "white": (245, 245, 245),
+    "orange": (250, 150, 30),
+}
+BACKGROUNDS = {"black": (10, 10, 10), "gray": (110, 110, 110), "purple": (60, 20, 80)}
+SHAPES = ("square", "circle", "stripes", "checkerboard")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "diagonally": (1, 1)}
+
+
+def render_clip(shape: str, colour, background, direction, num_frames: int, size: int, speed: float):
+    """Frames [T, H, W, 3] uint8 of `shape` moving in `direction` by `speed` pixels per frame."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    dx, dy = direction
+    frames = np.empty((num_frames, size, size, 3), np.uint8)
+    for t in range(num_frames):
+        # Positions wrap around the frame, so motion never stops at an edge.
+        cx = (size / 2 + dx * speed * t) % size
+        cy = (size / 2 + dy * speed * t) % size
+        ox, oy = (xx - cx + size / 2) % size - size / 2, (yy - cy + size / 2) % size - size / 2
+        if shape == "square":
+            mask = (np.abs(ox) < size / 6) & (np.abs(oy) < size / 6)
+        elif shape == "circle":
+            mask = ox**2 + oy**2 < (size / 5) ** 2
+        elif shape == "stripes":
+            mask = ((xx - dx * speed * t + yy - dy * speed * t) // (size / 8)) % 2 == 0
+        else:  # checkerboard
+            mask = (((xx - dx * speed * t) // (size / 4)) + ((yy - dy * speed * t) // (size / 4))) % 2 == 0
+        frames[t] = np.where(mask[..., None], np.array(colour, np.uint8), np.array(background, np.uint8))
+    return frames
+
+
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, codec: str = "libx264") -> None:
+    """Encode uint8 frames [T, H, W, 3] into a video file with PyAV (yuv420p, widely decodable)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=int(round(fps)))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def generate_demo_videos(
+    root: str | os.PathLike,
+    num_clips: int = 24,
+    size: int = 64,
+    min_frames: int = 33,
+    max_frames: int = 65,
+    fps: float = 16.0,
+    seed: int = 0,
+) -> Path:
+    """Write `num_clips` mp4 clips with `.txt` captions into `root`, once (an existing one is kept).
+
+    Written into a temporary sibling folder and renamed, so an interrupted generation never leaves
+    a half dataset behind.
+    """
+    root = Path(root)
+    if root.is_dir() and any(root.glob("*.mp4")):
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
+    rng = np.random.default_rng(seed)
+    colours, backgrounds, directions = list(COLOURS), list(BACKGROUNDS), list(DIRECTIONS)
+    try:
+        for i in range(num_clips):
+            shape = SHAPES[i % len(SHAPES)]
+            colour = colours[rng.integers(len(colours))]
+            background = backgrounds[rng.integers(len(backgrounds))]
+            direction = directions[rng.integers(len(directions))]
+            num_frames = int(rng.integers(min_frames, max_frames + 1))
+            speed = float(rng.uniform(0.5, 2.0))
+            frames = render_clip(
+                shape, COLOURS[colour], BACKGROUNDS[background], DIRECTIONS[direction], num_frames, size, speed
+            )
+            name = f"clip_{i:03d}"
+            write_mp4(tmp / f"{name}.mp4", frames, fps)
+            pace = "slowly" if speed < 1.0 else "quickly"
+            caption = f"a {colour} {shape} moving {pace} {direction} on a {background} background"
+            (tmp / f"{name}.txt").write_text(caption + "\n", encoding="utf-8")
+        try:
+            tmp.rename(root)
+        except OSError:  # root exists (empty, or another process finished first)
+            if not any(root.glob("*.mp4")):
+                shutil.rmtree(root)
+                tmp.rename(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root

@@ -1,0 +1,1 @@
+"""Loading models by name, the self-attention swap and LoRA wrapping."""

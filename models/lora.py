@@ -1,0 +1,88 @@
+"""peft LoRA adapters on the transformer, and their export in diffusers' LoRA format."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from train.config import LoraConfig
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(transformer, cfg: LoraConfig) -> list[torch.nn.Parameter]:
+    """Freeze the transformer, add LoRA adapters per `cfg`, and return the trainable parameters.
+
+    Adapters are kept in fp32 whatever the base weights' dtype: their updates are small relative
+    to their values, and bf16 would round many of them away.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+
+    transformer.requires_grad_(False)
+    transformer.add_adapter(
+        PeftLoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=list(cfg.target_modules),
+            init_lora_weights=True,
+        )
+    )
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"lora.target_modules={list(cfg.target_modules)} matched no module of the transformer")
+    for p in trainable:
+        p.data = p.data.float()
+    return trainable
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter that requires grad, by name: the exact training state of the adapters."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into the model's trainable parameters; the two name sets must match exactly."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if params.keys() != state.keys():
+        missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
+        raise ValueError(
+            f"checkpoint LoRA does not match the model: {len(missing)} missing (e.g. {sorted(missing)[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]}); were lora.* settings changed?"
+        )
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state[n])
+
+
+def export_lora(transformer, directory: str | os.PathLike, is_main_process: bool = True) -> Path:
+    """Write the adapters as `pytorch_lora_weights.safetensors` in diffusers' format.
+
+    Goes through `WanPipeline.save_lora_weights`, so `WanPipeline.load_lora_weights` reads it with
+    no conversion. The alpha/rank scale is folded into lora_B and the file says alpha = rank:
+    loaders that ignore diffusers' metadata (ComfyUI assumes alpha = rank when no `.alpha` key is
+    present) then apply the same scale as loaders that read it.
+    """
+    from diffusers import WanPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    peft_config = transformer.peft_config["default"]
+    if peft_config.rank_pattern or peft_config.alpha_pattern:
+        raise NotImplementedError("export of LoRA with per-module rank/alpha patterns")
+    scale = peft_config.lora_alpha / peft_config.r
+    state = {
+        name: (w * scale if ".lora_B." in name else w).detach().to("cpu", torch.float32).contiguous()
+        for name, w in get_peft_model_state_dict(transformer).items()
+    }
+    metadata = peft_config.to_dict()
+    metadata["lora_alpha"] = peft_config.r
+    directory = Path(directory)
+    WanPipeline.save_lora_weights(
+        directory,
+        transformer_lora_layers=state,
+        is_main_process=is_main_process,
+        transformer_lora_adapter_metadata=metadata,
+    )
+    return (directory / LORA_WEIGHT_NAME).resolve()

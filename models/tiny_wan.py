@@ -1,0 +1,127 @@
+"""A tiny, random-init Wan2.1 saved as a diffusers model folder.
+
+The demo and the tests need a model without network access, so this builds the real diffusers and
+transformers classes (WanTransformer3DModel, AutoencoderKLWan, UMT5EncoderModel, a T5 tokenizer)
+at toy sizes and writes them with `save_pretrained`, laid out as a `WanPipeline` folder. Training
+then loads it through the same `from_pretrained` calls a real checkpoint goes through.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+# Words of the demo captions (data/demo_videos.py draws from them) plus some filler: each is one
+# token of the tiny tokenizer.
+VOCAB_WORDS = (
+    "a an the of and with on in to from moving slowly quickly left right up down diagonally "
+    "red green blue yellow cyan magenta white orange purple pink gray black background "
+    "square circle stripe stripes bar bars checkerboard gradient pattern dot dots ring "
+    "video clip scene small large bright dark coloured colored over across frame"
+).split()
+
+
+def _build_tokenizer():
+    """A small T5-style Unigram tokenizer (pad=0, eos=1, unk=2, "▁" word prefix, as in UMT5).
+
+    Whole demo words score high; single letters and digits score low, so any other word still
+    tokenizes (letter by letter) instead of collapsing to <unk>.
+    """
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -1.0) for w in sorted(set(VOCAB_WORDS))]
+    pieces += [(c, -5.0) for c in string.ascii_lowercase + string.digits + ".,;:!?'-"]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0
+    )
+
+
+def _build_components(seed: int) -> dict:
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = _build_tokenizer()
+    text_dim = 32
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=text_dim,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    z_dim = 4
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=z_dim,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * z_dim,
+        latents_std=[1.0] * z_dim,
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=32,
+        in_channels=z_dim,
+        out_channels=z_dim,
+        text_dim=text_dim,
+        freq_dim=32,
+        ffn_dim=128,
+        num_layers=2,
+        rope_max_seq_len=64,
+    )
+    # Wan's sampling scheduler in diffusers' examples; training draws its own sigmas.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return dict(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+
+
+def build_tiny_wan(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random WanPipeline folder to `path` (once: an existing folder is kept).
+
+    Built into a temporary sibling and renamed, so an interrupted build never leaves a half
+    folder that later runs would try to load.
+    """
+    from diffusers import WanPipeline
+
+    path = Path(path)
+    if (path / "model_index.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+    try:
+        WanPipeline(**_build_components(seed)).save_pretrained(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process finished first: keep its copy
+            if not (path / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -1,0 +1,60 @@
+"""Shared fixtures: the tiny model folder and the demo videos, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from models.tiny_wan import build_tiny_wan
+
+    return build_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan")
+
+
+@pytest.fixture(scope="session")
+def demo_videos_dir(tmp_path_factory) -> Path:
+    from data.demo_videos import generate_demo_videos
+
+    return generate_demo_videos(tmp_path_factory.mktemp("data") / "demo_videos")
+
+
+def run_train(cwd: Path, *overrides: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m train OVERRIDES` in `cwd`, the way a user runs it; returns the finished process."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "train", *overrides],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def train_cli(tmp_path, tiny_model_dir, demo_videos_dir):
+    """Run the trainer on the session's tiny model and videos, in a fresh folder; fail loudly."""
+
+    def run(*overrides: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+        proc = run_train(
+            tmp_path,
+            f"model.path={tiny_model_dir}",
+            f"data.root={demo_videos_dir}",
+            "data.num_workers=1",
+            *overrides,
+            env=env,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"train exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+        return proc
+
+    run.cwd = tmp_path
+    return run

@@ -1,0 +1,91 @@
+"""The Hydra tree composes into the typed schema; bad keys and values fail with a clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from train.config import Config, ConfigError, register_configs, typed_config, validate
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+GROUPS = ["model", "data", "attention", "lora", "optim", "trainer", "logger"]
+register_configs()
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override", [f"{g}={o}" for g in GROUPS for o in options(g)] + [f"+experiment={e}" for e in options("experiment")]
+)
+def test_every_group_option_composes_into_the_schema(override):
+    cfg = typed_config(compose_cfg(override))
+    assert isinstance(cfg, Config)
+    validate(cfg)
+
+
+def test_default_is_the_tiny_experiment():
+    assert typed_config(compose_cfg()) == typed_config(compose_cfg("+experiment=tiny"))
+
+
+def test_experiment_is_not_in_the_defaults_list():
+    from omegaconf import OmegaConf
+
+    defaults = OmegaConf.to_container(OmegaConf.load(CONFIGS / "train.yaml").defaults)
+    groups = [next(iter(d)) if isinstance(d, dict) else d for d in defaults]
+    assert "model" in groups and not any("experiment" in g for g in groups)
+    for path in (CONFIGS / "experiment").glob("*.yaml"):
+        assert path.read_text().startswith("# @package _global_"), path
+
+
+def test_run_dir_has_no_timestamp():
+    # Ranks started a second apart must agree on the run directory.
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True)
+    assert "now" not in str(cfg.hydra.run.dir)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("+optim.lr_warmup=10", "optim.lr_warmup"),  # Hydra lets `+` add keys; we must not
+        ("+train.timesteps.sampler=uniform", "train.timesteps.sampler"),
+    ],
+)
+def test_added_unknown_key_fails_naming_it(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        typed_config(compose_cfg(override))
+
+
+def test_cross_field_checks_name_the_key():
+    cfg = typed_config(compose_cfg("data.num_frames=32"))
+    with pytest.raises(ConfigError, match=r"data\.num_frames=32 must be 4n\+1"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("optim.lr_warmup=10", "optim.lr_warmup"),
+        ("optim.lr=fast", "optim.lr"),
+        ("train.timesteps.sampling=cubic", "train.timesteps.sampling"),
+        ("data.num_frames=16", "data.num_frames=16"),
+        ("+lora.ranks=4", "lora.ranks"),
+    ],
+)
+def test_cli_rejects_bad_config_before_loading_anything(tmp_path, override, needle):
+    from conftest import run_train
+
+    proc = run_train(tmp_path, override, timeout=120)
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / ".cache").exists()  # failed before building or generating anything

@@ -1,0 +1,119 @@
+"""The tiny Wan loads like a real one; the attention seam; LoRA's trainable set; the LoRA export."""
+
+from __future__ import annotations
+
+import torch
+
+from models.attention import WanSelfAttnProcessor, set_self_attention
+from models.lora import LORA_WEIGHT_NAME, add_lora, export_lora
+from train.config import LoraConfig, ModelConfig, TimestepConfig
+from train.step import flow_matching_loss, sample_sigmas
+
+
+def load(model_dir):
+    from models.loading import load_pipeline
+
+    return load_pipeline(ModelConfig(id="tiny-wan", path=str(model_dir)))
+
+
+def inputs(pipe, seed=0, frames=3, size=8):
+    g = torch.Generator().manual_seed(seed)
+    cfg = pipe.transformer.config
+    x = torch.randn(2, cfg.in_channels, frames, size, size, generator=g)
+    text = torch.randn(2, 7, cfg.text_dim, generator=g)
+    t = torch.tensor([100.0, 900.0])
+    return x, t, text
+
+
+def forward(transformer, x, t, text):
+    with torch.no_grad():
+        return transformer(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+
+
+def test_tiny_model_is_a_real_wan_pipeline(tiny_model_dir):
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    pipe = load(tiny_model_dir)
+    assert isinstance(pipe, WanPipeline)
+    assert isinstance(pipe.transformer, WanTransformer3DModel)
+    assert isinstance(pipe.vae, AutoencoderKLWan)
+    assert isinstance(pipe.text_encoder, UMT5EncoderModel)
+    embeds, _ = pipe.encode_prompt("a red square moving left", do_classifier_free_guidance=False, max_sequence_length=16)
+    assert embeds.shape == (1, 16, pipe.transformer.config.text_dim)
+    video = pipe("a blue circle", num_frames=5, height=32, width=32, num_inference_steps=2, output_type="pt").frames
+    assert video.shape == (1, 5, 3, 32, 32) and torch.isfinite(video).all()
+
+
+def test_sdpa_processor_matches_diffusers_stock_processor(tiny_model_dir):
+    pipe = load(tiny_model_dir)
+    x, t, text = inputs(pipe)
+    stock = forward(pipe.transformer, x, t, text)
+    assert set_self_attention(pipe.transformer, "sdpa") == len(pipe.transformer.blocks)
+    ours = forward(pipe.transformer, x, t, text)
+    assert all(isinstance(b.attn1.processor, WanSelfAttnProcessor) for b in pipe.transformer.blocks)
+    assert not any(isinstance(b.attn2.processor, WanSelfAttnProcessor) for b in pipe.transformer.blocks)
+    torch.testing.assert_close(ours, stock, atol=1e-6, rtol=0)
+
+
+def test_trainable_parameters_are_exactly_the_lora_ones(tiny_model_dir):
+    pipe = load(tiny_model_dir)
+    cfg = LoraConfig(rank=4, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    params = add_lora(pipe.transformer, cfg)
+    names = {n for n, p in pipe.transformer.named_parameters() if p.requires_grad}
+    lora_names = {n for n, _ in pipe.transformer.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+    assert names == lora_names
+    # 2 blocks x (attn1, attn2) x 4 projections x (A, B)
+    assert len(names) == len(pipe.transformer.blocks) * 2 * 4 * 2 == len(params)
+    assert all(p.dtype == torch.float32 for p in params)
+
+
+def test_loss_falls_when_overfitting_one_batch(tiny_model_dir):
+    torch.manual_seed(0)
+    pipe = load(tiny_model_dir)
+    transformer = pipe.transformer
+    set_self_attention(transformer, "sdpa")
+    params = add_lora(transformer, LoraConfig(rank=8, alpha=8))
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, transformer.config.in_channels, 3, 8, 8, generator=g)
+    text = torch.randn(2, 7, transformer.config.text_dim, generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    sigmas = sample_sigmas(TimestepConfig(), 2, g, "cpu")
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    losses = []
+    for _ in range(100):
+        loss = flow_matching_loss(transformer, latents, text, sigmas, noise, torch.float32)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_export_loads_into_a_fresh_pipeline_with_the_same_output(tiny_model_dir, tmp_path):
+    from diffusers import WanPipeline
+    from safetensors import safe_open
+
+    pipe = load(tiny_model_dir)
+    set_self_attention(pipe.transformer, "sdpa")
+    # alpha != rank, so the export must carry the scale for the outputs to agree.
+    params = add_lora(pipe.transformer, LoraConfig(rank=4, alpha=12))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in params:  # stand-in for training: B is zero at init, which would hide any bug
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    x, t, text = inputs(pipe, seed=3)
+    trained = forward(pipe.transformer, x, t, text)
+
+    path = export_lora(pipe.transformer, tmp_path)
+    assert path == (tmp_path / LORA_WEIGHT_NAME).resolve()
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("transformer.") for k in keys)
+
+    fresh = WanPipeline.from_pretrained(tiny_model_dir)
+    base = forward(fresh.transformer, x, t, text)
+    fresh.load_lora_weights(str(tmp_path), weight_name=LORA_WEIGHT_NAME)
+    loaded = forward(fresh.transformer, x, t, text)
+    assert (trained - base).abs().max() > 1e-3  # the LoRA changes the output
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=0)

@@ -1,0 +1,96 @@
+"""The trainer end to end, through its command line: the demo, resume, W&B, checkpoints."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_train
+from wandb_log import config as wandb_config
+from wandb_log import history as wandb_history
+
+pytestmark = pytest.mark.slow
+FAST = ["data.num_frames=9", "data.height=32", "data.width=32", "data.batch_size=2"]
+METRICS = {"loss", "lr", "grad_norm", "step_time_s", "samples_per_s", "peak_memory_gb"}
+
+
+def exported_path(stdout: str) -> Path:
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("LoRA exported to "), last
+    return Path(last.removeprefix("LoRA exported to "))
+
+
+def test_readme_demo_command_runs_end_to_end(tmp_path):
+    """`python -m train` with nothing prepared: generates data, builds the model, trains, exports."""
+    from diffusers import WanPipeline
+
+    proc = run_train(tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lora = exported_path(proc.stdout)
+    assert lora.is_absolute() and lora == tmp_path / "outputs/tiny/lora/pytorch_lora_weights.safetensors"
+    assert len(list((tmp_path / ".cache/demo_videos").glob("*.mp4"))) == 24
+
+    run_dir = tmp_path / "outputs/tiny"
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step_000100", "step_000150"]  # every 50 steps, the last 2 kept
+    for c in ckpts:
+        assert (run_dir / "checkpoints" / c / "pytorch_lora_weights.safetensors").exists()
+
+    # W&B offline: the resolved config once, then the metrics of every step.
+    (wandb_file,) = glob.glob(str(run_dir / "wandb/offline-run-*/run-*.wandb"))
+    rows = wandb_history(wandb_file)
+    assert len(rows) == 150 and METRICS <= rows[-1].keys()
+    assert [r["_step"] for r in rows] == list(range(1, 151))
+    losses = [r["loss"] for r in rows]
+    assert sum(losses[-20:]) / 20 < 0.9 * sum(losses[:20]) / 20  # it learns something
+    logged = wandb_config(wandb_file)
+    assert logged["lora"]["rank"] == 16 and logged["model"]["id"] == "tiny-wan"
+
+    pipe = WanPipeline.from_pretrained(tmp_path / ".cache/models/tiny-wan")
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+
+
+def test_resume_continues_exactly(train_cli):
+    """2N steps straight == N steps, stop, resume, N steps: same LoRA weights and step count."""
+    common = [
+        *FAST,
+        "train.steps=6",
+        "train.checkpoint_every=3",
+        "trainer.gradient_accumulation_steps=2",
+        "optim.scheduler=cosine",
+        "optim.warmup_steps=2",
+        "logger.mode=disabled",
+    ]
+    train_cli(*common, "name=straight")
+    first = train_cli(*common, "name=split", "train.stop_after_step=3")
+    assert "step_000003" in [p.name for p in (train_cli.cwd / "outputs/split/checkpoints").iterdir()]
+    second = train_cli(*common, "name=split", "train.resume=latest")
+    assert "Resumed from" in second.stdout + second.stderr and "at step 3" in second.stdout + second.stderr
+
+    def final(name):
+        ckpt = train_cli.cwd / f"outputs/{name}/checkpoints/step_000006"
+        state = torch.load(ckpt / "custom_checkpoint_1.pkl", weights_only=False)
+        return load_file(ckpt / "trainable.safetensors"), state
+
+    (straight, s_state), (split, p_state) = final("straight"), final("split")
+    assert s_state == p_state == {"step": 6, "batches_seen": 12}
+    assert straight.keys() == split.keys()
+    for k in straight:
+        assert torch.equal(straight[k], split[k]), k
+    assert exported_path(first.stdout).exists()
+
+
+def test_fresh_start_over_existing_checkpoints_is_refused(train_cli):
+    train_cli(*FAST, "train.steps=1", "logger.mode=disabled")
+    proc = train_cli(*FAST, "train.steps=1", "logger.mode=disabled", check=False)
+    assert proc.returncode != 0 and "train.resume=latest" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_wandb_mode_from_environment_wins(train_cli):
+    train_cli(*FAST, "train.steps=2", "logger.mode=offline", env={"WANDB_MODE": "disabled"})
+    assert not (train_cli.cwd / "outputs/tiny/wandb").exists()

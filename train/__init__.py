@@ -1,0 +1,1 @@
+"""The trainer: config schemas, the training loop, the loss, checkpoints and tracking."""

@@ -1,0 +1,39 @@
+"""`python -m train [+experiment=NAME] [key=value ...]`: compose the config with Hydra and train.
+
+With no experiment this runs the offline CPU demo (configs/train.yaml's defaults).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from train.config import ConfigError, register_configs, typed_config, validate
+
+register_configs()
+
+# Errors that mean "the run was asked for something that cannot be": reported in one line, no
+# traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError)
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(dict_cfg: DictConfig) -> None:
+    """Turn the composed config into typed dataclasses, check it, train, report the LoRA path."""
+    from train.loop import train
+
+    try:
+        cfg = typed_config(dict_cfg)
+        validate(cfg)
+        lora_file = train(cfg, OmegaConf.to_container(dict_cfg, resolve=True))
+    except USER_ERRORS as err:
+        sys.exit(f"error: {err}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"LoRA exported to {lora_file}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

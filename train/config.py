@@ -1,0 +1,258 @@
+"""Typed schemas for every config group.
+
+Hydra composes `configs/train.yaml` on top of `Config` (registered below as `train_schema`, the first
+entry of the defaults list), so every group file, experiment file and command-line override is
+checked against these dataclasses as it is merged: an unknown key or a value of the wrong type
+stops the run before anything is loaded. `OmegaConf.to_object` then turns the result into plain
+dataclass instances, which is what the rest of the code receives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class Precision(str, Enum):
+    """Mixed precision of the forward/backward (accelerate's `mixed_precision`)."""
+
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class DType(str, Enum):
+    """Storage dtype of a frozen model component."""
+
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class TimestepSampling(str, Enum):
+    """How the flow-matching noise level sigma is drawn per sample."""
+
+    uniform = "uniform"
+    logit_normal = "logit_normal"
+    shifted = "shifted"
+
+
+class LoggerMode(str, Enum):
+    """W&B mode; the WANDB_MODE environment variable, when set, wins over the config."""
+
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class Strategy(str, Enum):
+    """How processes share the work: `single` (one process) or `ddp` (data parallel, launched with
+    `accelerate launch` or `torchrun`; both take the same accelerate code path)."""
+
+    single = "single"
+    ddp = "ddp"
+
+
+class AttentionBackend(str, Enum):
+    """Which implementation computes the transformer's self-attention (attn1)."""
+
+    sdpa = "sdpa"
+
+
+@dataclass
+class ModelConfig:
+    """The pretrained video diffusion model (diffusers format) to fine-tune."""
+
+    id: str = MISSING
+    """Hub id of a diffusers-format model, or `tiny-wan` for the demo's tiny random model."""
+    path: str | None = None
+    """Local diffusers-format folder; loaded instead of the hub. For `tiny-wan` it is built here once."""
+    transformer_dtype: DType = DType.float32
+    """Storage dtype of the frozen transformer weights (LoRA weights are always fp32)."""
+    vae_dtype: DType = DType.float32
+    text_encoder_dtype: DType = DType.float32
+    max_text_tokens: int = 512
+    """Prompt length the text encoder pads/truncates to (Wan: 512)."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block in the backward to save activation memory."""
+
+
+@dataclass
+class DataConfig:
+    """Training clips: a folder of videos with a same-named .txt caption beside each."""
+
+    root: str = MISSING
+    """Folder searched recursively for videos."""
+    demo: bool = False
+    """Generate the demo dataset (small synthetic H.264 clips with captions) into `root` if absent."""
+    num_frames: int = 33
+    """Frames per training clip; must be 4n+1 (the Wan VAE compresses time 4x after the first frame)."""
+    height: int = 64
+    width: int = 64
+    frame_stride: int = 1
+    """Take every k-th frame of the source video."""
+    batch_size: int = 1
+    """Clips per micro-batch on each process."""
+    num_workers: int = 2
+    """DataLoader worker processes decoding videos (0 decodes in the training process)."""
+    decode_threads: int = 1
+    """Threads decord may use per worker; bounded so workers don't oversubscribe the cores."""
+
+
+@dataclass
+class AttentionConfig:
+    """Self-attention backend used in every transformer block."""
+
+    backend: AttentionBackend = AttentionBackend.sdpa
+
+
+@dataclass
+class LoraConfig:
+    """peft LoRA adapters on the transformer."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """Module names (peft's matching rules) that get adapters."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    scheduler: str = "constant_with_warmup"
+    """Any name diffusers' `get_scheduler` accepts: constant_with_warmup, cosine, linear, ..."""
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables clipping)."""
+
+
+@dataclass
+class TrainerConfig:
+    """How the run is spread over processes and which precision it uses (accelerate)."""
+
+    strategy: Strategy = Strategy.single
+    mixed_precision: Precision = Precision.no
+    gradient_accumulation_steps: int = 1
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking with Weights & Biases."""
+
+    mode: LoggerMode = LoggerMode.offline
+    project: str = "radial-lora"
+    entity: str | None = None
+    log_every: int = 1
+    """Log metrics every N optimizer steps."""
+
+
+@dataclass
+class TimestepConfig:
+    """Noise-level sampling of the flow-matching objective."""
+
+    sampling: TimestepSampling = TimestepSampling.uniform
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 3.0
+    """For `shifted`: sigma' = shift*sigma / (1 + (shift-1)*sigma), weighting noisier levels (Wan uses 3-5)."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 100
+    """Optimizer steps (each is gradient_accumulation_steps micro-batches)."""
+    seed: int = 0
+    checkpoint_every: int = 50
+    """Save a resumable checkpoint (and a LoRA export) every N steps; 0 only saves at the end."""
+    keep_last: int = 2
+    """Checkpoints kept in the run directory; older ones are deleted."""
+    resume: str | None = None
+    """null: start fresh; `latest`: continue from the newest checkpoint of this run (fresh if none);
+    or a checkpoint folder."""
+    stop_after_step: int | None = None
+    """End this invocation (with a checkpoint) once this step is reached, leaving `steps` and the LR
+    schedule as they are; `resume=latest` continues later. For jobs shorter than the run."""
+    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
+
+
+@dataclass
+class Config:
+    """One training run."""
+
+    name: str = "tiny"
+    """Run name; the run directory is `{output_root}/{name}`. No timestamp, so every rank of a
+    multi-process run (and a restarted job) finds the same directory."""
+    output_root: str = "outputs"
+    cache_dir: str = ".cache"
+    """Where the demo's generated videos and tiny model are kept between runs."""
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    attention: AttentionConfig = MISSING
+    lora: LoraConfig = MISSING
+    optim: OptimConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def register_configs() -> None:
+    """Register the root schema so `train.yaml` can name it first in its defaults list."""
+    ConfigStore.instance().store(name="train_schema", node=Config)
+
+
+class ConfigError(ValueError):
+    """A config value that type checking cannot catch (a range, a divisibility, a combination)."""
+
+
+def typed_config(cfg: DictConfig) -> Config:
+    """The composed config as `Config` dataclasses; raises ConfigError naming a bad key.
+
+    Merged once more onto the schema because Hydra lets a `+key=value` override add keys the
+    schema does not have (a misspelled `+optim.lr_warmup=…` would otherwise be silently ignored).
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg, resolve=False))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        msg = str(getattr(err, "msg", err)).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}" if key else msg) from None
+
+
+def validate(cfg: Config) -> None:
+    """Check what the schema's types cannot; raises ConfigError naming the key."""
+    checks = [
+        (cfg.data.num_frames >= 1 and (cfg.data.num_frames - 1) % 4 == 0,
+         f"data.num_frames={cfg.data.num_frames} must be 4n+1 (e.g. 17, 33, 81): Wan's VAE keeps the first frame "
+         "and compresses the rest 4x in time"),
+        (cfg.data.height % 16 == 0 and cfg.data.width % 16 == 0,
+         f"data.height={cfg.data.height} and data.width={cfg.data.width} must be multiples of 16 "
+         "(VAE 8x, then 2x2 patches)"),
+        (cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size} must be >= 1"),
+        (cfg.data.frame_stride >= 1, f"data.frame_stride={cfg.data.frame_stride} must be >= 1"),
+        (cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers} must be >= 0"),
+        (cfg.train.steps >= 1, f"train.steps={cfg.train.steps} must be >= 1"),
+        (cfg.train.checkpoint_every >= 0, f"train.checkpoint_every={cfg.train.checkpoint_every} must be >= 0"),
+        (cfg.train.keep_last >= 0, f"train.keep_last={cfg.train.keep_last} must be >= 0"),
+        (cfg.trainer.gradient_accumulation_steps >= 1,
+         f"trainer.gradient_accumulation_steps={cfg.trainer.gradient_accumulation_steps} must be >= 1"),
+        (cfg.lora.rank >= 1, f"lora.rank={cfg.lora.rank} must be >= 1"),
+        (len(cfg.optim.betas) == 2, f"optim.betas={cfg.optim.betas} must be two numbers"),
+        (cfg.logger.log_every >= 1, f"logger.log_every={cfg.logger.log_every} must be >= 1"),
+        ("/" not in cfg.name and cfg.name not in ("", ".", ".."), f"name={cfg.name!r} must be a plain folder name"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

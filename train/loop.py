@@ -1,0 +1,178 @@
+"""The training loop: one function, read top to bottom.
+
+set up (accelerate, data, model, LoRA, optimizer) -> resume -> for each optimizer step:
+micro-batches (encode clips and captions, flow-matching loss, backward) -> clip, step, schedule ->
+log -> checkpoint; then export the LoRA. The same code runs one process or many (accelerate).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from data.dataset import ClipBatchSampler, VideoCaptionDataset, collate
+from data.demo_videos import generate_demo_videos
+from models.attention import set_self_attention
+from models.loading import load_pipeline, torch_dtype
+from models.lora import add_lora, export_lora
+from train.checkpoint import TrainState, install_hooks, resolve_resume, save_checkpoint
+from train.config import Config
+from train.step import encode_captions, encode_videos, flow_matching_loss, sample_sigmas
+from train.tracking import peak_memory_gb, start_tracking, wandb_mode
+
+
+def step_generator(seed: int, rank: int, batch_number: int, device: torch.device) -> torch.Generator:
+    """The generator for one micro-batch's noise, sigmas and VAE sample.
+
+    Seeded from (seed, rank, batch number) rather than carried along, so a resumed run draws
+    exactly what an uninterrupted one would.
+    """
+    entropy = np.random.SeedSequence([seed, rank, batch_number]).generate_state(2, np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(entropy) & (2**63 - 1))
+
+
+def train(cfg: Config, resolved_config: dict) -> Path:
+    """Run training as configured; returns the absolute path of the exported LoRA file."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    run_dir = Path(cfg.output_root, cfg.name).resolve()
+    accelerator = Accelerator(
+        mixed_precision=cfg.trainer.mixed_precision.value,
+        gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
+        log_with=None if wandb_mode(cfg.logger) == "disabled" else "wandb",
+        project_dir=str(run_dir),
+    )
+    device, main = accelerator.device, accelerator.is_main_process
+    resume_from = resolve_resume(cfg.train.resume, run_dir)
+    set_seed(cfg.train.seed)
+
+    # --- data: a clip is decoded in a DataLoader worker and stays uint8 until the step ---
+    with accelerator.main_process_first():  # the demo's videos are generated once, by rank 0
+        if cfg.data.demo:
+            generate_demo_videos(cfg.data.root, seed=cfg.train.seed)
+        dataset = VideoCaptionDataset(
+            cfg.data.root,
+            cfg.data.num_frames,
+            cfg.data.height,
+            cfg.data.width,
+            cfg.data.frame_stride,
+            seed=cfg.train.seed,
+            decode_threads=cfg.data.decode_threads,
+        )
+
+    # --- model: pretrained pipeline, our self-attention, LoRA on the transformer ---
+    with accelerator.main_process_first():  # rank 0 builds the tiny demo model if it is missing
+        pipe = load_pipeline(cfg.model)
+    pipe.vae.requires_grad_(False).eval()
+    pipe.text_encoder.requires_grad_(False).eval()
+    transformer = pipe.transformer
+    set_self_attention(transformer, cfg.attention.backend.value)
+    params = add_lora(transformer, cfg.lora)
+    if cfg.model.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    pipe.to(device)
+    transformer.train()
+    model_dtype = torch_dtype(cfg.model.transformer_dtype)
+
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps
+    )
+    # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
+    lr_scheduler = get_scheduler(
+        cfg.optim.scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.train.steps
+    )
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(lr_scheduler, state)
+    install_hooks(accelerator)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        accelerator.print(f"Resumed from {resume_from} at step {state.step}")
+
+    sampler = ClipBatchSampler(
+        len(dataset),
+        cfg.data.batch_size,
+        cfg.train.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+        start=state.batches_seen,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    batches = iter(loader)
+
+    def export(folder: Path) -> Path:
+        return export_lora(accelerator.unwrap_model(transformer), folder, is_main_process=main)
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    start_tracking(accelerator, cfg.logger, cfg.name, run_dir, resolved_config)
+    accum = cfg.trainer.gradient_accumulation_steps
+    samples_per_step = cfg.data.batch_size * accum * accelerator.num_processes
+    max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
+    progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", disable=not main, dynamic_ncols=True)
+    last_log_time, last_log_step = time.perf_counter(), state.step
+    losses, grad_norm = [], torch.zeros((), device=device)
+
+    stop_at = min(cfg.train.steps, cfg.train.stop_after_step or cfg.train.steps)
+    while state.step < stop_at:
+        # --- one optimizer step = `accum` micro-batches ---
+        for _ in range(accum):
+            batch = next(batches)
+            gen = step_generator(cfg.train.seed, accelerator.process_index, state.batches_seen, device)
+            state.batches_seen += 1
+            latents = encode_videos(pipe.vae, batch["frames"], gen)
+            text = encode_captions(pipe, batch["captions"], cfg.model.max_text_tokens, device)
+            sigmas = sample_sigmas(cfg.train.timesteps, latents.shape[0], gen, device)
+            noise = torch.randn(latents.shape, generator=gen, device=device)
+            with accelerator.accumulate(transformer):
+                loss = flow_matching_loss(transformer, latents, text, sigmas, noise, model_dtype)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        lr_scheduler.step()
+        state.step += 1
+        progress.update(1)
+
+        # --- log: averaged over the micro-batches since the last log and over processes ---
+        if state.step % cfg.logger.log_every == 0 or state.step == stop_at:
+            mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            now, steps_done = time.perf_counter(), state.step - last_log_step
+            step_time = (now - last_log_time) / steps_done
+            metrics = {
+                "loss": mean_loss,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "step_time_s": step_time,
+                "samples_per_s": samples_per_step / step_time,
+                "peak_memory_gb": peak_memory_gb(device),
+            }
+            accelerator.log(metrics, step=state.step)
+            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{metrics['lr']:.2e}")
+            losses, last_log_time, last_log_step = [], now, state.step
+
+        # --- checkpoint (resumable state + a LoRA export), always at the last step ---
+        every = cfg.train.checkpoint_every
+        if (every > 0 and state.step % every == 0) or state.step == stop_at:
+            save_checkpoint(accelerator, run_dir, state.step, cfg.train.keep_last, export=export)
+
+    progress.close()
+    lora_file = export(run_dir / "lora")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return lora_file

@@ -1,0 +1,74 @@
+"""One training step's maths: encoding a batch and Wan's flow-matching loss.
+
+Flow matching (rectified flow), as Wan is trained: for clean latents x0 and noise eps at level
+sigma in [0, 1], x_t = (1 - sigma) * x0 + sigma * eps; the transformer, given x_t and timestep
+1000 * sigma, predicts the velocity eps - x0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from data.video import to_vae_input
+from train.config import TimestepConfig, TimestepSampling
+
+
+def sample_sigmas(cfg: TimestepConfig, batch_size: int, generator: torch.Generator, device) -> torch.Tensor:
+    """Noise levels [B] in (0, 1) drawn per `cfg.sampling` (uniform, logit-normal or shifted)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    scheme = "logit_normal" if cfg.sampling == TimestepSampling.logit_normal else "uniform"
+    u = compute_density_for_timestep_sampling(
+        scheme, batch_size, cfg.logit_mean, cfg.logit_std, device=device, generator=generator
+    )
+    if cfg.sampling == TimestepSampling.shifted:
+        # The time shift of SD3/Wan sampling: pushes sigma towards 1 (noisier) for shift > 1.
+        u = cfg.shift * u / (1 + (cfg.shift - 1) * u)
+    return u
+
+
+@torch.no_grad()
+def encode_videos(vae, frames: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """uint8 frames [B, T, H, W, 3] -> normalized latents [B, C, 1 + (T-1)/4, H/8, W/8] in fp32.
+
+    A sample of the VAE posterior (not its mean), normalized by the per-channel latents_mean/std
+    the pipeline undoes before decoding.
+    """
+    x = to_vae_input(frames, vae.device, vae.dtype)
+    latents = vae.encode(x).latent_dist.sample(generator=generator).float()
+    mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
+    return (latents - mean) / std
+
+
+@torch.no_grad()
+def encode_captions(pipe, captions: list[str], max_tokens: int, device) -> torch.Tensor:
+    """Text embeddings [B, max_tokens, text_dim] through the pipeline's own prompt encoding."""
+    embeds, _ = pipe.encode_prompt(
+        captions, do_classifier_free_guidance=False, max_sequence_length=max_tokens, device=device
+    )
+    return embeds
+
+
+def flow_matching_loss(
+    transformer,
+    latents: torch.Tensor,
+    text_embeds: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Mean squared error between the predicted and the true velocity (eps - x0), in fp32.
+
+    `dtype` is the transformer's storage dtype, which its inputs are cast to.
+    """
+    s = sigmas.view(-1, 1, 1, 1, 1)
+    noisy = (1 - s) * latents + s * noise
+    pred = transformer(
+        hidden_states=noisy.to(dtype),
+        timestep=sigmas * 1000,
+        encoder_hidden_states=text_embeds.to(dtype),
+        return_dict=False,
+    )[0]
+    return F.mse_loss(pred.float(), (noise - latents).float())
