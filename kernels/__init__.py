@@ -1,9 +1,21 @@
 """Attention implementations behind the transformer's self-attention.
 
 Layout everywhere: q, k, v and the output are [B, H, S, D] (batch, heads, tokens, head dim), the
-layout of torch's scaled_dot_product_attention.
+layout of torch's scaled_dot_product_attention. Block masks are bool [ceil(S/B), ceil(S/B)].
 """
 
-from kernels.dispatch import BACKENDS, attention
+from kernels.dispatch import BACKENDS, SPARSE_BACKENDS, attention
+from kernels.flex import block_sparse_attention_flex
+from kernels.radial_mask import block_density, radial_block_mask, token_mask
+from kernels.reference import block_sparse_attention_reference
 
-__all__ = ["BACKENDS", "attention"]
+__all__ = [
+    "BACKENDS",
+    "SPARSE_BACKENDS",
+    "attention",
+    "block_density",
+    "block_sparse_attention_flex",
+    "block_sparse_attention_reference",
+    "radial_block_mask",
+    "token_mask",
+]

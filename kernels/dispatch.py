@@ -1,6 +1,7 @@
-"""One entry point, `attention(q, k, v, backend=...)`, choosing the implementation by name.
+"""One entry point, `attention(q, k, v, backend=..., block_mask=...)`, choosing the implementation.
 
-Shapes: q, k, v [B, H, S, D] -> out [B, H, S, D].
+Shapes: q, k, v [B, H, S, D] -> out [B, H, S, D]; block_mask bool [ceil(S/bs), ceil(S/bs)].
+`dense` is exact full attention; the others compute only the kept blocks of `block_mask`.
 A backend that cannot run on the given inputs raises; nothing falls back silently.
 """
 
@@ -9,12 +10,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa",)
+from kernels.flex import block_sparse_attention_flex
+from kernels.reference import block_sparse_attention_reference
+
+SPARSE_BACKENDS = {
+    "reference": block_sparse_attention_reference,
+    "flex": block_sparse_attention_flex,
+}
+BACKENDS = ("dense", *SPARSE_BACKENDS)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "sdpa") -> torch.Tensor:
-    """Non-causal attention softmax(q k^T / sqrt(D)) v over [B, H, S, D] inputs with `backend`."""
-    if backend == "sdpa":
-        # Dense; torch picks cuDNN / flash / memory-efficient / math by device and dtype.
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    backend: str = "dense",
+    block_mask: torch.Tensor | None = None,
+    block_size: int = 128,
+) -> torch.Tensor:
+    """Non-causal softmax(q k^T / sqrt(D)) v, dense or over the kept blocks of `block_mask`."""
+    if backend == "dense":
+        # torch picks cuDNN / flash / memory-efficient / math by device and dtype.
         return F.scaled_dot_product_attention(q, k, v)
-    raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in SPARSE_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if block_mask is None:
+        raise ValueError(f"attention backend {backend!r} needs a block_mask")
+    return SPARSE_BACKENDS[backend](q, k, v, block_mask, block_size=block_size)

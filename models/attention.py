@@ -1,16 +1,26 @@
 """The attention seam: each Wan block's self-attention (attn1) runs through our processor.
 
 The processor does what diffusers' `WanAttnProcessor` does for self-attention (projections,
-RMS q/k norm, rotary embedding, output projection), but hands the attention itself to
-`kernels.attention` with the configured backend. Cross-attention (attn2) keeps the stock processor.
+RMS q/k norm, rotary embedding, output projection) and replaces only the attention call: dense, or
+radial block-sparse on the configured backend. Cross-attention (attn2) keeps the stock processor.
 The swap goes through diffusers' per-module `set_processor`, never a global patch.
+
+The radial mask depends on the latent video's shape (frames F, tokens per frame s), which the
+attention call itself cannot see: a forward pre-hook on the transformer reads it from each call's
+input (so batches of any size and length work) together with the timestep, from which the
+configured rule decides which samples run dense (`dense_timesteps` in generation,
+`train_dense_above_sigma` in training).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
 import torch
 
-from kernels import attention
+from kernels import attention, radial_block_mask
+from train.config import AttentionBackend, AttentionConfig
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -23,11 +33,69 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.type_as(x)
 
 
-class WanSelfAttnProcessor:
-    """Self-attention of a `WanAttention` module with a selectable attention backend."""
+class DenseFirstSteps:
+    """Generation rule: dense attention for the first `n` denoising steps.
 
-    def __init__(self, backend: str = "sdpa"):
-        self.backend = backend
+    Counts distinct timesteps as they decrease (a classifier-free-guidance pass at the same
+    timestep is the same step); a timestep above the previous one starts a new generation.
+    """
+
+    def __init__(self, n: int):
+        self.n, self.last, self.step = n, None, -1
+
+    def __call__(self, timestep: torch.Tensor) -> torch.Tensor:
+        t = float(timestep.max())
+        if self.last is None or t > self.last:
+            self.step = 0
+        elif t < self.last:
+            self.step += 1
+        self.last = t
+        return torch.full((timestep.shape[0],), self.step < self.n)
+
+
+class DenseAboveSigma:
+    """Training rule: a sample runs dense when its noise level sigma = timestep / 1000 >= `sigma`."""
+
+    def __init__(self, sigma: float):
+        self.sigma = sigma
+
+    def __call__(self, timestep: torch.Tensor) -> torch.Tensor:
+        return (timestep.float() / 1000 >= self.sigma).cpu()
+
+
+@dataclass
+class AttentionRouting:
+    """What every self-attention processor of one transformer shares."""
+
+    cfg: AttentionConfig
+    dense_rule: Callable[[torch.Tensor], torch.Tensor] | None = None
+    video_shape: tuple[int, int] | None = None
+    """(latent frames F, tokens per frame s) of the current forward, set by the pre-hook."""
+    dense_samples: torch.Tensor | None = None
+    """bool [B]: samples of the current forward that run dense, set by the pre-hook."""
+    calls: dict = field(default_factory=lambda: {"dense": 0, "radial": 0})
+    """How many attention calls went each way (for tests and logs)."""
+
+    def block_mask(self, device: torch.device) -> torch.Tensor:
+        frames, tokens_per_frame = self.video_shape
+        return radial_block_mask(
+            frames,
+            tokens_per_frame,
+            block_size=self.cfg.block_size,
+            decay=self.cfg.decay,
+            sink=self.cfg.sink,
+            legacy_adjacent=self.cfg.legacy_adjacent,
+            device=device,
+        )
+
+
+class WanSelfAttnProcessor:
+    """Self-attention of one `WanAttention` module (block `layer`), dense or radial."""
+
+    def __init__(self, layer: int, routing: AttentionRouting):
+        self.layer, self.routing = layer, routing
+        cfg = routing.cfg
+        self.radial = cfg.backend.value != "dense" and layer >= cfg.dense_layers
 
     def __call__(
         self,
@@ -50,15 +118,83 @@ class WanSelfAttnProcessor:
         if rotary_emb is not None:
             query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
 
-        out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), backend=self.backend)
+        out = self._attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[B, H, S, D] attention, radial or dense per sample as the routing says."""
+        routing = self.routing
+        dense = routing.dense_samples
+        if not self.radial or (dense is not None and bool(dense.all())):
+            routing.calls["dense"] += 1
+            return attention(q, k, v, backend="dense")
+        if routing.video_shape is None:
+            raise RuntimeError("radial attention needs the video shape: call the transformer, not a block")
+        frames, tokens_per_frame = routing.video_shape
+        if frames * tokens_per_frame != q.shape[-2]:
+            raise RuntimeError(f"attention over {q.shape[-2]} tokens, but the video has {frames}x{tokens_per_frame}")
+        cfg = routing.cfg
+        mask = routing.block_mask(q.device)
 
-def set_self_attention(transformer, backend: str) -> int:
-    """Route every block's attn1 through `WanSelfAttnProcessor(backend)`; returns how many were set."""
-    processor = WanSelfAttnProcessor(backend)
-    for block in transformer.blocks:
-        block.attn1.set_processor(processor)
-    return len(transformer.blocks)
+        def radial(q, k, v):
+            return attention(q, k, v, backend=cfg.backend.value, block_mask=mask, block_size=cfg.block_size)
+
+        if dense is None or not bool(dense.any()):
+            routing.calls["radial"] += 1
+            return radial(q, k, v)
+        # Mixed batch (training with a sigma rule): each sample on its own path.
+        routing.calls["dense"] += int(dense.sum())
+        routing.calls["radial"] += int((~dense).sum())
+        return torch.cat(
+            [
+                (attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], backend="dense") if dense[i] else
+                 radial(q[i : i + 1], k[i : i + 1], v[i : i + 1]))
+                for i in range(q.shape[0])
+            ]
+        )
+
+
+def set_self_attention(transformer, cfg: AttentionConfig, mode: str = "train") -> AttentionRouting:
+    """Route every block's attn1 through `WanSelfAttnProcessor`s sharing one `AttentionRouting`.
+
+    `mode` picks the dense-timestep rule: "train" (cfg.train_dense_above_sigma) or "generate"
+    (cfg.dense_timesteps). Returns the routing; `describe(routing, n)` says which layer got what.
+    """
+    cfg = replace(cfg, backend=AttentionBackend(cfg.backend))  # also accept a plain string
+    if mode == "train":
+        rule = DenseAboveSigma(cfg.train_dense_above_sigma) if cfg.train_dense_above_sigma is not None else None
+    elif mode == "generate":
+        rule = DenseFirstSteps(cfg.dense_timesteps) if cfg.dense_timesteps > 0 else None
+    else:
+        raise ValueError(f"mode must be 'train' or 'generate', got {mode!r}")
+    routing = AttentionRouting(cfg, rule)
+    for layer, block in enumerate(transformer.blocks):
+        block.attn1.set_processor(WanSelfAttnProcessor(layer, routing))
+    patch_t, patch_h, patch_w = transformer.config.patch_size
+
+    def read_shape_and_timestep(module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        _, _, frames, height, width = hidden.shape
+        routing.video_shape = (frames // patch_t, (height // patch_h) * (width // patch_w))
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        routing.dense_samples = rule(timestep) if rule is not None else None
+
+    if getattr(transformer, "_radial_hook", None) is not None:
+        transformer._radial_hook.remove()  # a second swap replaces the first
+    transformer._radial_hook = transformer.register_forward_pre_hook(read_shape_and_timestep, with_kwargs=True)
+    return routing
+
+
+def describe(transformer) -> str:
+    """One line: how many self-attention layers got which backend."""
+    processors = [b.attn1.processor for b in transformer.blocks]
+    radial = [p for p in processors if isinstance(p, WanSelfAttnProcessor) and p.radial]
+    if not radial:
+        return f"self-attention: {len(processors)} layers dense"
+    cfg = radial[0].routing.cfg
+    return (
+        f"self-attention: {len(processors) - len(radial)} layers dense, {len(radial)} layers radial on "
+        f"{cfg.backend.value} (block {cfg.block_size}, decay {cfg.decay}, sink {cfg.sink})"
+    )

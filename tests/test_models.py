@@ -6,7 +6,9 @@ import torch
 
 from models.attention import WanSelfAttnProcessor, set_self_attention
 from models.lora import LORA_WEIGHT_NAME, add_lora, export_lora
-from train.config import LoraConfig, ModelConfig, TimestepConfig
+from train.config import AttentionConfig, LoraConfig, ModelConfig, TimestepConfig
+
+DENSE = AttentionConfig(backend="dense")
 from train.step import flow_matching_loss, sample_sigmas
 
 
@@ -45,11 +47,11 @@ def test_tiny_model_is_a_real_wan_pipeline(tiny_model_dir):
     assert video.shape == (1, 5, 3, 32, 32) and torch.isfinite(video).all()
 
 
-def test_sdpa_processor_matches_diffusers_stock_processor(tiny_model_dir):
+def test_dense_processor_matches_diffusers_stock_processor(tiny_model_dir):
     pipe = load(tiny_model_dir)
     x, t, text = inputs(pipe)
     stock = forward(pipe.transformer, x, t, text)
-    assert set_self_attention(pipe.transformer, "sdpa") == len(pipe.transformer.blocks)
+    set_self_attention(pipe.transformer, DENSE)
     ours = forward(pipe.transformer, x, t, text)
     assert all(isinstance(b.attn1.processor, WanSelfAttnProcessor) for b in pipe.transformer.blocks)
     assert not any(isinstance(b.attn2.processor, WanSelfAttnProcessor) for b in pipe.transformer.blocks)
@@ -72,7 +74,7 @@ def test_loss_falls_when_overfitting_one_batch(tiny_model_dir):
     torch.manual_seed(0)
     pipe = load(tiny_model_dir)
     transformer = pipe.transformer
-    set_self_attention(transformer, "sdpa")
+    set_self_attention(transformer, DENSE)
     params = add_lora(transformer, LoraConfig(rank=8, alpha=8))
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, transformer.config.in_channels, 3, 8, 8, generator=g)
@@ -95,7 +97,7 @@ def test_export_loads_into_a_fresh_pipeline_with_the_same_output(tiny_model_dir,
     from safetensors import safe_open
 
     pipe = load(tiny_model_dir)
-    set_self_attention(pipe.transformer, "sdpa")
+    set_self_attention(pipe.transformer, DENSE)
     # alpha != rank, so the export must carry the scale for the outputs to agree.
     params = add_lora(pipe.transformer, LoraConfig(rank=4, alpha=12))
     g = torch.Generator().manual_seed(1)

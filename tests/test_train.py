@@ -31,6 +31,7 @@ def test_readme_demo_command_runs_end_to_end(tmp_path):
     proc = run_train(tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lora = exported_path(proc.stdout)
+    assert "self-attention: 1 layers dense, 1 layers radial on reference" in proc.stdout
     assert lora.is_absolute() and lora == tmp_path / "outputs/tiny/lora/pytorch_lora_weights.safetensors"
     assert len(list((tmp_path / ".cache/demo_videos").glob("*.mp4"))) == 24
 

@@ -58,9 +58,16 @@ class Strategy(str, Enum):
 
 
 class AttentionBackend(str, Enum):
-    """Which implementation computes the transformer's self-attention (attn1)."""
+    """Which implementation computes the transformer's self-attention (attn1).
 
-    sdpa = "sdpa"
+    `dense`: exact full attention everywhere (torch SDPA). The others compute radial attention's
+    kept blocks: `reference` (plain PyTorch, O(S^2) memory: small inputs and tests), `flex`
+    (PyTorch FlexAttention, compiled; forward-only on CPU).
+    """
+
+    dense = "dense"
+    reference = "reference"
+    flex = "flex"
 
 
 @dataclass
@@ -105,9 +112,24 @@ class DataConfig:
 
 @dataclass
 class AttentionConfig:
-    """Self-attention backend used in every transformer block."""
+    """Self-attention: dense, or Radial Attention's static block-sparse mask (arXiv 2506.19852)."""
 
-    backend: AttentionBackend = AttentionBackend.sdpa
+    backend: AttentionBackend = AttentionBackend.dense
+    block_size: int = 128
+    """Side of the mask's square blocks, in tokens."""
+    decay: float = 1.0
+    """Scales the band width of frame pairs 2+ apart (the paper uses 0.2 for Wan at 1x length)."""
+    sink: bool = True
+    """Every frame attends the first latent frame in full (Wan)."""
+    legacy_adjacent: bool = False
+    """Adjacent frames attend a half-frame band instead of the whole frame (an older variant)."""
+    dense_layers: int = 0
+    """The first N transformer blocks keep dense attention (the paper: 1 for Wan)."""
+    dense_timesteps: int = 0
+    """Generation: the first N denoising steps use dense attention in every block."""
+    train_dense_above_sigma: float | None = None
+    """Training: samples with noise level sigma >= this use dense attention; null (the default)
+    never does, so the LoRA learns to work with the sparse pattern at every noise level."""
 
 
 @dataclass
@@ -250,6 +272,9 @@ def validate(cfg: Config) -> None:
          f"trainer.gradient_accumulation_steps={cfg.trainer.gradient_accumulation_steps} must be >= 1"),
         (cfg.lora.rank >= 1, f"lora.rank={cfg.lora.rank} must be >= 1"),
         (len(cfg.optim.betas) == 2, f"optim.betas={cfg.optim.betas} must be two numbers"),
+        (cfg.attention.block_size >= 16, f"attention.block_size={cfg.attention.block_size} must be >= 16"),
+        (cfg.attention.decay > 0, f"attention.decay={cfg.attention.decay} must be > 0"),
+        (cfg.attention.dense_layers >= 0, f"attention.dense_layers={cfg.attention.dense_layers} must be >= 0"),
         (cfg.logger.log_every >= 1, f"logger.log_every={cfg.logger.log_every} must be >= 1"),
         ("/" not in cfg.name and cfg.name not in ("", ".", ".."), f"name={cfg.name!r} must be a plain folder name"),
     ]

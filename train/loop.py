@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from data.dataset import ClipBatchSampler, VideoCaptionDataset, collate
 from data.demo_videos import generate_demo_videos
-from models.attention import set_self_attention
+from models.attention import describe, set_self_attention
 from models.loading import load_pipeline, torch_dtype
 from models.lora import add_lora, export_lora
 from train.checkpoint import TrainState, install_hooks, resolve_resume, save_checkpoint
@@ -73,7 +73,8 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     pipe.vae.requires_grad_(False).eval()
     pipe.text_encoder.requires_grad_(False).eval()
     transformer = pipe.transformer
-    set_self_attention(transformer, cfg.attention.backend.value)
+    set_self_attention(transformer, cfg.attention, mode="train")
+    accelerator.print(describe(transformer))
     params = add_lora(transformer, cfg.lora)
     if cfg.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()

@@ -1,0 +1,97 @@
+"""The self-attention swap inside a real (tiny) Wan transformer: backends, dense rules, shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.attention import describe, set_self_attention
+from train.config import AttentionConfig, ModelConfig
+
+RADIAL = dict(block_size=16, decay=1.0, sink=True)
+
+
+@pytest.fixture
+def transformer(tiny_model_dir):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
+
+
+def run(transformer, frames=5, size=8, seed=0, timestep=(500.0, 500.0)):
+    """Output for a latent video of `frames` x size x size (tokens per frame = (size/2)^2)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = transformer.config
+    x = torch.randn(len(timestep), cfg.in_channels, frames, size, size, generator=g)
+    text = torch.randn(len(timestep), 7, cfg.text_dim, generator=g)
+    with torch.no_grad():
+        return transformer(hidden_states=x, timestep=torch.tensor(timestep), encoder_hidden_states=text).sample
+
+
+def test_radial_reference_and_flex_agree_through_the_model(transformer):
+    set_self_attention(transformer, AttentionConfig(backend="reference", **RADIAL))
+    ref = run(transformer, frames=6)
+    set_self_attention(transformer, AttentionConfig(backend="flex", **RADIAL))
+    flex = run(transformer, frames=6)
+    torch.testing.assert_close(flex, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_radial_changes_the_output_and_dense_layers_undo_it(transformer):
+    set_self_attention(transformer, AttentionConfig(backend="dense"))
+    dense = run(transformer, frames=9)
+    routing = set_self_attention(transformer, AttentionConfig(backend="reference", **RADIAL))
+    radial = run(transformer, frames=9)
+    assert routing.calls == {"dense": 0, "radial": 2}
+    assert (radial - dense).abs().max() > 1e-3  # the 9-frame mask is really sparse
+    routing = set_self_attention(transformer, AttentionConfig(backend="reference", dense_layers=2, **RADIAL))
+    assert describe(transformer) == "self-attention: 2 layers dense"
+    torch.testing.assert_close(run(transformer, frames=9), dense, atol=1e-6, rtol=0)
+    assert routing.calls == {"dense": 2, "radial": 0}
+
+
+def test_describe_counts_layers(transformer):
+    set_self_attention(transformer, AttentionConfig(backend="reference", dense_layers=1, **RADIAL))
+    assert describe(transformer).startswith("self-attention: 1 layers dense, 1 layers radial on reference")
+    set_self_attention(transformer, AttentionConfig(backend="dense"))
+    assert describe(transformer) == "self-attention: 2 layers dense"
+
+
+def test_mask_follows_each_calls_video_shape(transformer):
+    routing = set_self_attention(transformer, AttentionConfig(backend="reference", **RADIAL))
+    run(transformer, frames=3, size=8)
+    assert routing.video_shape == (3, 16)
+    out = run(transformer, frames=7, size=12)  # another bucket: 7 frames of 6x6 tokens
+    assert routing.video_shape == (7, 36) and out.shape[2:] == (7, 12, 12)
+
+
+def test_training_rule_runs_noisy_samples_dense(transformer):
+    rule = AttentionConfig(backend="reference", train_dense_above_sigma=0.8, **RADIAL)
+    routing = set_self_attention(transformer, rule, mode="train")
+    mixed = run(transformer, frames=9, timestep=(900.0, 300.0))
+    assert routing.calls == {"dense": 2, "radial": 2}  # 2 layers x (1 dense + 1 radial sample)
+    set_self_attention(transformer, AttentionConfig(backend="dense"))
+    all_dense = run(transformer, frames=9, timestep=(900.0, 300.0))
+    set_self_attention(transformer, AttentionConfig(backend="reference", **RADIAL))
+    all_radial = run(transformer, frames=9, timestep=(900.0, 300.0))
+    torch.testing.assert_close(mixed[0], all_dense[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(mixed[1], all_radial[1], atol=1e-6, rtol=0)
+
+
+def test_generation_rule_first_steps_dense(tiny_model_dir):
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(tiny_model_dir)
+    cfg = AttentionConfig(backend="reference", dense_timesteps=2, **RADIAL)
+    routing = set_self_attention(pipe.transformer, cfg, mode="generate")
+    for _ in range(2):  # a second generation starts counting again
+        routing.calls.update(dense=0, radial=0)
+        pipe("a red square", num_frames=13, height=32, width=32, num_inference_steps=5, guidance_scale=2.0,
+             max_sequence_length=16)
+        # 5 steps x 2 passes (classifier-free guidance) x 2 layers; the first 2 steps dense.
+        assert routing.calls == {"dense": 8, "radial": 12}
+
+
+def test_block_size_from_config_reaches_the_mask(transformer):
+    routing = set_self_attention(transformer, AttentionConfig(backend="reference", block_size=32))
+    run(transformer, frames=4, size=8)
+    assert routing.block_mask(torch.device("cpu")).shape == (2, 2)  # 64 tokens in blocks of 32
