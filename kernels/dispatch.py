@@ -13,9 +13,18 @@ import torch.nn.functional as F
 from kernels.flex import block_sparse_attention_flex
 from kernels.reference import block_sparse_attention_reference
 
+
+def block_sparse_attention_triton(q, k, v, block_mask, *, block_size=128, scale=None):
+    """Our Triton kernels (imported on first use: Triton is only needed when they are)."""
+    from kernels.triton_attention import block_sparse_attention
+
+    return block_sparse_attention(q, k, v, block_mask, block_size=block_size, scale=scale)
+
+
 SPARSE_BACKENDS = {
     "reference": block_sparse_attention_reference,
     "flex": block_sparse_attention_flex,
+    "triton": block_sparse_attention_triton,
 }
 BACKENDS = ("dense", *SPARSE_BACKENDS)
 

@@ -25,7 +25,7 @@ def block_sparse_attention_reference(
 ) -> torch.Tensor:
     """softmax(q k^T * scale, masked to the kept blocks) v in q's dtype.
 
-    Computed in fp32 (`upcast=True`, the truth), or in the inputs' own precision (`upcast=False`:
+    Computed in at least fp32 (`upcast=True`, the truth; fp64 inputs stay fp64), or in the inputs' own precision (`upcast=False`:
     the error a plain PyTorch implementation makes at that precision, which the kernels' error is
     measured against).
     """
@@ -37,7 +37,7 @@ def block_sparse_attention_reference(
     out_dtype = q.dtype
     allowed = token_mask(block_mask.to(q.device), seq_len, block_size)
     has_key = allowed.any(-1, keepdim=True)
-    dtype = torch.float32 if upcast else q.dtype
+    dtype = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     scores = (q @ k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))

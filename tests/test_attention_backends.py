@@ -86,7 +86,7 @@ def test_flex_forward_and_gradients_match_reference_on_gpu(frames, tokens_per_fr
     dout = torch.randn_like(q32)
 
     def run(fn, dtype):
-        q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q32, k32, v32))
+        q, k, v = (t.detach().to(dtype, copy=True).requires_grad_() for t in (q32, k32, v32))
         out = fn(q, k, v, mask, block_size=128)
         out.backward(dout.to(dtype))
         return [out.float(), q.grad.float(), k.grad.float(), v.grad.float()]

@@ -61,13 +61,15 @@ class AttentionBackend(str, Enum):
     """Which implementation computes the transformer's self-attention (attn1).
 
     `dense`: exact full attention everywhere (torch SDPA). The others compute radial attention's
-    kept blocks: `reference` (plain PyTorch, O(S^2) memory: small inputs and tests), `flex`
-    (PyTorch FlexAttention, compiled; forward-only on CPU).
+    kept blocks: `triton` (our kernels, forward and backward; CUDA, or the CPU interpreter with
+    TRITON_INTERPRET=1), `flex` (PyTorch FlexAttention, compiled; forward-only on CPU),
+    `reference` (plain PyTorch, O(S^2) memory: small inputs and tests).
     """
 
     dense = "dense"
     reference = "reference"
     flex = "flex"
+    triton = "triton"
 
 
 @dataclass

@@ -1,0 +1,455 @@
+"""Triton block-sparse attention over the kept blocks of a block mask: forward and backward.
+
+Shapes (any strides with a unit last dim; B batch, H heads, S tokens, D head dim):
+  q, k, v, out, d_out, dq, dk, dv   [B, H, S, D]   bf16 / fp16 (fp32 too: CPU interpreter)
+  lse, delta                        [B, H, S]      fp32
+  block mask                        [NB, NB] bool, NB = ceil(S / MASK_BLOCK), one for all batches/heads
+The mask reaches the kernels in a compact form, built once and cached with the mask tensor:
+  kv_count [NB] int32, kv_index [NB, W] int32   kept key blocks of each query block, ascending
+  q_count  [NB] int32, q_index  [NB, W'] int32  query blocks that keep each key block (the transpose)
+
+Forward (FlashAttention-2 style): one program per (BLOCK_M query rows, batch*head) walks the kept
+key blocks of its mask row in BLOCK_N tiles with an online softmax, and saves the base-2
+log-sum-exp. Backward: a dK/dV kernel, one program per key tile, walks the transposed index (so
+each dK/dV tile is owned by one program: no atomics), and a dQ kernel walks the forward index.
+
+Numerics: scores and softmax statistics in fp32; the softmax scale times log2(e) is folded into
+one fp32 factor applied to the fp32 product q.k, so exp2 can be used and K is never pre-scaled
+in low precision (which would make the backward's recomputed probabilities disagree with the
+forward's). Rows past S (the partial last block) are loaded as zeros and never stored; keys past
+S are masked to -inf in the forward (in the backward their zero K/V contribute nothing to dQ, and
+their own dK/dV rows are never stored). A query block with no kept key block outputs zeros.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.mask_cache import derived
+
+LOG2E = 1.4426950408889634
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations. On a GPU they are autotuned per (S, head dim, mask block); the choice
+# changes only tile order, never which products are computed, and every kernel writes each output
+# element exactly once (no accumulation across launches), so tuning runs cannot change results.
+# The CPU interpreter runs one small fixed configuration.
+# ----------------------------------------------------------------------------------------------
+
+
+def _fits_mask_block(configs, named_args, **kwargs):
+    mask_block = named_args["MASK_BLOCK"] if "MASK_BLOCK" in named_args else kwargs["MASK_BLOCK"]
+    head_dim = named_args["HEAD_DIM"] if "HEAD_DIM" in named_args else kwargs["HEAD_DIM"]
+    kept = [
+        c
+        for c in configs
+        if mask_block % c.kwargs["BLOCK_M"] == 0
+        and mask_block % c.kwargs["BLOCK_N"] == 0
+        and not (head_dim > 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 128)
+    ]
+    if not kept:
+        raise ValueError(f"no kernel tile fits mask block {mask_block}")
+    return kept
+
+
+def _configs(choices):
+    """(BLOCK_M, BLOCK_N, warps, stages) tuples as triton Configs."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in choices]
+
+
+# Small tiles serve small mask blocks (and are the interpreter's only choice); on an H100 at
+# Wan's shapes autotuning over a wider grid picked fwd 128x64 or 128x128 (8 warps, 3 stages),
+# dK/dV 64x64 (4 warps, 2-3 stages) and dQ 128x128 (8 warps, 2 stages): docs/benchmarks/.
+_SMALL = [(32, 32, 4, 2), (16, 16, 4, 2)]
+if INTERPRET:
+    _FWD_CONFIGS = _DKDV_CONFIGS = _DQ_CONFIGS = _configs([(16, 16, 4, 1)])
+else:
+    _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), *_SMALL])
+    _DKDV_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), *_SMALL])
+    _DQ_CONFIGS = _configs([(128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2), *_SMALL])
+
+
+def _autotune(configs):
+    return triton.autotune(
+        configs=configs,
+        key=["S", "HEAD_DIM", "MASK_BLOCK"],
+        prune_configs_by={"early_config_prune": _fits_mask_block},
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@_autotune(_FWD_CONFIGS)
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, KV_COUNT, KV_INDEX,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    stride_index,
+    H, S, qk_scale,
+    HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile may pass Python floats as fp64
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    row = start_m // MASK_BLOCK
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=offs_m[:, None] < S, other=0.0)  # fmt: skip
+    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
+    v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    tiles_per_block: tl.constexpr = MASK_BLOCK // BLOCK_N
+    num_tiles = tl.load(KV_COUNT + row) * tiles_per_block
+    for t in range(num_tiles):
+        kv_block = tl.load(KV_INDEX + row * stride_index + t // tiles_per_block)
+        cols = kv_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_N + offs_n
+        k = tl.load(k_base + cols[:, None] * stride_ks, mask=cols[:, None] < S, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # fp32 scores, already in log2 units
+        s = tl.where(cols[None, :] < S, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vs, mask=cols[:, None] < S, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has_keys = l_i > 0  # False only for a query block with no kept key block
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=offs_m[:, None] < S)  # fmt: skip
+    lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("inf"))  # +inf: p = 0 in the backward
+    tl.store(LSE + bh * S + offs_m, lse, mask=offs_m < S)
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_os,
+    stride_db, stride_dh, stride_ds,
+    H, S,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """delta = rowsum(dO * O) in fp32: the softmax backward's correction term."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None] < S
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :], mask=rows, other=0.0)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :], mask=rows,
+                 other=0.0)  # fmt: skip
+    tl.store(DELTA + bh * S + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < S)
+
+
+@_autotune(_DKDV_CONFIGS)
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_db, stride_dh, stride_ds,
+    stride_dkb, stride_dkh, stride_dks,
+    stride_dvb, stride_dvh, stride_dvs,
+    stride_index,
+    H, S, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    col = start_n // MASK_BLOCK
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    keys = offs_n[:, None] < S
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :], mask=keys, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :], mask=keys, other=0.0)
+    q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :]
+    do_base = DO + b * stride_db + h * stride_dh + offs_d[None, :]
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    tiles_per_block: tl.constexpr = MASK_BLOCK // BLOCK_M
+    num_tiles = tl.load(Q_COUNT + col) * tiles_per_block
+    for t in range(num_tiles):
+        q_block = tl.load(Q_INDEX + col * stride_index + t // tiles_per_block)
+        rows = q_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_M + offs_m
+        in_seq = rows[:, None] < S
+        q = tl.load(q_base + rows[:, None] * stride_qs, mask=in_seq, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_ds, mask=in_seq, other=0.0)
+        lse = tl.load(LSE + bh * S + rows, mask=rows < S, other=float("inf"))
+        delta = tl.load(DELTA + bh * S + rows, mask=rows < S, other=0.0)
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # P^T [BLOCK_N, BLOCK_M]
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q)
+
+    dk *= sm_scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=keys)  # fmt: skip
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=keys)  # fmt: skip
+
+
+@_autotune(_DQ_CONFIGS)
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, KV_COUNT, KV_INDEX,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_db, stride_dh, stride_ds,
+    stride_dqb, stride_dqh, stride_dqs,
+    stride_index,
+    H, S, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    row = start_m // MASK_BLOCK
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None] < S
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=rows, other=0.0)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :], mask=rows,
+                 other=0.0)  # fmt: skip
+    lse = tl.load(LSE + bh * S + offs_m, mask=offs_m < S, other=float("inf"))
+    delta = tl.load(DELTA + bh * S + offs_m, mask=offs_m < S, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
+    v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :]
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    tiles_per_block: tl.constexpr = MASK_BLOCK // BLOCK_N
+    num_tiles = tl.load(KV_COUNT + row) * tiles_per_block
+    for t in range(num_tiles):
+        kv_block = tl.load(KV_INDEX + row * stride_index + t // tiles_per_block)
+        cols = kv_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_N + offs_n
+        k = tl.load(k_base + cols[:, None] * stride_ks, mask=cols[:, None] < S, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs, mask=cols[:, None] < S, other=0.0)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+
+    dq *= sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=rows)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# The custom ops (torch.library.triton_op: torch.compile traces into them; the fake
+# implementation is derived from these functions) and their autograd.
+# ----------------------------------------------------------------------------------------------
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels index the head dim with stride 1 and other dims by their strides."""
+    return t if t.stride(-1) == 1 and 0 not in t.stride() else t.contiguous()
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch through `wrap_triton` (what lets torch.compile trace the kernel).
+
+    Under the CPU interpreter the kernel is plain Python that would run on the fake/functional
+    tensors that torch.compile and opcheck trace with to derive output shapes: those get no launch.
+    """
+    # Real data arrives as plain tensors; fake, functional and proxy tensors are subclasses.
+    if INTERPRET and any(
+        isinstance(a, torch.Tensor) and (type(a) not in (torch.Tensor, torch.nn.Parameter) or a.is_meta) for a in args
+    ):
+        return
+    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+@torch.library.triton_op("radial_lora::block_sparse_attn_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_count: torch.Tensor,
+    kv_index: torch.Tensor,
+    q_count: torch.Tensor,
+    q_index: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    batch, heads, seq, head_dim = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, heads, seq), device=q.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)
+
+    _launch(
+        _fwd_kernel,
+        grid,
+        q, k, v, out, lse, kv_count, kv_index,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        kv_index.stride(0),
+        heads, seq, scale * LOG2E,
+        HEAD_DIM=head_dim, MASK_BLOCK=block_size,
+    )  # fmt: skip
+    return out, lse
+
+
+@torch.library.triton_op("radial_lora::block_sparse_attn_bwd", mutates_args=())
+def _bwd_op(
+    d_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_count: torch.Tensor,
+    kv_index: torch.Tensor,
+    q_count: torch.Tensor,
+    q_index: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Incoming gradients are often expanded views (`out.sum().backward()` gives strides of 0).
+    d_out = _unit_last_stride(d_out)
+    batch, heads, seq, head_dim = q.shape
+    delta = torch.empty_like(lse)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta_rows = 64
+    _launch(
+        _bwd_delta_kernel,
+        (triton.cdiv(seq, delta_rows), batch * heads),
+        out, d_out, delta, *_strides(out), *_strides(d_out), heads, seq, HEAD_DIM=head_dim, BLOCK_M=delta_rows
+    )
+
+    def key_grid(meta):
+        return (triton.cdiv(seq, meta["BLOCK_N"]), batch * heads)
+
+    def query_grid(meta):
+        return (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)
+
+    _launch(
+        _bwd_dkdv_kernel,
+        key_grid,
+        q, k, v, d_out, lse, delta, dk, dv, q_count, q_index,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dk), *_strides(dv),
+        q_index.stride(0),
+        heads, seq, scale * LOG2E, scale,
+        HEAD_DIM=head_dim, MASK_BLOCK=block_size,
+    )  # fmt: skip
+    _launch(
+        _bwd_dq_kernel,
+        query_grid,
+        q, k, v, d_out, lse, delta, dq, kv_count, kv_index,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dq),
+        kv_index.stride(0),
+        heads, seq, scale * LOG2E, scale,
+        HEAD_DIM=head_dim, MASK_BLOCK=block_size,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_count, kv_index, q_count, q_index, block_size, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_count, kv_index, q_count, q_index)
+    ctx.block_size, ctx.scale = block_size, scale
+
+
+def _backward(ctx, d_out, d_lse):
+    q, k, v, out, lse, kv_count, kv_index, q_count, q_index = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(
+        d_out, q, k, v, out, lse, kv_count, kv_index, q_count, q_index, ctx.block_size, ctx.scale
+    )
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# The public function
+# ----------------------------------------------------------------------------------------------
+
+
+def compact_mask(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kv_count, kv_index, q_count, q_index) of a bool block mask, int32 on its device (cached).
+
+    Indices are ascending (kept blocks first, by a stable sort), padded to the widest row.
+    """
+
+    def build():
+        def rows(mask):
+            count = mask.sum(-1, dtype=torch.int32)
+            width = max(int(count.max()) if count.numel() else 0, 1)
+            order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :width]
+            return count.contiguous(), order.to(torch.int32).contiguous()
+
+        return (*rows(block_mask), *rows(block_mask.t()))
+
+    return derived(block_mask, "triton_compact", build)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: int = 128,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Exact attention over the kept blocks of `block_mask`, differentiable (Triton kernels).
+
+    q, k, v [B, H, S, D] (SDPA's layout, any strides with a unit last dim); block_mask bool
+    [ceil(S/block_size)]^2 shared by batch and heads. Non-causal. The last block may be partial.
+    """
+    if not (q.is_cuda or INTERPRET):
+        raise RuntimeError("the triton attention backend needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU)")
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must be [B, H, S, D] of one shape; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")  # fmt: skip
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"q, k, v must share one of bf16, fp16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    head_dim, seq = q.shape[-1], q.shape[-2]
+    if head_dim not in (16, 32, 64, 128):
+        raise ValueError(f"head_dim {head_dim} is not supported by the triton backend (16, 32, 64 or 128)")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size {block_size} must be a power of two >= 16 for the triton backend")
+    expected = -(-seq // block_size)
+    if block_mask.shape != (expected, expected) or block_mask.dtype != torch.bool:
+        raise ValueError(f"block_mask must be bool [{expected}, {expected}] for S={seq}, block_size={block_size}; "
+                         f"got {block_mask.dtype} {tuple(block_mask.shape)}")  # fmt: skip
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    indices = compact_mask(block_mask.to(q.device) if block_mask.device != q.device else block_mask)
+    out, _ = _fwd_op(q, k, v, *indices, block_size, scale)
+    return out
