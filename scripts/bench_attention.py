@@ -1,0 +1,176 @@
+"""Attention benchmark on one GPU: our Triton radial kernel vs FlexAttention vs dense SDPA.
+
+    python scripts/bench_attention.py                      # all shapes, writes docs/benchmarks/
+    python scripts/bench_attention.py --quick --out /tmp   # Wan2.1-1.3B at 321 frames only
+
+Shapes: Wan2.1-1.3B (12 heads x 128) and 14B (40 x 128); 480p at 21 and 81 latent frames
+(32,760 and 126,360 tokens: 81 and 321 video frames) and 720p at 21 (75,600). Radial masks at
+decay 1.0 and 0.2 (the paper's Wan setting for its 1x-length runs). Batch 1, bf16, non-causal.
+
+Effective TFLOP/s count computed blocks only: forward 4*S^2*D*H*density, backward 2.5x that
+(density 1 for dense attention). Times are medians of triton.testing.do_bench (CUDA events).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import block_density, block_sparse_attention, radial_block_mask  # noqa: E402
+from kernels.flex import block_sparse_attention_flex  # noqa: E402
+
+MODELS = {"Wan2.1-1.3B": 12, "Wan2.1-14B": 40}
+SHAPES = [  # (name, latent frames, tokens per frame)
+    ("480p 81f", 21, 30 * 52),
+    ("480p 321f", 81, 30 * 52),
+    ("720p 81f", 21, 45 * 80),
+]
+DECAYS = (1.0, 0.2)
+BLOCK = 128
+HEAD_DIM = 128
+
+
+def time_fwd_bwd(fn, q, k, v, d_out):
+    """(forward ms, backward ms): medians over CUDA-event timed runs."""
+    fwd = triton.testing.do_bench(lambda: fn(q, k, v), warmup=25, rep=100, return_mode="median")
+    out = fn(q, k, v)
+    bwd = triton.testing.do_bench(
+        lambda: torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True),
+        warmup=25, rep=100, return_mode="median",
+    )  # fmt: skip
+    return fwd, bwd
+
+
+def sdpa_with(backend):
+    def fn(q, k, v):
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    return fn
+
+
+def bench_shape(model, heads, shape_name, frames, tokens_per_frame):
+    seq = frames * tokens_per_frame
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v, d_out = (
+        torch.randn(1, heads, seq, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)
+    )
+    for t in (q, k, v):
+        t.requires_grad_()
+    dense_flops = 4 * seq * seq * HEAD_DIM * heads
+    rows = []
+
+    def record(backend, decay, density, fwd, bwd):
+        flops = dense_flops * density
+        rows.append(dict(
+            model=model, shape=shape_name, tokens=seq, heads=heads, backend=backend, decay=decay,
+            density=round(density, 4), fwd_ms=round(fwd, 3), bwd_ms=round(bwd, 3),
+            fwd_tflops=round(flops / fwd / 1e9, 1), bwd_tflops=round(2.5 * flops / bwd / 1e9, 1),
+        ))  # fmt: skip
+        print(f"{model:12s} {shape_name:10s} {backend:12s} decay {decay!s:4s} density {density:.3f} "
+              f"fwd {fwd:8.2f} ms {rows[-1]['fwd_tflops']:6.1f} TF/s  bwd {bwd:8.2f} ms {rows[-1]['bwd_tflops']:6.1f} TF/s",
+              flush=True)  # fmt: skip
+
+    for name, backend in (("sdpa cuDNN", SDPBackend.CUDNN_ATTENTION), ("sdpa flash", SDPBackend.FLASH_ATTENTION)):
+        record(name, None, 1.0, *time_fwd_bwd(sdpa_with(backend), q, k, v, d_out))
+    for decay in DECAYS:
+        mask = radial_block_mask(frames, tokens_per_frame, block_size=BLOCK, decay=decay, device="cuda")
+        density = block_density(mask)
+        for name, fn in (("triton (ours)", block_sparse_attention), ("flex", block_sparse_attention_flex)):
+            record(name, decay, density, *time_fwd_bwd(lambda q, k, v: fn(q, k, v, mask, block_size=BLOCK), q, k, v, d_out))
+    return rows
+
+
+def markdown(rows, meta):
+    lines = [
+        f"# Attention benchmark: {meta['card']}, {meta['date']}",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; bf16, batch 1, head dim 128, "
+        f"block {BLOCK}. Command: `{meta['command']}`.",
+        "Effective TFLOP/s count computed blocks only (forward 4*S^2*D*H*density, backward 2.5x).",
+        "",
+        "| model | shape | tokens | backend | decay | density | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s | fwd+bwd vs cuDNN |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        dense = next(x for x in rows if x["model"] == r["model"] and x["shape"] == r["shape"] and x["backend"] == "sdpa cuDNN")
+        speedup = (dense["fwd_ms"] + dense["bwd_ms"]) / (r["fwd_ms"] + r["bwd_ms"])
+        lines.append(
+            f"| {r['model']} | {r['shape']} | {r['tokens']:,} | {r['backend']} | {r['decay'] if r['decay'] is not None else '-'} "
+            f"| {r['density']:.3f} | {r['fwd_ms']:.2f} | {r['fwd_tflops']:.0f} | {r['bwd_ms']:.2f} | {r['bwd_tflops']:.0f} "
+            f"| {speedup:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for backend in ("triton (ours)", "flex"):
+        for decay in DECAYS:
+            pts = []
+            for r in rows:
+                if r["backend"] == backend and r["decay"] == decay and r["model"] == "Wan2.1-1.3B":
+                    dense = next(x for x in rows if x["model"] == r["model"] and x["shape"] == r["shape"]
+                                 and x["backend"] == "sdpa cuDNN")  # fmt: skip
+                    pts.append((r["tokens"], (dense["fwd_ms"] + dense["bwd_ms"]) / (r["fwd_ms"] + r["bwd_ms"])))
+            if pts:
+                pts.sort()
+                ax.plot(*zip(*pts), marker="o", label=f"{backend}, decay {decay}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("fwd+bwd speedup over dense cuDNN")
+    ax.set_title("Radial attention vs dense SDPA (Wan2.1-1.3B, 12 heads x 128)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="docs/benchmarks")
+    parser.add_argument("--quick", action="store_true", help="only Wan2.1-1.3B at 480p, 321 frames")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    meta = dict(
+        card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
+        triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(),
+        command="python " + " ".join(sys.argv),
+    )  # fmt: skip
+    rows = []
+    for model, heads in MODELS.items():
+        for shape_name, frames, tokens_per_frame in SHAPES:
+            if args.quick and (model != "Wan2.1-1.3B" or shape_name != "480p 321f"):
+                continue
+            rows += bench_shape(model, heads, shape_name, frames, tokens_per_frame)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"attention_{meta['card'].replace(' ', '_')}_{meta['date']}"
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / f"{stem}.md").write_text(markdown(rows, meta))
+    plot(rows, out / f"{stem}.png")
+    from kernels import triton_attention as ta
+
+    tuned = {name: {str(key): str(cfg) for key, cfg in kernel.cache.items()}
+             for name, kernel in (("fwd", ta._fwd_kernel), ("dkdv", ta._bwd_dkdv_kernel), ("dq", ta._bwd_dq_kernel))}
+    (out / f"{stem}_tuned.json").write_text(json.dumps(tuned, indent=1))
+    print(json.dumps(tuned, indent=1))
+    print(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
