@@ -51,16 +51,34 @@ def render_clip(shape: str, colour, background, direction, num_frames: int, size
     return frames
 
 
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, codec: str = "libx264") -> None:
-    """Encode uint8 frames [T, H, W, 3] into a video file with PyAV (yuv420p, widely decodable)."""
+def write_mp4(
+    path: str | os.PathLike,
+    frames: np.ndarray,
+    fps: float,
+    codec: str = "libx264",
+    timestamps: list[float] | None = None,
+) -> None:
+    """Encode uint8 frames [T, H, W, 3] into a video file with PyAV (yuv420p, widely decodable).
+
+    The container follows the file name (.mp4, .webm, .mkv, ...). `timestamps` (seconds, one per
+    frame) make a variable-frame-rate file; otherwise frames are 1/fps apart.
+    """
+    from fractions import Fraction
+
     import av
 
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=int(round(fps)))
+        # Variable frame rate: millisecond time stamps (a 1/fps time base would round them).
+        stream = container.add_stream(codec, rate=1000 if timestamps is not None else int(round(fps)))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        if timestamps is not None:
+            stream.time_base = Fraction(1, 1000)
+        for i, frame in enumerate(frames):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            if timestamps is not None:
+                video_frame.pts, video_frame.time_base = int(round(timestamps[i] * 1000)), Fraction(1, 1000)
+            for packet in stream.encode(video_frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

@@ -33,11 +33,12 @@ def model_source(cfg: ModelConfig) -> str:
     return cfg.id
 
 
-def load_pipeline(cfg: ModelConfig):
+def load_pipeline(cfg: ModelConfig, transformer: bool = True):
     """A `WanPipeline` with the transformer, VAE and text encoder in their configured dtypes.
 
     Loading the whole pipeline (rather than each class by hand) keeps training on exactly the
-    path users take for inference, and gives us its `encode_prompt`.
+    path users take for inference, and gives us its `encode_prompt`. `transformer=False` leaves
+    the transformer out (encoding-only work such as the latent cache).
     """
     from diffusers import WanPipeline
 
@@ -47,4 +48,5 @@ def load_pipeline(cfg: ModelConfig):
         "text_encoder": torch_dtype(cfg.text_encoder_dtype),
         "default": torch.float32,
     }
-    return WanPipeline.from_pretrained(model_source(cfg), dtype=dtypes)
+    skip = {} if transformer else {"transformer": None}
+    return WanPipeline.from_pretrained(model_source(cfg), dtype=dtypes, **skip)

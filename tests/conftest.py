@@ -32,11 +32,13 @@ def demo_videos_dir(tmp_path_factory) -> Path:
     return generate_demo_videos(tmp_path_factory.mktemp("data") / "demo_videos")
 
 
-def run_train(cwd: Path, *overrides: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m train OVERRIDES` in `cwd`, the way a user runs it; returns the finished process."""
+def run_train(
+    cwd: Path, *overrides: str, env: dict | None = None, timeout: int = 600, module: str = "train"
+) -> subprocess.CompletedProcess:
+    """`python -m MODULE OVERRIDES` in `cwd`, the way a user runs it; returns the finished process."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "train", *overrides],
+        [sys.executable, "-m", module, *overrides],
         cwd=cwd,
         env=full_env,
         capture_output=True,
@@ -49,7 +51,7 @@ def run_train(cwd: Path, *overrides: str, env: dict | None = None, timeout: int 
 def train_cli(tmp_path, tiny_model_dir, demo_videos_dir):
     """Run the trainer on the session's tiny model and videos, in a fresh folder; fail loudly."""
 
-    def run(*overrides: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    def run(*overrides: str, check: bool = True, env: dict | None = None, module: str = "train"):
         proc = run_train(
             tmp_path,
             f"model.path={tiny_model_dir}",
@@ -57,6 +59,7 @@ def train_cli(tmp_path, tiny_model_dir, demo_videos_dir):
             "data.num_workers=1",
             *overrides,
             env=env,
+            module=module,
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"train exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")

@@ -66,8 +66,14 @@ def test_added_unknown_key_fails_naming_it(override, needle):
 
 
 def test_cross_field_checks_name_the_key():
-    cfg = typed_config(compose_cfg("data.num_frames=32"))
-    with pytest.raises(ConfigError, match=r"data\.num_frames=32 must be 4n\+1"):
+    cfg = typed_config(compose_cfg("data.frames=[33,32]"))
+    with pytest.raises(ConfigError, match=r"data\.frames=\[33, 32\] must be 4n\+1"):
+        validate(cfg)
+    cfg = typed_config(compose_cfg("data.sizes=[[64,60]]"))
+    with pytest.raises(ConfigError, match=r"data\.sizes=\[\[64, 60\]\] must be"):
+        validate(cfg)
+    cfg = typed_config(compose_cfg("+data.metadata=x.csv"))
+    with pytest.raises(ConfigError, match="exactly one of data.root, data.metadata or data.mix"):
         validate(cfg)
 
 
@@ -77,7 +83,8 @@ def test_cross_field_checks_name_the_key():
         ("optim.lr_warmup=10", "optim.lr_warmup"),
         ("optim.lr=fast", "optim.lr"),
         ("train.timesteps.sampling=cubic", "train.timesteps.sampling"),
-        ("data.num_frames=16", "data.num_frames=16"),
+        ("data.frames=[16]", "data.frames=[16]"),
+        ("data.on_error=ignore", "data.on_error='ignore'"),
         ("+lora.ranks=4", "lora.ranks"),
     ],
 )

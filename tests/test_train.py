@@ -14,7 +14,7 @@ from wandb_log import config as wandb_config
 from wandb_log import history as wandb_history
 
 pytestmark = pytest.mark.slow
-FAST = ["data.num_frames=9", "data.height=32", "data.width=32", "data.batch_size=2"]
+FAST = ["data.frames=[9]", "data.sizes=[[32,32]]", "data.batch_size=2"]
 METRICS = {"loss", "lr", "grad_norm", "step_time_s", "samples_per_s", "peak_memory_gb"}
 
 
@@ -43,7 +43,8 @@ def test_readme_demo_command_runs_end_to_end(tmp_path):
 
     # W&B offline: the resolved config once, then the metrics of every step.
     (wandb_file,) = glob.glob(str(run_dir / "wandb/offline-run-*/run-*.wandb"))
-    rows = wandb_history(wandb_file)
+    first, *rows = wandb_history(wandb_file)
+    assert first["_step"] == 0 and first["data/clips"] == 24  # the data summary, before training
     assert len(rows) == 150 and METRICS <= rows[-1].keys()
     assert [r["_step"] for r in rows] == list(range(1, 151))
     losses = [r["loss"] for r in rows]

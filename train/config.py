@@ -91,25 +91,58 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    """Training clips: a folder of videos with a same-named .txt caption beside each."""
+class DatasetSource:
+    """One dataset of a mix."""
 
-    root: str = MISSING
-    """Folder searched recursively for videos."""
+    path: str = MISSING
+    """A folder of videos with .txt captions, a metadata.csv or a metadata.jsonl."""
+    weight: float = 1.0
+    """Relative share of each epoch's samples drawn from this dataset."""
+
+
+@dataclass
+class DataConfig:
+    """Training clips: where they are, how they are cut, and what happens to bad ones."""
+
+    root: str | None = None
+    """A folder (searched recursively) of videos, each with a same-named .txt caption."""
+    metadata: str | None = None
+    """A metadata.csv (columns video, caption) or metadata.jsonl; paths relative to it."""
+    mix: list[DatasetSource] = field(default_factory=list)
+    """Several datasets with weights, instead of root / metadata."""
     demo: bool = False
     """Generate the demo dataset (small synthetic H.264 clips with captions) into `root` if absent."""
-    num_frames: int = 33
-    """Frames per training clip; must be 4n+1 (the Wan VAE compresses time 4x after the first frame)."""
-    height: int = 64
-    width: int = 64
-    frame_stride: int = 1
-    """Take every k-th frame of the source video."""
+    fps: float | None = 16.0
+    """Frame rate clips are sampled at, by timestamps (Wan: 16); null takes the source's own frames."""
+    frames: list[int] = field(default_factory=lambda: [81])
+    """Clip lengths (4n+1 frames). A video gets the longest it is long enough for (see too_short)."""
+    sizes: list[list[int]] = field(default_factory=lambda: [[480, 832]])
+    """[height, width] buckets (multiples of 16); a video gets the one closest to its aspect ratio,
+    is resized to cover it and centre-cropped."""
+    too_short: str = "shorter"
+    """A video shorter than the longest clip: `shorter` falls to the longest clip it fits, `skip`
+    rejects it."""
+    on_error: str = "skip"
+    """A clip failing to decode mid-run: `skip` (replace it, count it) or `raise` (stop)."""
     batch_size: int = 1
-    """Clips per micro-batch on each process."""
-    num_workers: int = 2
+    """Clips per micro-batch on each process (one bucket per batch)."""
+    num_workers: int = 4
     """DataLoader worker processes decoding videos (0 decodes in the training process)."""
+    prefetch_factor: int = 2
+    """Batches each worker decodes ahead."""
     decode_threads: int = 1
     """Threads decord may use per worker; bounded so workers don't oversubscribe the cores."""
+    cache: str | None = None
+    """Folder of precomputed latents and text embeddings (`python -m data.precompute`); null
+    encodes on the fly."""
+    cache_dtype: DType = DType.bfloat16
+    """Storage dtype of cached latents and embeddings."""
+
+    def sources(self) -> list[DatasetSource]:
+        """The datasets of this config: `mix`, or the one of root / metadata."""
+        if self.mix:
+            return list(self.mix)
+        return [DatasetSource(path=p) for p in (self.root, self.metadata) if p]
 
 
 @dataclass
@@ -258,15 +291,23 @@ def typed_config(cfg: DictConfig) -> Config:
 def validate(cfg: Config) -> None:
     """Check what the schema's types cannot; raises ConfigError naming the key."""
     checks = [
-        (cfg.data.num_frames >= 1 and (cfg.data.num_frames - 1) % 4 == 0,
-         f"data.num_frames={cfg.data.num_frames} must be 4n+1 (e.g. 17, 33, 81): Wan's VAE keeps the first frame "
+        (bool(cfg.data.frames) and all(f >= 1 and (f - 1) % 4 == 0 for f in cfg.data.frames),
+         f"data.frames={cfg.data.frames} must be 4n+1 each (e.g. 17, 33, 81): Wan's VAE keeps the first frame "
          "and compresses the rest 4x in time"),
-        (cfg.data.height % 16 == 0 and cfg.data.width % 16 == 0,
-         f"data.height={cfg.data.height} and data.width={cfg.data.width} must be multiples of 16 "
-         "(VAE 8x, then 2x2 patches)"),
+        (bool(cfg.data.sizes) and all(len(hw) == 2 and hw[0] % 16 == 0 and hw[1] % 16 == 0 and min(hw) > 0
+                                      for hw in cfg.data.sizes),
+         f"data.sizes={cfg.data.sizes} must be [height, width] pairs, multiples of 16 (VAE 8x, then 2x2 patches)"),
+        (len(cfg.data.sources()) >= 1 and not (cfg.data.mix and (cfg.data.root or cfg.data.metadata))
+         and not (cfg.data.root and cfg.data.metadata),
+         "data: set exactly one of data.root, data.metadata or data.mix"),
+        (all(s.weight > 0 for s in cfg.data.mix), "data.mix weights must be > 0"),
+        (cfg.data.fps is None or cfg.data.fps > 0, f"data.fps={cfg.data.fps} must be > 0 (or null)"),
+        (cfg.data.too_short in ("shorter", "skip"), f"data.too_short={cfg.data.too_short!r}: expected shorter or skip"),
+        (cfg.data.on_error in ("skip", "raise"), f"data.on_error={cfg.data.on_error!r}: expected skip or raise"),
         (cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size} must be >= 1"),
-        (cfg.data.frame_stride >= 1, f"data.frame_stride={cfg.data.frame_stride} must be >= 1"),
         (cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers} must be >= 0"),
+        (cfg.data.prefetch_factor >= 1, f"data.prefetch_factor={cfg.data.prefetch_factor} must be >= 1"),
+        (not (cfg.data.demo and not cfg.data.root), "data.demo=true needs data.root (where the demo clips go)"),
         (cfg.train.steps >= 1, f"train.steps={cfg.train.steps} must be >= 1"),
         (cfg.train.checkpoint_every >= 0, f"train.checkpoint_every={cfg.train.checkpoint_every} must be >= 0"),
         (cfg.train.keep_last >= 0, f"train.keep_last={cfg.train.keep_last} must be >= 0"),

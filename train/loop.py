@@ -15,14 +15,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from data.dataset import ClipBatchSampler, VideoCaptionDataset, collate
-from data.demo_videos import generate_demo_videos
+from data.dataset import BucketBatchSampler, ClipDataset, collate
+from data.policy import REASONS, RejectCounts
+from data.setup import catalog_for, usable_clips
 from models.attention import describe, set_self_attention
 from models.loading import load_pipeline, torch_dtype
 from models.lora import add_lora, export_lora
 from train.checkpoint import TrainState, install_hooks, resolve_resume, save_checkpoint
 from train.config import Config
-from train.step import encode_captions, encode_videos, flow_matching_loss, sample_sigmas
+from train.step import encode_captions, flow_matching_loss, posterior_params, sample_latents, sample_sigmas
 from train.tracking import peak_memory_gb, start_tracking, wandb_mode
 
 
@@ -53,19 +54,17 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     resume_from = resolve_resume(cfg.train.resume, run_dir)
     set_seed(cfg.train.seed)
 
-    # --- data: a clip is decoded in a DataLoader worker and stays uint8 until the step ---
+    # --- data: every process lists and checks the same clips; rejects are counted, not fatal ---
     with accelerator.main_process_first():  # the demo's videos are generated once, by rank 0
-        if cfg.data.demo:
-            generate_demo_videos(cfg.data.root, seed=cfg.train.seed)
-        dataset = VideoCaptionDataset(
-            cfg.data.root,
-            cfg.data.num_frames,
-            cfg.data.height,
-            cfg.data.width,
-            cfg.data.frame_stride,
-            seed=cfg.train.seed,
-            decode_threads=cfg.data.decode_threads,
-        )
+        catalog = catalog_for(cfg.data, seed=cfg.train.seed)
+    clips, cache = usable_clips(cfg, catalog)
+    buckets = ", ".join(f"{f}x{h}x{w}: {n}" for (f, h, w), n in catalog.bucket_counts().items())
+    accelerator.print(f"data: {len(clips)} clips ({buckets}); rejected: {catalog.counts.summary()}"
+                      + (f"; latents from {cfg.data.cache}" if cache else ""))  # fmt: skip
+    dataset = ClipDataset(
+        clips, fps=cfg.data.fps, seed=cfg.train.seed, on_error=cfg.data.on_error,
+        decode_threads=cfg.data.decode_threads, random_window=cache is None, cache=cache,
+    )  # fmt: skip
 
     # --- model: pretrained pipeline, our self-attention, LoRA on the transformer ---
     with accelerator.main_process_first():  # rank 0 builds the tiny demo model if it is missing
@@ -97,20 +96,19 @@ def train(cfg: Config, resolved_config: dict) -> Path:
         accelerator.load_state(str(resume_from))
         accelerator.print(f"Resumed from {resume_from} at step {state.step}")
 
-    sampler = ClipBatchSampler(
-        len(dataset),
-        cfg.data.batch_size,
-        cfg.train.seed,
-        accelerator.process_index,
-        accelerator.num_processes,
-        start=state.batches_seen,
-    )
+    sampler = BucketBatchSampler(
+        [c.bucket for c in clips], cfg.data.batch_size, cfg.train.seed, accelerator.process_index,
+        accelerator.num_processes, start=state.batches_seen, sources=[c.source for c in clips],
+        weights=[s.weight for s in cfg.data.sources()],
+    )  # fmt: skip
+    workers = cfg.data.num_workers
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=collate,
-        num_workers=cfg.data.num_workers,
+        num_workers=workers,
         pin_memory=device.type == "cuda",
+        prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None,
     )
     batches = iter(loader)
 
@@ -120,6 +118,13 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     start_tracking(accelerator, cfg.logger, cfg.name, run_dir, resolved_config)
+    accelerator.log({f"data/rejected/{r}": n for r, n in catalog.counts.items()} | {"data/clips": len(clips)}, step=0)
+    skipped = RejectCounts()  # clips that failed to decode mid-run (replaced by the next of their bucket)
+
+    def total_skipped() -> RejectCounts:
+        """Mid-run skips summed over processes (a collective: every process calls it together)."""
+        counts = accelerator.reduce(torch.tensor([skipped[r] for r in REASONS], device=device), reduction="sum")
+        return RejectCounts({r: n for r, n in zip(REASONS, counts.tolist()) if n})
     accum = cfg.trainer.gradient_accumulation_steps
     samples_per_step = cfg.data.batch_size * accum * accelerator.num_processes
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
@@ -134,8 +139,14 @@ def train(cfg: Config, resolved_config: dict) -> Path:
             batch = next(batches)
             gen = step_generator(cfg.train.seed, accelerator.process_index, state.batches_seen, device)
             state.batches_seen += 1
-            latents = encode_videos(pipe.vae, batch["frames"], gen)
-            text = encode_captions(pipe, batch["captions"], cfg.model.max_text_tokens, device)
+            for _, reason in batch["skipped"]:
+                skipped.add(reason)
+            if "latent_params" in batch:  # from the cache
+                latents = sample_latents(pipe.vae, batch["latent_params"], gen)
+                text = batch["text"].to(device)
+            else:
+                latents = sample_latents(pipe.vae, posterior_params(pipe.vae, batch["frames"]), gen)
+                text = encode_captions(pipe, batch["captions"], cfg.model.max_text_tokens, device)
             sigmas = sample_sigmas(cfg.train.timesteps, latents.shape[0], gen, device)
             noise = torch.randn(latents.shape, generator=gen, device=device)
             with accelerator.accumulate(transformer):
@@ -163,6 +174,7 @@ def train(cfg: Config, resolved_config: dict) -> Path:
                 "samples_per_s": samples_per_step / step_time,
                 "peak_memory_gb": peak_memory_gb(device),
             }
+            metrics |= {f"data/skipped/{r}": n for r, n in total_skipped().items()}
             accelerator.log(metrics, step=state.step)
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{metrics['lr']:.2e}")
             losses, last_log_time, last_log_step = [], now, state.step
@@ -173,6 +185,7 @@ def train(cfg: Config, resolved_config: dict) -> Path:
             save_checkpoint(accelerator, run_dir, state.step, cfg.train.keep_last, export=export)
 
     progress.close()
+    accelerator.print(f"data: clips failing to decode mid-run (each replaced by another): {total_skipped().summary()}")
     lora_file = export(run_dir / "lora")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -29,14 +29,19 @@ def sample_sigmas(cfg: TimestepConfig, batch_size: int, generator: torch.Generat
 
 
 @torch.no_grad()
-def encode_videos(vae, frames: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """uint8 frames [B, T, H, W, 3] -> normalized latents [B, C, 1 + (T-1)/4, H/8, W/8] in fp32.
-
-    A sample of the VAE posterior (not its mean), normalized by the per-channel latents_mean/std
-    the pipeline undoes before decoding.
-    """
+def posterior_params(vae, frames: torch.Tensor) -> torch.Tensor:
+    """uint8 frames [B, T, H, W, 3] -> the VAE posterior's mean and log-variance [B, 2C, 1 + (T-1)/4, H/8, W/8]."""
     x = to_vae_input(frames, vae.device, vae.dtype)
-    latents = vae.encode(x).latent_dist.sample(generator=generator).float()
+    return vae.encode(x).latent_dist.parameters
+
+
+@torch.no_grad()
+def sample_latents(vae, params: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A sample of the posterior (not its mean), normalized by the per-channel latents_mean/std the
+    pipeline undoes before decoding; fp32. The same for freshly encoded and cached posteriors."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    latents = DiagonalGaussianDistribution(params.to(vae.device)).sample(generator=generator).float()
     mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
     return (latents - mean) / std

@@ -1,0 +1,114 @@
+"""`python -m data.precompute [+experiment=NAME] data.cache=DIR`: encode the run's clips once.
+
+Takes the same Hydra config as training, lists the same usable clips, and writes each clip's VAE
+posterior (of the window at the start of the video) and its caption's text embedding into
+safetensors shards under `data.cache`, with an index (data/cache.py). Launched with
+`accelerate launch` / `torchrun` on several GPUs, each process encodes its share of the clips and
+writes its own shards; process 0 merges the index. Clips that fail to decode are recorded in the
+index (and skipped by training, counted by reason).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from train.config import ConfigError, register_configs, typed_config, validate
+
+register_configs()
+SHARD_BYTES = 2 * 2**30  # start a new shard file after about this many bytes
+
+
+def precompute(cfg) -> Path:
+    """Encode this process's share of the clips into cfg.data.cache; returns the index path."""
+    from accelerate import PartialState
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from data.cache import INDEX, entry_key
+    from data.policy import RejectCounts
+    from data.setup import catalog_for, meta_for
+    from data.video import BadVideo, decode_clip
+    from models.loading import load_pipeline, torch_dtype
+    from train.step import encode_captions, posterior_params
+
+    if not cfg.data.cache:
+        raise ConfigError("data.cache must name the folder to write the cache to")
+    state = PartialState()
+    root = Path(cfg.data.cache)
+    root.mkdir(parents=True, exist_ok=True)
+    with state.main_process_first():
+        catalog = catalog_for(cfg.data, seed=cfg.train.seed)
+    mine = catalog.clips[state.process_index :: state.num_processes]
+    with state.main_process_first():
+        pipe = load_pipeline(cfg.model, transformer=False)
+    pipe.to(state.device)
+    dtype = torch_dtype(cfg.data.cache_dtype)
+
+    entries, failed, shard, shard_bytes, n_shards = {}, {}, {}, 0, 0
+
+    def flush():
+        nonlocal shard, shard_bytes, n_shards
+        if shard:
+            save_file(shard, str(root / f"shard_r{state.process_index:03d}_{n_shards:04d}.safetensors"))
+            n_shards, shard, shard_bytes = n_shards + 1, {}, 0
+
+    for i, clip in enumerate(tqdm(mine, desc="encode", disable=not state.is_main_process)):
+        frames, height, width = clip.bucket
+        try:
+            pixels = decode_clip(clip.video, frames, height, width, cfg.data.fps, rng=None,
+                                 num_threads=cfg.data.decode_threads, source_size=clip.source_size)  # fmt: skip
+        except BadVideo as bad:
+            failed[clip.video] = bad.reason
+            continue
+        params = posterior_params(pipe.vae, pixels[None])[0]
+        text = encode_captions(pipe, [clip.caption], cfg.model.max_text_tokens, state.device)[0]
+        length = len(pipe.tokenizer(clip.caption, max_length=cfg.model.max_text_tokens, truncation=True).input_ids)
+        key = f"r{state.process_index}_{i}"
+        shard[f"{key}.latent_params"] = params.to("cpu", dtype).contiguous()
+        shard[f"{key}.text"] = text[:length].to("cpu", dtype).contiguous()
+        shard_bytes += shard[f"{key}.latent_params"].nbytes + shard[f"{key}.text"].nbytes
+        entries[clip.video] = {**entry_key(clip), "shard": f"shard_r{state.process_index:03d}_{n_shards:04d}.safetensors",
+                               "key": key}  # fmt: skip
+        if shard_bytes > SHARD_BYTES:
+            flush()
+    flush()
+
+    part = root / f"index_r{state.process_index:03d}.json"
+    part.write_text(json.dumps({"entries": entries, "failed": failed}))
+    state.wait_for_everyone()
+    index_file = root / INDEX
+    if state.is_main_process:
+        merged = {"meta": meta_for(cfg), "entries": {}, "failed": {}}
+        for p in sorted(root.glob("index_r*.json")):
+            partial = json.loads(p.read_text())
+            merged["entries"].update(partial["entries"])
+            merged["failed"].update(partial["failed"])
+            p.unlink()
+        index_file.write_text(json.dumps(merged, indent=1))
+        failures = RejectCounts()
+        for reason in merged["failed"].values():
+            failures.add(reason)
+        print(f"cached {len(merged['entries'])} clips into {root.resolve()}; failed to decode: {failures.summary()}; "
+              f"rejected before encoding: {catalog.counts.summary()}")  # fmt: skip
+    state.wait_for_everyone()
+    return index_file
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(dict_cfg: DictConfig) -> None:
+    try:
+        cfg = typed_config(dict_cfg)
+        validate(cfg)
+        precompute(cfg)
+    except (ConfigError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

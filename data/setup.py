@@ -1,0 +1,52 @@
+"""From a run's config to its data: the catalog, the cache, the dataset and the batch sampler.
+
+Shared by training (train/loop.py), `python -m data.precompute` and the tests, so they agree on
+which clips exist and how they are cut.
+"""
+
+from __future__ import annotations
+
+from data.cache import LatentCache, cache_meta
+from data.catalog import Catalog, build_catalog
+from data.demo_videos import generate_demo_videos
+from train.config import Config, ConfigError, DataConfig
+
+
+def catalog_for(cfg: DataConfig, seed: int = 0) -> Catalog:
+    """Every usable clip of the configured datasets (the demo's are generated first if asked)."""
+    if cfg.demo:
+        generate_demo_videos(cfg.root, seed=seed)
+    return build_catalog(
+        [s.path for s in cfg.sources()], fps=cfg.fps, frames=list(cfg.frames), sizes=[tuple(s) for s in cfg.sizes],
+        too_short=cfg.too_short,
+    )  # fmt: skip
+
+
+def meta_for(cfg: Config) -> dict:
+    """The cache meta this run needs."""
+    d = cfg.data
+    return cache_meta(cfg.model.id, cfg.model.path, d.fps, list(d.frames), [list(s) for s in d.sizes], d.too_short,
+                      cfg.model.max_text_tokens, d.cache_dtype.value)  # fmt: skip
+
+
+def usable_clips(cfg: Config, catalog: Catalog):
+    """(clips, cache or None): the catalog's clips, restricted to what the cache holds if one is set.
+
+    Clips that failed to encode when the cache was built are counted as rejects of the catalog.
+    Raises ConfigError if nothing is left.
+    """
+    clips, cache = catalog.clips, None
+    if cfg.data.cache:
+        try:
+            cache = LatentCache(cfg.data.cache, meta_for(cfg))
+            clips, failed = cache.usable(catalog.clips)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        for video, reason in failed.items():
+            catalog.rejected[video] = reason
+            catalog.counts.add(reason)
+    if not clips:
+        sources = ", ".join(s.path for s in cfg.data.sources())
+        raise ConfigError(f"no usable clips in {sources} (rejected: {catalog.counts.summary()}); "
+                          f"`python -m data.inspect PATH` lists each file's problem")  # fmt: skip
+    return clips, cache
