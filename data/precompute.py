@@ -39,7 +39,7 @@ def precompute(cfg) -> Path:
 
     if not cfg.data.cache:
         raise ConfigError("data.cache must name the folder to write the cache to")
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
     root = Path(cfg.data.cache)
     root.mkdir(parents=True, exist_ok=True)
     with state.main_process_first():

@@ -65,6 +65,12 @@ def test_added_unknown_key_fails_naming_it(override, needle):
         typed_config(compose_cfg(override))
 
 
+def test_a_weighted_mix_of_datasets_composes():
+    cfg = typed_config(compose_cfg("data.root=null", "data.demo=false", "data.mix=[{path: /a, weight: 3}, {path: /b.jsonl}]"))
+    validate(cfg)
+    assert [(s.path, s.weight) for s in cfg.data.sources()] == [("/a", 3.0), ("/b.jsonl", 1.0)]
+
+
 def test_cross_field_checks_name_the_key():
     cfg = typed_config(compose_cfg("data.frames=[33,32]"))
     with pytest.raises(ConfigError, match=r"data\.frames=\[33, 32\] must be 4n\+1"):

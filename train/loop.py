@@ -45,6 +45,8 @@ def train(cfg: Config, resolved_config: dict) -> Path:
 
     run_dir = Path(cfg.output_root, cfg.name).resolve()
     accelerator = Accelerator(
+        # Without a GPU, processes started by torchrun / accelerate launch train on CPU over gloo.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.trainer.mixed_precision.value,
         gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
         log_with=None if wandb_mode(cfg.logger) == "disabled" else "wandb",
