@@ -7,8 +7,9 @@ run is resumed. A clip that fails to decode is replaced per the bad-input policy
 
 `BucketBatchSampler` yields an endless, deterministic stream of batches of keys for one process:
 per epoch, the clips (drawn per dataset by the mixing weights) are grouped by bucket, cut into
-batches of one bucket each, the batches shuffled, and dealt to processes so each gets the same
-number, none shared. It starts at any batch number, which is how a resumed run picks up the data
+global batches of one bucket each, the batches shuffled, and each process takes its own slice of
+every global batch: the same number of batches everywhere, no clip shared, and the same clips per
+step whatever the number of processes. It starts at any batch number, which is how a resumed run picks up the data
 order mid-epoch.
 """
 
@@ -145,19 +146,23 @@ class BucketBatchSampler:
         return np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
 
     def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
-        """This process's batches of one epoch."""
+        """This process's batches of one epoch.
+
+        Global batches (batch_size x world_size clips of one bucket) are formed first, shuffled,
+        and each process takes its slice of every one: the clips of step t are the same whatever
+        the number of processes, and all processes work on one bucket (one shape) at a time.
+        """
         rng = np.random.default_rng([self.seed, epoch])
         groups: dict = {}
         for i in self._epoch_items(rng):
             groups.setdefault(self.buckets[i], []).append(int(i))
+        size = self.batch_size * self.world_size
         batches = []
         for bucket in sorted(groups):
             items = groups[bucket]
-            batches += [items[b : b + self.batch_size] for b in range(0, len(items) - self.batch_size + 1, self.batch_size)]
-        order = rng.permutation(len(batches))
-        usable = len(batches) - len(batches) % self.world_size  # the same count for every process
-        mine = [batches[j] for j in order[:usable]][self.rank :: self.world_size]
-        return [[(i, epoch) for i in batch] for batch in mine]
+            batches += [items[b : b + size] for b in range(0, len(items) - size + 1, size)]
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return [[(i, epoch) for i in batches[j][mine]] for j in rng.permutation(len(batches))]
 
     def __iter__(self):
         epoch, skip = 0, self.start

@@ -1,14 +1,16 @@
 """Resumable checkpoints: `{run_dir}/checkpoints/step_{N:06d}/`.
 
 Each holds what accelerate's `save_state` writes (optimizer, RNG states, and the objects
-registered with it: the LR scheduler and `TrainState`), the trainable (LoRA) parameters in fp32
-(`trainable.safetensors`, written by the save hook below instead of the whole model), and a
-diffusers-format LoRA export beside them. A checkpoint is written under a temporary name and
-renamed when complete, so a run killed mid-save never leaves one that `resume=latest` would pick.
+registered with it: the LR scheduler and `TrainState`), the trainable (LoRA) parameters
+(`trainable.safetensors` in fp32, written by the save hook below instead of the whole model; under
+DeepSpeed its own checkpoint of the trainable weights and sharded optimizer), a diffusers-format
+LoRA export, and `checkpoint.json`. A checkpoint is written under a temporary name and renamed
+when complete, so a run killed mid-save never leaves one that `resume=latest` would pick.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from dataclasses import asdict, dataclass
@@ -20,6 +22,7 @@ from models.lora import load_trainable_state_dict, trainable_state_dict
 from train.config import ConfigError
 
 TRAINABLE_FILE = "trainable.safetensors"
+MARKER_FILE = "checkpoint.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -47,16 +50,18 @@ def install_hooks(accelerator) -> None:
     """
 
     def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
+        # Under DeepSpeed accelerate hands no weights here: the engine saves its own checkpoint.
+        if accelerator.is_main_process and weights:
             for model in models:
                 state = {n: t.contiguous().cpu() for n, t in trainable_state_dict(model).items()}
                 save_file(state, str(Path(output_dir, TRAINABLE_FILE)))
         weights.clear()  # accelerate saves nothing more for the models
 
     def load_hook(models, input_dir):
-        state = load_file(str(Path(input_dir, TRAINABLE_FILE)))
-        while models:
-            load_trainable_state_dict(models.pop(), state)
+        if models:  # empty under DeepSpeed, whose engine loads its own checkpoint
+            state = load_file(str(Path(input_dir, TRAINABLE_FILE)))
+            while models:
+                load_trainable_state_dict(models.pop(), state)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -88,25 +93,27 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     if resume == "latest":
         return existing[-1] if existing else None
     path = Path(resume)
-    if not Path(path, TRAINABLE_FILE).exists():
-        raise ConfigError(f"train.resume={resume} is not a checkpoint folder (no {TRAINABLE_FILE})")
+    if not Path(path, MARKER_FILE).exists():
+        raise ConfigError(f"train.resume={resume} is not a checkpoint folder (no {MARKER_FILE})")
     return path
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, keep_last: int, export=None) -> Path:
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep_last: int, export=None, **save_kwargs) -> Path:
     """Save a checkpoint for `step` atomically and delete all but the newest `keep_last` (0: keep all).
 
     `export(folder)`, if given, writes extra files (the LoRA export) into the checkpoint before it
-    is renamed into place.
+    is renamed into place; every process calls it. `save_kwargs` go to accelerate's save_state.
     """
     final = Path(run_dir, "checkpoints", f"step_{step:06d}")
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp), **save_kwargs)
     if export is not None:
         export(tmp)
+    if accelerator.is_main_process:
+        Path(tmp, MARKER_FILE).write_text(json.dumps({"step": step}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)

@@ -50,11 +50,14 @@ class LoggerMode(str, Enum):
 
 
 class Strategy(str, Enum):
-    """How processes share the work: `single` (one process) or `ddp` (data parallel, launched with
-    `accelerate launch` or `torchrun`; both take the same accelerate code path)."""
+    """How processes share the work (all through accelerate, launched by `accelerate launch`,
+    `torchrun` or scripts/slurm/train.sbatch): `single` (one process), `ddp` (data parallel),
+    `zero2` / `zero3` (DeepSpeed ZeRO stage 2 / 3)."""
 
     single = "single"
     ddp = "ddp"
+    zero2 = "zero2"
+    zero3 = "zero3"
 
 
 class AttentionBackend(str, Enum):
@@ -200,6 +203,10 @@ class TrainerConfig:
     strategy: Strategy = Strategy.single
     mixed_precision: Precision = Precision.no
     gradient_accumulation_steps: int = 1
+    offload_optimizer: bool = False
+    """zero2 / zero3: keep optimizer state in CPU memory (DeepSpeed offload)."""
+    offload_params: bool = False
+    """zero3: keep parameters in CPU memory between uses (DeepSpeed offload)."""
 
 
 @dataclass

@@ -11,7 +11,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -23,35 +22,18 @@ from models.loading import load_pipeline, torch_dtype
 from models.lora import add_lora, export_lora
 from train.checkpoint import TrainState, install_hooks, resolve_resume, save_checkpoint
 from train.config import Config
-from train.step import encode_captions, flow_matching_loss, posterior_params, sample_latents, sample_sigmas
-from train.tracking import peak_memory_gb, start_tracking, wandb_mode
-
-
-def step_generator(seed: int, rank: int, batch_number: int, device: torch.device) -> torch.Generator:
-    """The generator for one micro-batch's noise, sigmas and VAE sample.
-
-    Seeded from (seed, rank, batch number) rather than carried along, so a resumed run draws
-    exactly what an uninterrupted one would.
-    """
-    entropy = np.random.SeedSequence([seed, rank, batch_number]).generate_state(2, np.uint64)[0]
-    return torch.Generator(device).manual_seed(int(entropy) & (2**63 - 1))
+from train.step import encode_captions, flow_matching_loss, noisy_inputs, posterior_params, sample_generator
+from train.distributed import checkpoint_kwargs, gathered, make_accelerator, model_input_dtype
+from train.tracking import peak_memory_gb, start_tracking
 
 
 def train(cfg: Config, resolved_config: dict) -> Path:
     """Run training as configured; returns the absolute path of the exported LoRA file."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
     run_dir = Path(cfg.output_root, cfg.name).resolve()
-    accelerator = Accelerator(
-        # Without a GPU, processes started by torchrun / accelerate launch train on CPU over gloo.
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=cfg.trainer.mixed_precision.value,
-        gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
-        log_with=None if wandb_mode(cfg.logger) == "disabled" else "wandb",
-        project_dir=str(run_dir),
-    )
+    accelerator = make_accelerator(cfg, run_dir)
     device, main = accelerator.device, accelerator.is_main_process
     resume_from = resolve_resume(cfg.train.resume, run_dir)
     set_seed(cfg.train.seed)
@@ -91,11 +73,13 @@ def train(cfg: Config, resolved_config: dict) -> Path:
         cfg.optim.scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.train.steps
     )
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    model_dtype = model_input_dtype(cfg, accelerator, model_dtype)
+    save_kwargs, load_kwargs = checkpoint_kwargs(accelerator)
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, state)
     install_hooks(accelerator)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        accelerator.load_state(str(resume_from), **load_kwargs)
         accelerator.print(f"Resumed from {resume_from} at step {state.step}")
 
     sampler = BucketBatchSampler(
@@ -115,7 +99,9 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     batches = iter(loader)
 
     def export(folder: Path) -> Path:
-        return export_lora(accelerator.unwrap_model(transformer), folder, is_main_process=main)
+        """Write the LoRA (every process calls this: under ZeRO-3 the adapters are gathered first)."""
+        with gathered(accelerator, params):
+            return export_lora(accelerator.unwrap_model(transformer), folder, is_main_process=main)
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -139,18 +125,18 @@ def train(cfg: Config, resolved_config: dict) -> Path:
         # --- one optimizer step = `accum` micro-batches ---
         for _ in range(accum):
             batch = next(batches)
-            gen = step_generator(cfg.train.seed, accelerator.process_index, state.batches_seen, device)
-            state.batches_seen += 1
             for _, reason in batch["skipped"]:
                 skipped.add(reason)
             if "latent_params" in batch:  # from the cache
-                latents = sample_latents(pipe.vae, batch["latent_params"], gen)
-                text = batch["text"].to(device)
+                posteriors, text = batch["latent_params"], batch["text"].to(device)
             else:
-                latents = sample_latents(pipe.vae, posterior_params(pipe.vae, batch["frames"]), gen)
+                posteriors = posterior_params(pipe.vae, batch["frames"])
                 text = encode_captions(pipe, batch["captions"], cfg.model.max_text_tokens, device)
-            sigmas = sample_sigmas(cfg.train.timesteps, latents.shape[0], gen, device)
-            noise = torch.randn(latents.shape, generator=gen, device=device)
+            first = accelerator.process_index * cfg.data.batch_size  # this slice's place in the global batch
+            gens = [sample_generator(cfg.train.seed, state.batches_seen, first + j, device)
+                    for j in range(posteriors.shape[0])]  # fmt: skip
+            state.batches_seen += 1
+            latents, sigmas, noise = noisy_inputs(pipe.vae, posteriors, gens, cfg.train.timesteps, device)
             with accelerator.accumulate(transformer):
                 loss = flow_matching_loss(transformer, latents, text, sigmas, noise, model_dtype)
                 accelerator.backward(loss)
@@ -184,7 +170,7 @@ def train(cfg: Config, resolved_config: dict) -> Path:
         # --- checkpoint (resumable state + a LoRA export), always at the last step ---
         every = cfg.train.checkpoint_every
         if (every > 0 and state.step % every == 0) or state.step == stop_at:
-            save_checkpoint(accelerator, run_dir, state.step, cfg.train.keep_last, export=export)
+            save_checkpoint(accelerator, run_dir, state.step, cfg.train.keep_last, export=export, **save_kwargs)
 
     progress.close()
     accelerator.print(f"data: clips failing to decode mid-run (each replaced by another): {total_skipped().summary()}")

@@ -10,8 +10,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import numpy as np
+
 from data.video import to_vae_input
 from train.config import TimestepConfig, TimestepSampling
+
+
+def sample_generator(seed: int, batch_number: int, sample: int, device) -> torch.Generator:
+    """The generator of one sample's randomness (its latent sample, noise level and noise).
+
+    Seeded from (seed, micro-batch number, the sample's place in the global batch) rather than
+    carried along: a resumed run draws exactly what an uninterrupted one would, and a sample gets
+    the same draws whether 1 process runs the global batch or N processes split it.
+    """
+    entropy = np.random.SeedSequence([seed, batch_number, sample]).generate_state(2, np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(entropy) & (2**63 - 1))
 
 
 def sample_sigmas(cfg: TimestepConfig, batch_size: int, generator: torch.Generator, device) -> torch.Tensor:
@@ -45,6 +58,19 @@ def sample_latents(vae, params: torch.Tensor, generator: torch.Generator) -> tor
     mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
     return (latents - mean) / std
+
+
+@torch.no_grad()
+def noisy_inputs(vae, params: torch.Tensor, generators: list[torch.Generator], cfg: TimestepConfig, device):
+    """(clean latents x0, noise levels sigma, noise eps) for a batch of posteriors, each sample
+    drawn from its own generator, in that order."""
+    latents, sigmas, noise = [], [], []
+    for j, gen in enumerate(generators):
+        x0 = sample_latents(vae, params[j : j + 1], gen)
+        latents.append(x0)
+        sigmas.append(sample_sigmas(cfg, 1, gen, device))
+        noise.append(torch.randn(x0.shape, generator=gen, device=device))
+    return torch.cat(latents), torch.cat(sigmas), torch.cat(noise)
 
 
 @torch.no_grad()
