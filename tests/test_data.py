@@ -182,6 +182,13 @@ def test_sampler_over_two_ranks():
     assert again.epoch_batches(0) == ranks[0].epoch_batches(0)
 
 
+def test_global_batches_do_not_depend_on_the_process_count():
+    buckets = [(33, 64, 96)] * 10 + [(17, 64, 96)] * 7
+    one = BucketBatchSampler(buckets, 4, seed=5).epoch_batches(2)
+    four = [BucketBatchSampler(buckets, 1, seed=5, rank=r, world_size=4).epoch_batches(2) for r in range(4)]
+    assert [sum((ranks[t] for ranks in four), []) for t in range(len(one))] == one
+
+
 def test_sampler_resumes_mid_epoch():
     buckets = [(33, 64, 96)] * 13 + [(17, 64, 96)] * 11
     it = iter(BucketBatchSampler(buckets, 2, seed=0))

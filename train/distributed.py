@@ -68,7 +68,7 @@ def make_accelerator(cfg: Config, run_dir: Path):
     plugin, on_cpu, handlers = None, not torch.cuda.is_available(), []
     if cfg.trainer.strategy in ZERO_STAGES:
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world_size()), zero3_init_flag=False)
-    if on_cpu:
+    if on_cpu and world_size() > 1:
         # Without a GPU, processes started by torchrun / accelerate launch talk over gloo.
         # accelerate's `cpu=True` would switch DeepSpeed off, so it is left False under ZeRO.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
