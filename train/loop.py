@@ -22,8 +22,9 @@ from models.loading import load_pipeline, torch_dtype
 from models.lora import add_lora, export_lora
 from train.checkpoint import TrainState, install_hooks, resolve_resume, save_checkpoint
 from train.config import Config
-from train.step import encode_captions, flow_matching_loss, noisy_inputs, posterior_params, sample_generator
 from train.distributed import checkpoint_kwargs, gathered, make_accelerator, model_input_dtype
+from train.preemption import StopSignals, note_preemption
+from train.step import encode_captions, flow_matching_loss, noisy_inputs, posterior_params, sample_generator
 from train.tracking import peak_memory_gb, start_tracking
 
 
@@ -33,8 +34,14 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     from diffusers.optimization import get_scheduler
 
     run_dir = Path(cfg.output_root, cfg.name).resolve()
+    stop = StopSignals()  # before anything slow: a warning signal during set-up must not kill the run
     accelerator = make_accelerator(cfg, run_dir)
     device, main = accelerator.device, accelerator.is_main_process
+
+    def say(message: str) -> None:
+        """Print once per run (accelerator.print prints once per node)."""
+        if main:
+            print(message, flush=True)
     resume_from = resolve_resume(cfg.train.resume, run_dir)
     set_seed(cfg.train.seed)
 
@@ -43,7 +50,7 @@ def train(cfg: Config, resolved_config: dict) -> Path:
         catalog = catalog_for(cfg.data, seed=cfg.train.seed)
     clips, cache = usable_clips(cfg, catalog)
     buckets = ", ".join(f"{f}x{h}x{w}: {n}" for (f, h, w), n in catalog.bucket_counts().items())
-    accelerator.print(f"data: {len(clips)} clips ({buckets}); rejected: {catalog.counts.summary()}"
+    say(f"data: {len(clips)} clips ({buckets}); rejected: {catalog.counts.summary()}"
                       + (f"; latents from {cfg.data.cache}" if cache else ""))  # fmt: skip
     dataset = ClipDataset(
         clips, fps=cfg.data.fps, seed=cfg.train.seed, on_error=cfg.data.on_error,
@@ -57,7 +64,7 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     pipe.text_encoder.requires_grad_(False).eval()
     transformer = pipe.transformer
     set_self_attention(transformer, cfg.attention, mode="train")
-    accelerator.print(describe(transformer))
+    say(describe(transformer))
     params = add_lora(transformer, cfg.lora)
     if cfg.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -80,7 +87,7 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     install_hooks(accelerator)
     if resume_from is not None:
         accelerator.load_state(str(resume_from), **load_kwargs)
-        accelerator.print(f"Resumed from {resume_from} at step {state.step}")
+        say(f"Resumed from {resume_from} at step {state.step}")
 
     sampler = BucketBatchSampler(
         [c.bucket for c in clips], cfg.data.batch_size, cfg.train.seed, accelerator.process_index,
@@ -167,13 +174,20 @@ def train(cfg: Config, resolved_config: dict) -> Path:
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{metrics['lr']:.2e}")
             losses, last_log_time, last_log_step = [], now, state.step
 
-        # --- checkpoint (resumable state + a LoRA export), always at the last step ---
+        # --- checkpoint (resumable state + a LoRA export), always at the last step or on a stop signal ---
         every = cfg.train.checkpoint_every
-        if (every > 0 and state.step % every == 0) or state.step == stop_at:
+        stopping = stop.should_stop(accelerator) and state.step < stop_at
+        if (every > 0 and state.step % every == 0) or state.step == stop_at or stopping:
             save_checkpoint(accelerator, run_dir, state.step, cfg.train.keep_last, export=export, **save_kwargs)
+        if stopping:
+            say(f"Stopped by {stop.received or 'a signal to another process'} after step {state.step}; "
+                              f"checkpoint saved, resume with train.resume=latest")  # fmt: skip
+            if main:
+                note_preemption(state.step, stop.received or "signal")
+            break
 
     progress.close()
-    accelerator.print(f"data: clips failing to decode mid-run (each replaced by another): {total_skipped().summary()}")
+    say(f"data: clips failing to decode mid-run (each replaced by another): {total_skipped().summary()}")
     lora_file = export(run_dir / "lora")
     accelerator.wait_for_everyone()
     accelerator.end_training()
