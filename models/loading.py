@@ -8,7 +8,8 @@ import torch
 
 from train.config import ModelConfig
 
-TINY_WAN = "tiny-wan"
+# Small random models built on the spot (models/tiny_wan.py): model id -> preset.
+TINY_MODELS = {"tiny-wan": "tiny", "tiny-wan-gpu": "gpu"}
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -20,12 +21,12 @@ def torch_dtype(name) -> torch.dtype:
 
 def model_source(cfg: ModelConfig) -> str:
     """The folder or hub id that `from_pretrained` reads; builds the tiny demo model if needed."""
-    if cfg.id == TINY_WAN:
+    if cfg.id in TINY_MODELS:
         if not cfg.path:
-            raise ValueError("model.path must name a folder for model.id=tiny-wan (it is built there)")
+            raise ValueError(f"model.path must name a folder for model.id={cfg.id} (it is built there)")
         from models.tiny_wan import build_tiny_wan
 
-        return str(build_tiny_wan(cfg.path))
+        return str(build_tiny_wan(cfg.path, preset=TINY_MODELS[cfg.id]))
     if cfg.path:
         if not Path(cfg.path, "model_index.json").exists():
             raise FileNotFoundError(f"model.path={cfg.path} is not a diffusers model folder (no model_index.json)")

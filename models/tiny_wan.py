@@ -51,7 +51,16 @@ def _build_tokenizer():
     )
 
 
-def _build_components(seed: int) -> dict:
+# Transformer sizes. `tiny` is the CPU demo's. `gpu` has Wan2.1-1.3B's blocks (12 heads x 128,
+# FFN 8960) but 10 of its 30 layers, with the tiny VAE and text encoder: a compute-bound model
+# for multi-GPU scaling runs that builds in seconds (the real 1.3B: model.init=random, issue 7).
+PRESETS = {
+    "tiny": dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, freq_dim=32),
+    "gpu": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=10, freq_dim=256),
+}
+
+
+def _build_components(seed: int, preset: str = "tiny") -> dict:
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -85,15 +94,11 @@ def _build_components(seed: int) -> dict:
     )
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=32,
         in_channels=z_dim,
         out_channels=z_dim,
         text_dim=text_dim,
-        freq_dim=32,
-        ffn_dim=128,
-        num_layers=2,
-        rope_max_seq_len=64,
+        rope_max_seq_len=1024,
+        **PRESETS[preset],
     )
     # Wan's sampling scheduler in diffusers' examples; training draws its own sigmas.
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
@@ -102,8 +107,8 @@ def _build_components(seed: int) -> dict:
     )
 
 
-def build_tiny_wan(path: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny random WanPipeline folder to `path` (once: an existing folder is kept).
+def build_tiny_wan(path: str | os.PathLike, seed: int = 0, preset: str = "tiny") -> Path:
+    """Write a small random WanPipeline folder to `path` (once: an existing folder is kept).
 
     Built into a temporary sibling and renamed, so an interrupted build never leaves a half
     folder that later runs would try to load.
@@ -116,7 +121,7 @@ def build_tiny_wan(path: str | os.PathLike, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     try:
-        WanPipeline(**_build_components(seed)).save_pretrained(tmp)
+        WanPipeline(**_build_components(seed, preset)).save_pretrained(tmp)
         try:
             tmp.rename(path)
         except OSError:  # another process finished first: keep its copy

@@ -125,7 +125,7 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
     progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", disable=not main, dynamic_ncols=True)
     last_log_time, last_log_step = time.perf_counter(), state.step
-    losses, grad_norm = [], torch.zeros((), device=device)
+    losses, grad_norm, step_times = [], torch.zeros((), device=device), []
 
     stop_at = min(cfg.train.steps, cfg.train.stop_after_step or cfg.train.steps)
     while state.step < stop_at:
@@ -171,6 +171,7 @@ def train(cfg: Config, resolved_config: dict) -> Path:
             }
             metrics |= {f"data/skipped/{r}": n for r, n in total_skipped().items()}
             accelerator.log(metrics, step=state.step)
+            step_times.append(step_time)
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{metrics['lr']:.2e}")
             losses, last_log_time, last_log_step = [], now, state.step
 
@@ -187,6 +188,10 @@ def train(cfg: Config, resolved_config: dict) -> Path:
             break
 
     progress.close()
+    if len(step_times) > 2:  # the first steps include compilation, autotuning and warm-up
+        median = sorted(step_times[2:])[len(step_times[2:]) // 2]
+        say(f"throughput: {samples_per_step / median:.3f} samples/s on {accelerator.num_processes} processes "
+            f"(median step {median:.3f} s after the first 2 logged)")  # fmt: skip
     say(f"data: clips failing to decode mid-run (each replaced by another): {total_skipped().summary()}")
     lora_file = export(run_dir / "lora")
     accelerator.wait_for_everyone()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Multi-GPU check and scaling on one host (run on the lent nvidia-h100-x2):
+#   1. the CPU demo's tiny model on 2 GPUs with ZeRO-2 and ZeRO-3 (the GPU/NCCL path end to end);
+#   2. throughput of a compute-bound config (model=tiny_wan_gpu: Wan2.1-1.3B blocks, 10 layers,
+#      480x832 x 33 frames = 14,040 tokens per sample, radial attention on our Triton kernels,
+#      bf16, gradient checkpointing, batch 1 per GPU) on 1 GPU and on 2 GPUs with ZeRO-2.
+# Usage: scripts/bench_multi_gpu.sh OUT_DIR      (writes OUT_DIR/multi_gpu.log; W&B off)
+set -uo pipefail
+out=${1:?usage: bench_multi_gpu.sh OUT_DIR}
+export WANDB_MODE=disabled PYTHONUNBUFFERED=1
+run() { echo "=== $*" | tee -a "$out/multi_gpu.log"; "$@" 2>&1 | tr '\r' '\n' | grep -E "throughput|LoRA exported|self-attention|data:|Error|error" | tee -a "$out/multi_gpu.log"; }
+demo="train.steps=6 train.checkpoint_every=3 data.batch_size=1"
+run torchrun --nproc_per_node 2 -m train name=demo_z2 trainer=zero2 trainer.mixed_precision=no $demo
+run torchrun --nproc_per_node 2 -m train name=demo_z3 trainer=zero3 trainer.mixed_precision=no $demo
+gpu="model=tiny_wan_gpu attention=radial data.sizes=[[480,832]] data.frames=[33] data.batch_size=1 data.num_workers=2 train.steps=14 train.checkpoint_every=0 trainer.mixed_precision=bf16"
+run torchrun --nproc_per_node 1 -m train name=gpu_1 trainer=single $gpu
+run torchrun --nproc_per_node 2 -m train name=gpu_2 trainer=zero2 $gpu
+run torchrun --nproc_per_node 2 -m train name=gpu_2_ddp trainer=ddp $gpu
