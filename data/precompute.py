@@ -46,7 +46,7 @@ def precompute(cfg) -> Path:
         catalog = catalog_for(cfg.data, seed=cfg.train.seed)
     mine = catalog.clips[state.process_index :: state.num_processes]
     with state.main_process_first():
-        pipe = load_pipeline(cfg.model, transformer=False)
+        pipe = load_pipeline(cfg.model, transformer=False, device=state.device)
     pipe.to(state.device)
     dtype = torch_dtype(cfg.data.cache_dtype)
 

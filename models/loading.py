@@ -34,12 +34,34 @@ def model_source(cfg: ModelConfig) -> str:
     return cfg.id
 
 
-def load_pipeline(cfg: ModelConfig, transformer: bool = True):
+def _not_found(source: str, why: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"cannot load model {source!r} ({why[:160]}). Without network access, download it elsewhere "
+        f"(`huggingface-cli download {source} --local-dir DIR`) and set model.path=DIR"
+    )
+
+
+def check_model_available(cfg: ModelConfig) -> None:
+    """Fail at once (before data is scanned) if a hub model is neither cached nor reachable."""
+    if cfg.path or cfg.init == "random" or cfg.id in TINY_MODELS:
+        return
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(cfg.id, "model_index.json"), str):
+        return  # in the local Hugging Face cache
+    try:
+        HfApi().model_info(cfg.id, timeout=15)
+    except Exception as err:  # offline, unknown id, no access: all mean no download
+        raise _not_found(cfg.id, str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+
+
+def load_pipeline(cfg: ModelConfig, transformer: bool = True, device=None):
     """A `WanPipeline` with the transformer, VAE and text encoder in their configured dtypes.
 
     Loading the whole pipeline (rather than each class by hand) keeps training on exactly the
     path users take for inference, and gives us its `encode_prompt`. `transformer=False` leaves
-    the transformer out (encoding-only work such as the latent cache).
+    the transformer out (encoding-only work such as the latent cache). With `model.init=random`
+    the architecture is built with random weights on `device` (models/random_init.py).
     """
     from diffusers import WanPipeline
 
@@ -49,5 +71,18 @@ def load_pipeline(cfg: ModelConfig, transformer: bool = True):
         "text_encoder": torch_dtype(cfg.text_encoder_dtype),
         "default": torch.float32,
     }
+    if cfg.init == "random":
+        from models.random_init import random_pipeline
+
+        pipe = random_pipeline(cfg.id, dtypes, device or "cpu")
+        if not transformer:
+            pipe.transformer = None
+        return pipe
+    source = model_source(cfg)
     skip = {} if transformer else {"transformer": None}
-    return WanPipeline.from_pretrained(model_source(cfg), dtype=dtypes, **skip)
+    try:
+        return WanPipeline.from_pretrained(source, dtype=dtypes, **skip)
+    except Exception as err:
+        if cfg.path:  # a local folder that fails to load is not a download problem
+            raise
+        raise _not_found(source, str(err).splitlines()[0] if str(err) else type(err).__name__) from None

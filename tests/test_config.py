@@ -27,9 +27,21 @@ def options(group: str) -> list[str]:
     "override", [f"{g}={o}" for g in GROUPS for o in options(g)] + [f"+experiment={e}" for e in options("experiment")]
 )
 def test_every_group_option_composes_into_the_schema(override):
-    cfg = typed_config(compose_cfg(override))
+    cfg = typed_config(compose_cfg(override, "data.root=/videos", "data.demo=false"))
     assert isinstance(cfg, Config)
     validate(cfg)
+
+
+def test_wan_experiments():
+    wan4x = typed_config(compose_cfg("+experiment=wan_4x", "data.root=/videos"))
+    assert (wan4x.model.id, wan4x.trainer.strategy.value, wan4x.attention.backend.value) == (
+        "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "zero2", "triton")
+    assert wan4x.data.frames[0] == 321 and wan4x.lora.rank == 128 and wan4x.data.demo is False
+    wan14b = typed_config(compose_cfg("+experiment=wan14b_4x", "data.root=/videos"))
+    assert (wan14b.model.id, wan14b.trainer.strategy.value, wan14b.data.sizes[0]) == (
+        "Wan-AI/Wan2.1-T2V-14B-Diffusers", "zero3", [720, 1280])
+    with pytest.raises(ConfigError, match="set exactly one of data.root, data.metadata or data.mix"):
+        validate(typed_config(compose_cfg("+experiment=wan_4x")))
 
 
 def test_default_is_the_tiny_experiment():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from models.attention import WanSelfAttnProcessor, set_self_attention
@@ -119,3 +120,38 @@ def test_export_loads_into_a_fresh_pipeline_with_the_same_output(tiny_model_dir,
     loaded = forward(fresh.transformer, x, t, text)
     assert (trained - base).abs().max() > 1e-3  # the LoRA changes the output
     torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=0)
+
+
+def test_random_init_builds_the_published_architectures():
+    """model.init=random: Wan2.1 1.3B / 14B, Wan's VAE and UMT5-XXL's encoder (on the meta device:
+    shapes and dtypes without the memory)."""
+    from models.random_init import random_pipeline
+
+    dtypes = {"transformer": torch.bfloat16, "vae": torch.float32, "text_encoder": torch.bfloat16}
+
+    def billions(module):
+        return sum(p.numel() for p in module.parameters()) / 1e9
+
+    small = random_pipeline("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", dtypes, "meta")
+    assert 1.4 < billions(small.transformer) < 1.45 and small.transformer.dtype == torch.bfloat16
+    assert small.transformer.config.num_layers == 30 and small.transformer.config.num_attention_heads == 12
+    assert 0.12 < billions(small.vae) < 0.13 and 5.6 < billions(small.text_encoder) < 5.7
+    large = random_pipeline("Wan-AI/Wan2.1-T2V-14B-Diffusers", dtypes, "meta")
+    assert 14.2 < billions(large.transformer) < 14.4 and large.transformer.config.num_layers == 40
+
+
+def test_offline_missing_model_fails_at_once_saying_how_to_fix_it(tmp_path, demo_videos_dir):
+    from conftest import run_train
+
+    proc = run_train(tmp_path, "model=wan2.1_t2v_1.3b", f"data.root={demo_videos_dir}", "data.demo=false",
+                     env={"HF_HUB_OFFLINE": "1"}, timeout=120)  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: cannot load model 'Wan-AI/Wan2.1-T2V-1.3B-Diffusers'") and "model.path=DIR" in line
+
+
+def test_a_local_folder_that_is_not_a_model_is_named(tmp_path):
+    from models.loading import load_pipeline
+
+    with pytest.raises(FileNotFoundError, match="is not a diffusers model folder"):
+        load_pipeline(ModelConfig(id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", path=str(tmp_path)))

@@ -83,6 +83,9 @@ class ModelConfig:
     """Hub id of a diffusers-format model, or `tiny-wan` for the demo's tiny random model."""
     path: str | None = None
     """Local diffusers-format folder; loaded instead of the hub. For `tiny-wan` it is built here once."""
+    init: str = "pretrained"
+    """`pretrained` loads the weights; `random` builds the same architecture with random weights
+    (models/random_init.py), for speed and memory work where no weights can be downloaded."""
     transformer_dtype: DType = DType.float32
     """Storage dtype of the frozen transformer weights (LoRA weights are always fp32)."""
     vae_dtype: DType = DType.float32
@@ -288,6 +291,9 @@ def typed_config(cfg: DictConfig) -> Config:
     """
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg, resolve=False))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{missing[0]}: Missing mandatory value (set it on the command line, e.g. {missing[0]}=...)")
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
@@ -322,6 +328,7 @@ def validate(cfg: Config) -> None:
          f"trainer.gradient_accumulation_steps={cfg.trainer.gradient_accumulation_steps} must be >= 1"),
         (cfg.lora.rank >= 1, f"lora.rank={cfg.lora.rank} must be >= 1"),
         (len(cfg.optim.betas) == 2, f"optim.betas={cfg.optim.betas} must be two numbers"),
+        (cfg.model.init in ("pretrained", "random"), f"model.init={cfg.model.init!r}: expected pretrained or random"),
         (cfg.attention.block_size >= 16, f"attention.block_size={cfg.attention.block_size} must be >= 16"),
         (cfg.attention.decay > 0, f"attention.decay={cfg.attention.decay} must be > 0"),
         (cfg.attention.dense_layers >= 0, f"attention.dense_layers={cfg.attention.dense_layers} must be >= 0"),

@@ -18,7 +18,7 @@ from data.dataset import BucketBatchSampler, ClipDataset, collate
 from data.policy import REASONS, RejectCounts
 from data.setup import catalog_for, usable_clips
 from models.attention import describe, set_self_attention
-from models.loading import load_pipeline, torch_dtype
+from models.loading import check_model_available, load_pipeline, torch_dtype
 from models.lora import add_lora, export_lora
 from train.checkpoint import TrainState, install_hooks, resolve_resume, save_checkpoint
 from train.config import Config
@@ -43,6 +43,7 @@ def train(cfg: Config, resolved_config: dict) -> Path:
         if main:
             print(message, flush=True)
     resume_from = resolve_resume(cfg.train.resume, run_dir)
+    check_model_available(cfg.model)
     set_seed(cfg.train.seed)
 
     # --- data: every process lists and checks the same clips; rejects are counted, not fatal ---
@@ -59,7 +60,7 @@ def train(cfg: Config, resolved_config: dict) -> Path:
 
     # --- model: pretrained pipeline, our self-attention, LoRA on the transformer ---
     with accelerator.main_process_first():  # rank 0 builds the tiny demo model if it is missing
-        pipe = load_pipeline(cfg.model)
+        pipe = load_pipeline(cfg.model, device=device)
     pipe.vae.requires_grad_(False).eval()
     pipe.text_encoder.requires_grad_(False).eval()
     transformer = pipe.transformer

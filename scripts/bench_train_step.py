@@ -1,0 +1,140 @@
+"""One LoRA training step of Wan2.1 (random init) at 1x, 2x and 4x length, per attention backend.
+
+    python scripts/bench_train_step.py                           # 1.3B, 480p, 81/161/321 frames, dense/flex/triton
+    python scripts/bench_train_step.py --model Wan-AI/Wan2.1-T2V-14B-Diffusers --frames 81
+    python scripts/bench_train_step.py --compile                 # torch.compile of the transformer blocks
+    python scripts/bench_train_step.py --preset tiny --device cpu --backends dense reference --frames 9 --steps 2
+
+A step is what the training loop does per micro-batch once clips are encoded (the wan_4x recipe
+caches latents and text embeddings): the transformer's forward and backward with gradient
+checkpointing in bf16, LoRA r128 on attention q, k, v, o, and an AdamW step. Inputs are random
+latents [1, 16, F, 60, 104] (480x832) and a 512-token text embedding. Reports the median step time
+after warm-up and the peak GPU memory, as markdown and JSON under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.attention import describe, set_self_attention  # noqa: E402
+from models.lora import add_lora  # noqa: E402
+from train.config import AttentionConfig, LoraConfig, TimestepConfig  # noqa: E402
+from train.step import flow_matching_loss, sample_sigmas  # noqa: E402
+
+
+def build_transformer(model: str, preset: str | None, device, dtype):
+    from diffusers import WanTransformer3DModel
+
+    if preset:
+        from models.tiny_wan import PRESETS
+
+        arch = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, rope_max_seq_len=1024,
+                    **PRESETS[preset])  # fmt: skip
+    else:
+        from models.random_init import TRANSFORMERS
+
+        arch = TRANSFORMERS[model]
+    with torch.device(device):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            return WanTransformer3DModel(**arch)
+        finally:
+            torch.set_default_dtype(previous)
+
+
+def one_config(args, backend: str, frames: int) -> dict:
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    transformer = build_transformer(args.model, args.preset, device, dtype)
+    attention = AttentionConfig(backend=backend, block_size=args.block_size, decay=args.decay, dense_layers=1)
+    set_self_attention(transformer, attention)
+    params = add_lora(transformer, LoraConfig(rank=args.rank, alpha=args.rank))
+    transformer.enable_gradient_checkpointing()
+    transformer.train()
+    if args.compile:
+        transformer.compile_repeated_blocks(fullgraph=False)
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    latent_frames = (frames - 1) // 4 + 1
+    h, w = args.height // 8, args.width // 8
+    g = torch.Generator(device).manual_seed(0)
+    latents = torch.randn(1, 16, latent_frames, h, w, generator=g, device=device)
+    noise = torch.randn(latents.shape, generator=g, device=device)
+    text = torch.randn(1, 512, 4096, generator=g, device=device, dtype=dtype)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for step in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        sigmas = sample_sigmas(TimestepConfig(), 1, g, device)
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            loss = flow_matching_loss(transformer, latents, text, sigmas, noise, dtype)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    tokens = latent_frames * (h // 2) * (w // 2)
+    row = {
+        "model": args.preset or args.model, "backend": backend, "video_frames": frames, "tokens": tokens,
+        "step_s": round(statistics.median(times), 3),
+        "peak_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "compile": args.compile, "layers": describe(transformer),
+    }  # fmt: skip
+    print(row, flush=True)
+    del transformer, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    parser.add_argument("--preset", choices=["tiny", "gpu"], help="a models/tiny_wan.py preset instead of --model")
+    parser.add_argument("--backends", nargs="+", default=["dense", "flex", "triton"])
+    parser.add_argument("--frames", type=int, nargs="+", default=[81, 161, 321], help="video frames (1x, 2x, 4x)")
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--decay", type=float, default=0.2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default="docs/benchmarks")
+    args = parser.parse_args()
+    rows = [one_config(args, b, f) for f in args.frames for b in args.backends]
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    meta = {"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "command": "python " + " ".join(sys.argv)}  # fmt: skip
+    lines = [f"# LoRA training step: {device}, {meta['date']}", "", f"Command: `{meta['command']}`", "",
+             "| model | video frames | tokens | backend | step (s) | peak GPU memory (GB) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['video_frames']} | {r['tokens']:,} | {r['backend']} | {r['step_s']} | {r['peak_gb']} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"train_step_{device.replace(' ', '_')}_{meta['date']}" + ("_compiled" if args.compile else "")
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
