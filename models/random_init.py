@@ -47,7 +47,7 @@ UMT5_XXL = dict(
 )
 
 
-class _default_dtype:
+class default_dtype:
     """Create tensors in `dtype` inside the block (module constructors read the default)."""
 
     def __init__(self, dtype: torch.dtype):
@@ -61,9 +61,17 @@ class _default_dtype:
         torch.set_default_dtype(self.previous)
 
 
+def build_transformer(arch: dict, dtype: torch.dtype, device: str | torch.device = "cpu"):
+    """A WanTransformer3DModel of architecture `arch` with random weights, made on `device` in `dtype`."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device(device), default_dtype(dtype):
+        return WanTransformer3DModel(**arch)
+
+
 def random_pipeline(model_id: str, dtypes: dict, device: str | torch.device = "cpu", seed: int = 0):
     """A WanPipeline with `model_id`'s architecture and random weights, built on `device`."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
     from models.tiny_wan import _build_tokenizer
@@ -71,12 +79,11 @@ def random_pipeline(model_id: str, dtypes: dict, device: str | torch.device = "c
     if model_id not in TRANSFORMERS:
         raise ValueError(f"model.init=random knows {', '.join(TRANSFORMERS)}; not {model_id!r}")
     torch.manual_seed(seed)
+    transformer = build_transformer(TRANSFORMERS[model_id], dtypes["transformer"], device)
     with torch.device(device):
-        with _default_dtype(dtypes["transformer"]):
-            transformer = WanTransformer3DModel(**TRANSFORMERS[model_id])
-        with _default_dtype(dtypes["vae"]):
+        with default_dtype(dtypes["vae"]):
             vae = AutoencoderKLWan()
-        with _default_dtype(dtypes["text_encoder"]):
+        with default_dtype(dtypes["text_encoder"]):
             text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL))
     return WanPipeline(
         tokenizer=_build_tokenizer(),

@@ -32,8 +32,9 @@ from train.config import AttentionConfig, LoraConfig, TimestepConfig  # noqa: E4
 from train.step import flow_matching_loss, sample_sigmas  # noqa: E402
 
 
-def build_transformer(model: str, preset: str | None, device, dtype):
-    from diffusers import WanTransformer3DModel
+def transformer_for(model: str, preset: str | None, device, dtype):
+    """The random-init transformer to time: a published architecture, or a models/tiny_wan.py preset."""
+    from models.random_init import TRANSFORMERS, build_transformer
 
     if preset:
         from models.tiny_wan import PRESETS
@@ -41,23 +42,15 @@ def build_transformer(model: str, preset: str | None, device, dtype):
         arch = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, rope_max_seq_len=1024,
                     **PRESETS[preset])  # fmt: skip
     else:
-        from models.random_init import TRANSFORMERS
-
         arch = TRANSFORMERS[model]
-    with torch.device(device):
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            return WanTransformer3DModel(**arch)
-        finally:
-            torch.set_default_dtype(previous)
+    return build_transformer(arch, dtype, device)
 
 
 def one_config(args, backend: str, frames: int) -> dict:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    transformer = build_transformer(args.model, args.preset, device, dtype)
+    transformer = transformer_for(args.model, args.preset, device, dtype)
     attention = AttentionConfig(backend=backend, block_size=args.block_size, decay=args.decay, dense_layers=1)
     set_self_attention(transformer, attention)
     params = add_lora(transformer, LoraConfig(rank=args.rank, alpha=args.rank))

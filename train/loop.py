@@ -42,6 +42,7 @@ def train(cfg: Config, resolved_config: dict) -> Path:
         """Print once per run (accelerator.print prints once per node)."""
         if main:
             print(message, flush=True)
+
     resume_from = resolve_resume(cfg.train.resume, run_dir)
     check_model_available(cfg.model)
     set_seed(cfg.train.seed)
@@ -51,8 +52,8 @@ def train(cfg: Config, resolved_config: dict) -> Path:
         catalog = catalog_for(cfg.data, seed=cfg.train.seed)
     clips, cache = usable_clips(cfg, catalog)
     buckets = ", ".join(f"{f}x{h}x{w}: {n}" for (f, h, w), n in catalog.bucket_counts().items())
-    say(f"data: {len(clips)} clips ({buckets}); rejected: {catalog.counts.summary()}"
-                      + (f"; latents from {cfg.data.cache}" if cache else ""))  # fmt: skip
+    from_cache = f"; latents from {cfg.data.cache}" if cache else ""
+    say(f"data: {len(clips)} clips ({buckets}); rejected: {catalog.counts.summary()}{from_cache}")
     dataset = ClipDataset(
         clips, fps=cfg.data.fps, seed=cfg.train.seed, on_error=cfg.data.on_error,
         decode_threads=cfg.data.decode_threads, random_window=cache is None, cache=cache,
@@ -121,6 +122,7 @@ def train(cfg: Config, resolved_config: dict) -> Path:
         """Mid-run skips summed over processes (a collective: every process calls it together)."""
         counts = accelerator.reduce(torch.tensor([skipped[r] for r in REASONS], device=device), reduction="sum")
         return RejectCounts({r: n for r, n in zip(REASONS, counts.tolist()) if n})
+
     accum = cfg.trainer.gradient_accumulation_steps
     samples_per_step = cfg.data.batch_size * accum * accelerator.num_processes
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
@@ -182,8 +184,8 @@ def train(cfg: Config, resolved_config: dict) -> Path:
         if (every > 0 and state.step % every == 0) or state.step == stop_at or stopping:
             save_checkpoint(accelerator, run_dir, state.step, cfg.train.keep_last, export=export, **save_kwargs)
         if stopping:
-            say(f"Stopped by {stop.received or 'a signal to another process'} after step {state.step}; "
-                              f"checkpoint saved, resume with train.resume=latest")  # fmt: skip
+            why = stop.received or "a signal to another process"
+            say(f"Stopped by {why} after step {state.step}; checkpoint saved, resume with train.resume=latest")
             if main:
                 note_preemption(state.step, stop.received or "signal")
             break
