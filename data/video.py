@@ -40,12 +40,6 @@ class VideoInfo:
     """Average frame rate (num_frames - 1) / span, or the container's rate for a one-frame video."""
 
 
-def check_num_frames(num_frames: int) -> None:
-    """Wan's VAE keeps the first frame and compresses the rest 4x in time: clips are 4n+1 frames."""
-    if num_frames < 1 or (num_frames - 1) % 4:
-        raise ValueError(f"clip length {num_frames} must be 4n+1 (e.g. 17, 33, 81)")
-
-
 def _open(path: str, num_threads: int = 1, **kwargs):
     import decord
 
