@@ -56,13 +56,29 @@ def submit(env, cwd: Path, *overrides: str) -> tuple[str, Path]:
     return job, cwd / f"slurm-radial-lora-{job}.out"
 
 
-def wait_for(condition, seconds: float, what: str) -> None:
+def wait_for(condition, seconds: float, what, env=None) -> None:
+    """Poll `condition` each second; on timeout fail with `what` (a string or a callable giving
+    one, evaluated then so it shows the latest log) and, given `env`, the cluster's own view."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if condition():
             return
         time.sleep(1)
-    raise AssertionError(f"timed out after {seconds:.0f}s waiting for {what}")
+    what = what() if callable(what) else what
+    raise AssertionError(f"timed out after {seconds:.0f}s waiting for {what}" + (cluster_report(env) if env else ""))
+
+
+def cluster_report(env) -> str:
+    """What Slurm thinks: jobs, node states and reasons, and the controller log's tail."""
+    def run(*cmd):
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=20)
+        return f"$ {' '.join(cmd)}\n{out.stdout}{out.stderr}"
+    parts = [run("squeue", "-a", "-o", "%i %T %r %S %N"), run("scontrol", "show", "job"), run("sinfo", "-N", "-l"),
+             run("sinfo", "-R")]  # fmt: skip
+    logfile = Path(env["SLURM_CONF"]).parent / "slurmctld.log"
+    if logfile.exists():
+        parts.append("slurmctld.log (tail):\n" + "\n".join(logfile.read_text().splitlines()[-40:]))
+    return "\n--- cluster ---\n" + "\n".join(parts)
 
 
 def job_state(env, job: str) -> str:
@@ -86,7 +102,7 @@ def common(model_dir, videos_dir, name, steps, every):
 
 def test_sbatch_two_nodes_zero2(slurm_env, tmp_path, tiny_model_dir, demo_videos_dir):
     job, out = submit(slurm_env, tmp_path, *common(tiny_model_dir, demo_videos_dir, "two_nodes", 4, 2))
-    wait_for(lambda: job_gone(slurm_env, job), 400, f"job {job} to finish:\n{log(out)[-3000:]}")
+    wait_for(lambda: job_gone(slurm_env, job), 400, lambda: f"job {job} to finish:\n{log(out)[-3000:]}", slurm_env)
     text = log(out)
     assert "2 nodes x 1 processes" in text, text[-3000:]
     assert text.count("LoRA exported to") == 1 and (tmp_path / "outputs/two_nodes/lora/pytorch_lora_weights.safetensors").exists()
@@ -99,14 +115,23 @@ def test_sbatch_two_nodes_zero2(slurm_env, tmp_path, tiny_model_dir, demo_videos
 def test_signal_checkpoints_requeues_and_resumes(slurm_env, tmp_path, tiny_model_dir, demo_videos_dir):
     steps = 150
     job, out = submit(slurm_env, tmp_path, *common(tiny_model_dir, demo_videos_dir, "preempted", steps, 1000))
-    wait_for(lambda: " 10/150" in log(out) or "11/150" in log(out), 300, "training to pass step 10")
+    wait_for(lambda: " 10/150" in log(out) or "11/150" in log(out), 300, lambda: f"step 10:\n{log(out)[-3000:]}",
+             slurm_env)  # fmt: skip
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm_env, check=True)  # what Slurm sends at --signal=USR1@120
-    wait_for(lambda: "requeueing" in log(out) and job_state(slurm_env, job) == "PENDING", 120, "the job to requeue")
+    wait_for(lambda: "requeueing" in log(out) and job_state(slurm_env, job) == "PENDING", 120, "the job to requeue",
+             slurm_env)  # fmt: skip
     # Slurm holds a requeued job for a few minutes before starting it again (its begin time is
-    # pushed back); release it now rather than wait. The restart itself is Slurm's, as in production.
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env, check=True)
-    wait_for(lambda: "Resumed from" in log(out), 300, f"the requeued job to resume:\n{log(out)[-3000:]}")
-    wait_for(lambda: job_gone(slurm_env, job), 400, f"job {job} to finish:\n{log(out)[-3000:]}")
+    # pushed back, possibly only once the old allocation has finished completing, i.e. after we
+    # first look); keep releasing it while it waits rather than wait. The restart itself is Slurm's.
+    def resumed() -> bool:
+        if "Resumed from" in log(out):
+            return True
+        if job_state(slurm_env, job) == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env, capture_output=True)
+        return False
+
+    wait_for(resumed, 300, lambda: f"the requeued job to resume:\n{log(out)[-3000:]}", slurm_env)
+    wait_for(lambda: job_gone(slurm_env, job), 400, lambda: f"job {job} to finish:\n{log(out)[-3000:]}", slurm_env)
     text = log(out)
     stopped = int(text.split("Stopped by SIGUSR1 after step ")[1].split(";")[0])
     assert 10 <= stopped < steps
