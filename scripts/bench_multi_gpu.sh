@@ -3,7 +3,8 @@
 #   1. the CPU demo's tiny model on 2 GPUs with ZeRO-2 and ZeRO-3 (the GPU/NCCL path end to end);
 #   2. throughput of a compute-bound config (model=tiny_wan_gpu: Wan2.1-1.3B blocks, 10 layers,
 #      480x832 x 33 frames = 14,040 tokens per sample, radial attention on our Triton kernels,
-#      bf16, gradient checkpointing, batch 1 per GPU) on 1 GPU and on 2 GPUs with ZeRO-2.
+#      bf16, gradient checkpointing, batch 1 per GPU) on 1 GPU and on 2 GPUs with ZeRO-2, DDP and
+#      ZeRO-3 (parameters partitioned, the LoRA gathered for export).
 # Usage: scripts/bench_multi_gpu.sh OUT_DIR      (writes OUT_DIR/multi_gpu.log; W&B off)
 set -uo pipefail
 out=${1:?usage: bench_multi_gpu.sh OUT_DIR}
@@ -16,3 +17,4 @@ gpu="model=tiny_wan_gpu attention=radial data.sizes=[[480,832]] data.frames=[33]
 run torchrun --nproc_per_node 1 -m train name=gpu_1 trainer=single $gpu
 run torchrun --nproc_per_node 2 -m train name=gpu_2 trainer=zero2 $gpu
 run torchrun --nproc_per_node 2 -m train name=gpu_2_ddp trainer=ddp $gpu
+run torchrun --nproc_per_node 2 -m train name=gpu_2_z3 trainer=zero3 $gpu
