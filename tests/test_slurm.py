@@ -103,7 +103,9 @@ def job_gone(env, job: str) -> bool:
 
 
 def log(path: Path) -> str:
-    return path.read_text().replace("\r", "\n") if path.exists() else ""
+    # Ranks write progress bars and messages to one file at once: a multi-byte character can be
+    # split by another process's line, so decode leniently.
+    return path.read_text(errors="replace").replace("\r", "\n") if path.exists() else ""
 
 
 def common(model_dir, videos_dir, name, steps, every):
