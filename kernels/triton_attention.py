@@ -11,7 +11,11 @@ The mask reaches the kernels in a compact form, built once and cached with the m
 Forward (FlashAttention-2 style): one program per (BLOCK_M query rows, batch*head) walks the kept
 key blocks of its mask row in BLOCK_N tiles with an online softmax, and saves the base-2
 log-sum-exp. Backward: a dK/dV kernel, one program per key tile, walks the transposed index (so
-each dK/dV tile is owned by one program: no atomics), and a dQ kernel walks the forward index.
+each dK/dV tile is owned by one program: no atomics on dK/dV). dQ then comes one of two ways:
+  split (default): a dQ kernel walks the forward index, recomputing P and dP: 7 matrix products
+    per block pair, deterministic;
+  fused: the dK/dV kernel also forms dS·K and adds it into an fp32 dQ buffer with atomics: 5
+    products, but the order of the additions (so dQ's last bits) varies from run to run.
 
 Numerics: scores and softmax statistics in fp32; the softmax scale times log2(e) is folded into
 one fp32 factor applied to the fp32 product q.k, so exp2 can be used and K is never pre-scaled
@@ -37,8 +41,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # ----------------------------------------------------------------------------------------------
 # Launch configurations. On a GPU they are autotuned per (S, head dim, mask block); the choice
-# changes only tile order, never which products are computed, and every kernel writes each output
-# element exactly once (no accumulation across launches), so tuning runs cannot change results.
+# changes only tile order, never which products are computed, and every kernel but the fused
+# backward writes each output element exactly once (no accumulation across launches), so tuning
+# runs cannot change results. The fused backward's dQ buffer is zeroed before each tuning run.
 # The CPU interpreter runs one small fixed configuration.
 # ----------------------------------------------------------------------------------------------
 
@@ -75,11 +80,12 @@ else:
     _DQ_CONFIGS = _configs([(128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2), *_SMALL])
 
 
-def _autotune(configs):
+def _autotune(configs, reset_to_zero=None):
     return triton.autotune(
         configs=configs,
         key=["S", "HEAD_DIM", "MASK_BLOCK"],
         prune_configs_by={"early_config_prune": _fits_mask_block},
+        reset_to_zero=reset_to_zero,
     )
 
 
@@ -162,10 +168,9 @@ def _bwd_delta_kernel(
     tl.store(DELTA + bh * S + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < S)
 
 
-@_autotune(_DKDV_CONFIGS)
 @triton.jit
-def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX,
+def _dkdv_program(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -175,7 +180,10 @@ def _bwd_dkdv_kernel(
     stride_index,
     H, S, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FUSE_DQ: tl.constexpr,
 ):  # fmt: skip
+    """One key tile: dK and dV over the query blocks that keep it; with FUSE_DQ also each query
+    tile's share of dQ (dS·K, scaled), added into the fp32 buffer DQ_ACC [B*H, S, HEAD_DIM]."""
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
@@ -189,6 +197,7 @@ def _bwd_dkdv_kernel(
     v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :], mask=keys, other=0.0)
     q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :]
     do_base = DO + b * stride_db + h * stride_dh + offs_d[None, :]
+    dq_base = DQ_ACC + bh * S * HEAD_DIM + offs_d[None, :]
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -207,12 +216,63 @@ def _bwd_dkdv_kernel(
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q)
+        if FUSE_DQ:
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * sm_scale  # this key tile's share [BLOCK_M, HEAD_DIM]
+            tl.atomic_add(dq_base + rows[:, None] * HEAD_DIM, dq, mask=in_seq)
 
     dk *= sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=keys)  # fmt: skip
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=keys)  # fmt: skip
+
+
+@_autotune(_DKDV_CONFIGS)
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_db, stride_dh, stride_ds,
+    stride_dkb, stride_dkh, stride_dks,
+    stride_dvb, stride_dvh, stride_dvs,
+    stride_index,
+    H, S, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dK, dV only (the split backward; DQ_ACC is not touched)."""
+    _dkdv_program(
+        Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX,
+        stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+        stride_db, stride_dh, stride_ds, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+        stride_index, H, S, qk_scale, sm_scale, HEAD_DIM, MASK_BLOCK, BLOCK_M, BLOCK_N, False,
+    )  # fmt: skip
+
+
+# Autotuning runs the kernel once per candidate config: each run must start from a zero dQ
+# buffer, and the autotuner zeroes it again after choosing (reset_to_zero; torch.compile honours it).
+@_autotune(_DKDV_CONFIGS, reset_to_zero=["DQ_ACC"])
+@triton.jit
+def _bwd_fused_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_db, stride_dh, stride_ds,
+    stride_dkb, stride_dkh, stride_dks,
+    stride_dvb, stride_dvh, stride_dvs,
+    stride_index,
+    H, S, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dK, dV and dQ in one pass (the fused backward): dQ accumulated in DQ_ACC with atomics."""
+    _dkdv_program(
+        Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX,
+        stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+        stride_db, stride_dh, stride_ds, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+        stride_index, H, S, qk_scale, sm_scale, HEAD_DIM, MASK_BLOCK, BLOCK_M, BLOCK_N, True,
+    )  # fmt: skip
 
 
 @_autotune(_DQ_CONFIGS)
@@ -303,6 +363,7 @@ def _fwd_op(
     q_index: torch.Tensor,
     block_size: int,
     scale: float,
+    fused_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     batch, heads, seq, head_dim = q.shape
@@ -338,12 +399,15 @@ def _bwd_op(
     q_index: torch.Tensor,
     block_size: int,
     scale: float,
+    fused: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # Incoming gradients are often expanded views (`out.sum().backward()` gives strides of 0).
     d_out = _unit_last_stride(d_out)
     batch, heads, seq, head_dim = q.shape
     delta = torch.empty_like(lse)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    # fused: dQ accumulates in fp32 across key tiles; split: the dQ kernel writes it once.
+    dq_acc = torch.zeros((batch, heads, seq, head_dim), device=q.device, dtype=torch.float32) if fused else dk
     delta_rows = 64
     _launch(
         _bwd_delta_kernel,
@@ -358,14 +422,17 @@ def _bwd_op(
         return (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)
 
     _launch(
-        _bwd_dkdv_kernel,
+        _bwd_fused_kernel if fused else _bwd_dkdv_kernel,
         key_grid,
-        q, k, v, d_out, lse, delta, dk, dv, q_count, q_index,
+        q, k, v, d_out, lse, delta, dk, dv, dq_acc, q_count, q_index,
         *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dk), *_strides(dv),
         q_index.stride(0),
         heads, seq, scale * LOG2E, scale,
         HEAD_DIM=head_dim, MASK_BLOCK=block_size,
     )  # fmt: skip
+    if fused:
+        return dq_acc.to(q.dtype), dk, dv
+    dq = torch.empty_like(q)
     _launch(
         _bwd_dq_kernel,
         query_grid,
@@ -379,18 +446,18 @@ def _bwd_op(
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_count, kv_index, q_count, q_index, block_size, scale = inputs
+    q, k, v, kv_count, kv_index, q_count, q_index, block_size, scale, fused_backward = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, kv_count, kv_index, q_count, q_index)
-    ctx.block_size, ctx.scale = block_size, scale
+    ctx.block_size, ctx.scale, ctx.fused_backward = block_size, scale, fused_backward
 
 
 def _backward(ctx, d_out, d_lse):
     q, k, v, out, lse, kv_count, kv_index, q_count, q_index = ctx.saved_tensors
     dq, dk, dv = _bwd_op(
-        d_out, q, k, v, out, lse, kv_count, kv_index, q_count, q_index, ctx.block_size, ctx.scale
+        d_out, q, k, v, out, lse, kv_count, kv_index, q_count, q_index, ctx.block_size, ctx.scale, ctx.fused_backward
     )
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -427,12 +494,21 @@ def block_sparse_attention(
     *,
     block_size: int = 128,
     scale: float | None = None,
+    backward: str = "split",
 ) -> torch.Tensor:
     """Exact attention over the kept blocks of `block_mask`, differentiable (Triton kernels).
 
     q, k, v [B, H, S, D] (SDPA's layout, any strides with a unit last dim); block_mask bool
     [ceil(S/block_size)]^2 shared by batch and heads. Non-causal. The last block may be partial.
+    backward: "split" (deterministic: dK/dV and dQ kernels) or "fused" (one kernel, fewer matrix
+    products, dQ summed with fp32 atomics in a varying order; refused under
+    torch.use_deterministic_algorithms).
     """
+    if backward not in ("split", "fused"):
+        raise ValueError(f"backward must be 'split' or 'fused'; got {backward!r}")
+    if backward == "fused" and torch.are_deterministic_algorithms_enabled():
+        raise RuntimeError("the fused triton backward sums dQ with atomics (not deterministic); use backward='split' "
+                           "under torch.use_deterministic_algorithms(True)")  # fmt: skip
     if not (q.is_cuda or INTERPRET):
         raise RuntimeError("the triton attention backend needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU)")
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
@@ -451,5 +527,5 @@ def block_sparse_attention(
                          f"got {block_mask.dtype} {tuple(block_mask.shape)}")  # fmt: skip
     scale = head_dim**-0.5 if scale is None else float(scale)
     indices = compact_mask(block_mask.to(q.device) if block_mask.device != q.device else block_mask)
-    out, _ = _fwd_op(q, k, v, *indices, block_size, scale)
+    out, _ = _fwd_op(q, k, v, *indices, block_size, scale, backward == "fused")
     return out

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from kernels import attention, radial_block_mask
-from train.config import AttentionBackend, AttentionConfig
+from train.config import AttentionBackend, AttentionConfig, TritonBackward
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -139,7 +139,8 @@ class WanSelfAttnProcessor:
         mask = routing.block_mask(q.device)
 
         def radial(q, k, v):
-            return attention(q, k, v, backend=cfg.backend.value, block_mask=mask, block_size=cfg.block_size)
+            return attention(q, k, v, backend=cfg.backend.value, block_mask=mask, block_size=cfg.block_size,
+                             triton_backward=TritonBackward(cfg.triton_backward).value)  # fmt: skip
 
         if dense is None or not bool(dense.any()):
             routing.calls["radial"] += 1
@@ -196,5 +197,6 @@ def describe(transformer) -> str:
     cfg = radial[0].routing.cfg
     return (
         f"self-attention: {len(processors) - len(radial)} layers dense, {len(radial)} layers radial on "
-        f"{cfg.backend.value} (block {cfg.block_size}, decay {cfg.decay}, sink {cfg.sink})"
+        f"{cfg.backend.value} (block {cfg.block_size}, decay {cfg.decay}, sink {cfg.sink}"
+        + (f", {TritonBackward(cfg.triton_backward).value} backward)" if cfg.backend.value == "triton" else ")")
     )

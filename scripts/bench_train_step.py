@@ -1,6 +1,6 @@
 """One LoRA training step of Wan2.1 (random init) at 1x, 2x and 4x length, per attention backend.
 
-    python scripts/bench_train_step.py                           # 1.3B, 480p, 81/161/321 frames, dense/flex/triton
+    python scripts/bench_train_step.py                           # 1.3B, 480p, 81/161/321 frames, every backend
     python scripts/bench_train_step.py --model Wan-AI/Wan2.1-T2V-14B-Diffusers --frames 81
     python scripts/bench_train_step.py --compile                 # torch.compile of the transformer blocks
     python scripts/bench_train_step.py --preset tiny --device cpu --backends dense reference --frames 9 --steps 2
@@ -51,7 +51,9 @@ def one_config(args, backend: str, frames: int) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     transformer = transformer_for(args.model, args.preset, device, dtype)
-    attention = AttentionConfig(backend=backend, block_size=args.block_size, decay=args.decay, dense_layers=1)
+    name, _, triton_backward = backend.partition("-")  # "triton-fused": the triton backend, fused backward
+    attention = AttentionConfig(backend=name, triton_backward=triton_backward or "split", block_size=args.block_size,
+                                decay=args.decay, dense_layers=1)  # fmt: skip
     set_self_attention(transformer, attention)
     params = add_lora(transformer, LoraConfig(rank=args.rank, alpha=args.rank))
     transformer.enable_gradient_checkpointing()
@@ -100,7 +102,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     parser.add_argument("--preset", choices=["tiny", "gpu"], help="a models/tiny_wan.py preset instead of --model")
-    parser.add_argument("--backends", nargs="+", default=["dense", "flex", "triton"])
+    parser.add_argument("--backends", nargs="+", default=["dense", "flex", "triton", "triton-fused"],
+                        help="attention backends; triton-fused: the triton backend with its fused backward")
     parser.add_argument("--frames", type=int, nargs="+", default=[81, 161, 321], help="video frames (1x, 2x, 4x)")
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
