@@ -339,16 +339,22 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch through `wrap_triton` (what lets torch.compile trace the kernel).
+    """Launch through `wrap_triton` (what lets torch.compile trace the kernel into its graph).
 
-    Under the CPU interpreter the kernel is plain Python that would run on the fake/functional
-    tensors that torch.compile and opcheck trace with to derive output shapes: those get no launch.
+    Under the CPU interpreter the kernel is plain Python that reads its tensors' memory, so it can
+    only run on real tensors: fake ones (shape propagation, opcheck's fake-tensor test) get no
+    launch, and a graph being captured for torch.compile is refused, since the kernel would be
+    missing from it and the compiled op would return uninitialised memory.
     """
-    # Real data arrives as plain tensors; fake, functional and proxy tensors are subclasses.
-    if INTERPRET and any(
-        isinstance(a, torch.Tensor) and (type(a) not in (torch.Tensor, torch.nn.Parameter) or a.is_meta) for a in args
-    ):
-        return
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if INTERPRET:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if any(isinstance(a, FakeTensor) or a.is_meta for a in tensors):
+            return
+        if any(type(a) not in (torch.Tensor, torch.nn.Parameter) for a in tensors):
+            raise RuntimeError("torch.compile with the triton attention backend needs a GPU: Triton's CPU interpreter "
+                               "cannot run inside a compiled graph (on CPU use attention.backend=reference)")  # fmt: skip
     torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
 

@@ -73,8 +73,16 @@ class AttentionRouting:
     """(latent frames F, tokens per frame s) of the current forward, set by the pre-hook."""
     dense_samples: torch.Tensor | None = None
     """bool [B]: samples of the current forward that run dense, set by the pre-hook."""
+    mask: torch.Tensor | None = None
+    """The radial block mask of the current forward, built by the pre-hook: outside the
+    transformer blocks, so a compiled block sees a plain tensor input (no graph break)."""
     calls: dict = field(default_factory=lambda: {"dense": 0, "radial": 0})
-    """How many attention calls went each way (for tests and logs)."""
+    """How many attention calls went each way (for tests and logs; eager calls only: counting
+    inside a compiled block would make every call a new graph)."""
+
+    def count(self, path: str, n: int = 1) -> None:
+        if not torch.compiler.is_compiling():
+            self.calls[path] += n
 
     def block_mask(self, device: torch.device) -> torch.Tensor:
         frames, tokens_per_frame = self.video_shape
@@ -128,7 +136,7 @@ class WanSelfAttnProcessor:
         routing = self.routing
         dense = routing.dense_samples
         if not self.radial or (dense is not None and bool(dense.all())):
-            routing.calls["dense"] += 1
+            routing.count("dense")
             return attention(q, k, v, backend="dense")
         if routing.video_shape is None:
             raise RuntimeError("radial attention needs the video shape: call the transformer, not a block")
@@ -136,18 +144,20 @@ class WanSelfAttnProcessor:
         if frames * tokens_per_frame != q.shape[-2]:
             raise RuntimeError(f"attention over {q.shape[-2]} tokens, but the video has {frames}x{tokens_per_frame}")
         cfg = routing.cfg
-        mask = routing.block_mask(q.device)
+        mask = routing.mask
+        if mask is None or mask.device != q.device:  # a block called on its own, or on another device
+            mask = routing.block_mask(q.device)
 
         def radial(q, k, v):
             return attention(q, k, v, backend=cfg.backend.value, block_mask=mask, block_size=cfg.block_size,
                              triton_backward=TritonBackward(cfg.triton_backward).value)  # fmt: skip
 
         if dense is None or not bool(dense.any()):
-            routing.calls["radial"] += 1
+            routing.count("radial")
             return radial(q, k, v)
         # Mixed batch (training with a sigma rule): each sample on its own path.
-        routing.calls["dense"] += int(dense.sum())
-        routing.calls["radial"] += int((~dense).sum())
+        routing.count("dense", int(dense.sum()))
+        routing.count("radial", int((~dense).sum()))
         return torch.cat(
             [
                 (attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], backend="dense") if dense[i] else
@@ -181,6 +191,7 @@ def set_self_attention(transformer, cfg: AttentionConfig, mode: str = "train") -
         routing.video_shape = (frames // patch_t, (height // patch_h) * (width // patch_w))
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
         routing.dense_samples = rule(timestep) if rule is not None else None
+        routing.mask = routing.block_mask(hidden.device) if cfg.backend != AttentionBackend.dense else None
 
     if getattr(transformer, "_radial_hook", None) is not None:
         transformer._radial_hook.remove()  # a second swap replaces the first

@@ -106,6 +106,14 @@ class ModelConfig:
     """Prompt length the text encoder pads/truncates to (Wan: 512)."""
     gradient_checkpointing: bool = False
     """Recompute each transformer block in the backward to save activation memory."""
+    compile_blocks: bool = False
+    """torch.compile the transformer blocks (diffusers' `compile_repeated_blocks`: one graph serves
+    every block), fusing the elementwise work around the matrix products (norms, rotary embedding,
+    modulation). The first steps are slower while it compiles. Attention backends work inside the
+    compiled blocks on GPU; on CPU the triton backend (interpreter) cannot be compiled."""
+    compile_backend: str = "inductor"
+    """torch.compile backend for compile_blocks (`aot_eager` traces the same graphs without
+    generating code: the tests use it)."""
 
 
 @dataclass

@@ -70,6 +70,9 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     params = add_lora(transformer, cfg.lora)
     if cfg.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if cfg.model.compile_blocks:  # after LoRA and checkpointing, so the graphs include both
+        transformer.compile_repeated_blocks(backend=cfg.model.compile_backend)
+        say(f"transformer blocks: torch.compile, backend {cfg.model.compile_backend}")
     pipe.to(device)
     transformer.train()
     model_dtype = torch_dtype(cfg.model.transformer_dtype)
