@@ -169,7 +169,7 @@ def _bwd_delta_kernel(
 
 
 @triton.jit
-def _dkdv_program(
+def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
@@ -183,7 +183,8 @@ def _dkdv_program(
     FUSE_DQ: tl.constexpr,
 ):  # fmt: skip
     """One key tile: dK and dV over the query blocks that keep it; with FUSE_DQ also each query
-    tile's share of dQ (dS·K, scaled), added into the fp32 buffer DQ_ACC [B*H, S, HEAD_DIM]."""
+    tile's share of dQ (dS·K, scaled), added into the fp32 buffer DQ_ACC [B*H, S, HEAD_DIM]
+    (without it DQ_ACC is never touched)."""
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
@@ -197,7 +198,7 @@ def _dkdv_program(
     v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :], mask=keys, other=0.0)
     q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :]
     do_base = DO + b * stride_db + h * stride_dh + offs_d[None, :]
-    dq_base = DQ_ACC + bh * S * HEAD_DIM + offs_d[None, :]
+    dq_base = DQ_ACC + bh.to(tl.int64) * S * HEAD_DIM + offs_d[None, :]  # B*H*S*D can pass 2^31
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -227,52 +228,11 @@ def _dkdv_program(
              dv.to(DV.dtype.element_ty), mask=keys)  # fmt: skip
 
 
-@_autotune(_DKDV_CONFIGS)
-@triton.jit
-def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX,
-    stride_qb, stride_qh, stride_qs,
-    stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs,
-    stride_db, stride_dh, stride_ds,
-    stride_dkb, stride_dkh, stride_dks,
-    stride_dvb, stride_dvh, stride_dvs,
-    stride_index,
-    H, S, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """dK, dV only (the split backward; DQ_ACC is not touched)."""
-    _dkdv_program(
-        Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX,
-        stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-        stride_db, stride_dh, stride_ds, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-        stride_index, H, S, qk_scale, sm_scale, HEAD_DIM, MASK_BLOCK, BLOCK_M, BLOCK_N, False,
-    )  # fmt: skip
-
-
-# Autotuning runs the kernel once per candidate config: each run must start from a zero dQ
-# buffer, and the autotuner zeroes it again after choosing (reset_to_zero; torch.compile honours it).
-@_autotune(_DKDV_CONFIGS, reset_to_zero=["DQ_ACC"])
-@triton.jit
-def _bwd_fused_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX,
-    stride_qb, stride_qh, stride_qs,
-    stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs,
-    stride_db, stride_dh, stride_ds,
-    stride_dkb, stride_dkh, stride_dks,
-    stride_dvb, stride_dvh, stride_dvs,
-    stride_index,
-    H, S, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """dK, dV and dQ in one pass (the fused backward): dQ accumulated in DQ_ACC with atomics."""
-    _dkdv_program(
-        Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX,
-        stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-        stride_db, stride_dh, stride_ds, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-        stride_index, H, S, qk_scale, sm_scale, HEAD_DIM, MASK_BLOCK, BLOCK_M, BLOCK_N, True,
-    )  # fmt: skip
+# Two autotuned launchers of the one kernel, each with its own tuning cache. The fused one runs
+# each candidate config on a zeroed dQ buffer, and zeroes it again after choosing (reset_to_zero,
+# which torch.compile honours), so tuning runs cannot add into the real result.
+_bwd_dkdv_kernel = _autotune(_DKDV_CONFIGS)(_dkdv_kernel)  # FUSE_DQ=False: the split backward
+_bwd_fused_kernel = _autotune(_DKDV_CONFIGS, reset_to_zero=["DQ_ACC"])(_dkdv_kernel)  # FUSE_DQ=True
 
 
 @_autotune(_DQ_CONFIGS)
@@ -434,7 +394,7 @@ def _bwd_op(
         *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dk), *_strides(dv),
         q_index.stride(0),
         heads, seq, scale * LOG2E, scale,
-        HEAD_DIM=head_dim, MASK_BLOCK=block_size,
+        HEAD_DIM=head_dim, MASK_BLOCK=block_size, FUSE_DQ=fused,
     )  # fmt: skip
     if fused:
         return dq_acc.to(q.dtype), dk, dv
