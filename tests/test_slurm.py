@@ -134,16 +134,23 @@ def test_signal_checkpoints_requeues_and_resumes(slurm_env, tmp_path, tiny_model
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm_env, check=True)  # what Slurm sends at --signal=USR1@120
     wait_for(lambda: "requeueing" in log(out) and job_state(slurm_env, job) == "PENDING", 120, "the job to requeue",
              slurm_env)  # fmt: skip
-    # Slurm holds a requeued job for a few minutes before starting it again (its begin time is
-    # pushed back, possibly only once the old allocation has finished completing, i.e. after we
-    # first look); keep moving its begin time to now while it waits. On a loaded machine the
-    # relaunch can also race the old batch step's clean-up and leave the job held ("launch failed
-    # requeued held"), which an operator would `scontrol release`; so do we, and say so.
-    # Starting the job again stays Slurm's part, as in production.
+    # Slurm holds a requeued job for a couple of minutes before starting it again (its begin
+    # time is pushed back); we move the begin time to now rather than wait, but only once a few
+    # seconds have passed since the requeue: slurmd revokes the old run's credential at the
+    # requeue, to the second, and a relaunch within that same second is refused ("Job credential
+    # revoked") and the job killed for good: Slurm's own delay exists to avoid exactly that.
+    # While it waits, keep the begin time at now (Slurm may set it again once the old allocation
+    # has finished completing), release it if it was held, and resume nodes a slow clean-up
+    # drained, saying so. Starting the job again stays Slurm's part, as in production.
+    requeued_at = time.monotonic()
+
     def resumed() -> bool:
         if "Resumed from" in log(out):
             return True
-        if job_state(slurm_env, job) == "PENDING":
+        state = job_state(slurm_env, job)
+        if state == "" and "Resumed from" not in log(out):
+            raise AssertionError(f"job {job} ended without resuming:\n{log(out)[-3000:]}" + cluster_report(slurm_env))
+        if state == "PENDING" and time.monotonic() - requeued_at > 5:
             reason = subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], env=slurm_env, capture_output=True,
                                     text=True).stdout.strip()  # fmt: skip
             if "held" in reason.lower():
