@@ -372,8 +372,11 @@ def _bwd_op(
     batch, heads, seq, head_dim = q.shape
     delta = torch.empty_like(lse)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    # fused: dQ accumulates in fp32 across key tiles; split: the dQ kernel writes it once.
-    dq_acc = torch.zeros((batch, heads, seq, head_dim), device=q.device, dtype=torch.float32) if fused else dk
+    # fused: dQ accumulates in fp32 across key tiles; split: the dQ kernel writes it once, and the
+    # dK/dV kernel gets an empty placeholder it never touches (not an alias of an output, which
+    # torch.compile's functionalization would have to untangle).
+    shape = (batch, heads, seq, head_dim) if fused else (0,)
+    dq_acc = torch.zeros(shape, device=q.device, dtype=torch.float32)
     delta_rows = 64
     _launch(
         _bwd_delta_kernel,
