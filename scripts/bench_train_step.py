@@ -3,6 +3,7 @@
     python scripts/bench_train_step.py                           # 1.3B, 480p, 81/161/321 frames, every backend
     python scripts/bench_train_step.py --model Wan-AI/Wan2.1-T2V-14B-Diffusers --frames 81
     python scripts/bench_train_step.py --compile                 # torch.compile of the transformer blocks
+    python scripts/bench_train_step.py --keep-attention -1       # checkpointing keeps self-attention outputs
     python scripts/bench_train_step.py --preset tiny --device cpu --backends dense reference --frames 9 --steps 2
 
 A step is what the training loop does per micro-batch once clips are encoded (the wan_4x recipe
@@ -27,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.attention import describe, set_self_attention  # noqa: E402
+from models.checkpointing import enable_checkpointing  # noqa: E402
 from models.lora import add_lora  # noqa: E402
 from train.config import AttentionConfig, LoraConfig, TimestepConfig  # noqa: E402
 from train.step import flow_matching_loss, sample_sigmas  # noqa: E402
@@ -56,7 +58,7 @@ def one_config(args, backend: str, frames: int) -> dict:
                                 decay=args.decay, dense_layers=1)  # fmt: skip
     set_self_attention(transformer, attention)
     params = add_lora(transformer, LoraConfig(rank=args.rank, alpha=args.rank))
-    transformer.enable_gradient_checkpointing()
+    enable_checkpointing(transformer, keep_attention_blocks=args.keep_attention)
     transformer.train()
     if args.compile:
         transformer.compile_repeated_blocks(fullgraph=False)
@@ -89,7 +91,7 @@ def one_config(args, backend: str, frames: int) -> dict:
         "model": args.preset or args.model, "backend": backend, "video_frames": frames, "tokens": tokens,
         "step_s": round(statistics.median(times), 3),
         "peak_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
-        "compile": args.compile, "layers": describe(transformer),
+        "compile": args.compile, "keep_attention": args.keep_attention, "layers": describe(transformer),
     }  # fmt: skip
     print(row, flush=True)
     del transformer, optimizer
@@ -112,7 +114,9 @@ def main():
     parser.add_argument("--decay", type=float, default=0.2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    parser.add_argument("--keep-attention", type=int, default=0,
+                        help="blocks (-1: all) that keep self-attention outputs under checkpointing")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default="docs/benchmarks")
     args = parser.parse_args()
@@ -126,7 +130,8 @@ def main():
         lines.append(f"| {r['model']} | {r['video_frames']} | {r['tokens']:,} | {r['backend']} | {r['step_s']} | {r['peak_gb']} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"train_step_{device.replace(' ', '_')}_{meta['date']}" + ("_compiled" if args.compile else "")
+    stem = (f"train_step_{device.replace(' ', '_')}_{meta['date']}" + ("_compiled" if args.compile else "")
+            + (f"_keep{args.keep_attention}" if args.keep_attention else ""))  # fmt: skip
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

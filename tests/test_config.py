@@ -93,6 +93,9 @@ def test_cross_field_checks_name_the_key():
     cfg = typed_config(compose_cfg("+data.metadata=x.csv"))
     with pytest.raises(ConfigError, match="exactly one of data.root, data.metadata or data.mix"):
         validate(cfg)
+    cfg = typed_config(compose_cfg("model.checkpoint_keep_attention=4", "model.gradient_checkpointing=false"))
+    with pytest.raises(ConfigError, match=r"model\.checkpoint_keep_attention needs model\.gradient_checkpointing"):
+        validate(cfg)
 
 
 @pytest.mark.parametrize(

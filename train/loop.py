@@ -18,6 +18,7 @@ from data.dataset import BucketBatchSampler, ClipDataset, collate
 from data.policy import REASONS, RejectCounts
 from data.setup import catalog_for, usable_clips
 from models.attention import describe, set_self_attention
+from models.checkpointing import enable_checkpointing
 from models.loading import check_model_available, load_pipeline, torch_dtype
 from models.lora import add_lora, export_lora
 from train.checkpoint import TrainState, install_hooks, resolve_resume, save_checkpoint
@@ -69,7 +70,7 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     say(describe(transformer))
     params = add_lora(transformer, cfg.lora)
     if cfg.model.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        enable_checkpointing(transformer, keep_attention_blocks=cfg.model.checkpoint_keep_attention)
     if cfg.model.compile_blocks:  # after LoRA and checkpointing, so the graphs include both
         transformer.compile_repeated_blocks(backend=cfg.model.compile_backend)
         say(f"transformer blocks: torch.compile, backend {cfg.model.compile_backend}")
