@@ -56,6 +56,11 @@ def _open(path: str, num_threads: int = 1, **kwargs):
     return reader
 
 
+def _truncated(path: str, err: Exception) -> BadVideo:
+    """The rejection for a file that opens but whose frames fail to decode, with decord's first line."""
+    return BadVideo("truncated", f"{path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+
+
 def frame_starts(reader) -> np.ndarray:
     """Start timestamp (seconds) of every frame."""
     return np.asarray(reader.get_frame_timestamp(np.arange(len(reader))), dtype=np.float64).reshape(-1, 2)[:, 0]
@@ -73,7 +78,7 @@ def probe(path: str, decode_check: bool = True) -> VideoInfo:
     except BadVideo:
         raise
     except Exception as err:
-        raise BadVideo("truncated", f"{path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise _truncated(path, err) from None
     starts = frame_starts(reader)
     span = float(starts[-1] - starts[0]) if n > 1 else 0.0
     fps = (n - 1) / span if span > 0 else float(reader.get_avg_fps() or 0.0)
@@ -161,16 +166,30 @@ def decode_clip(
     scaled = {}
     if source_size is not None and min(source_size) > 0 and tuple(source_size) != (height, width):
         rh, rw = cover_size(*source_size, height, width)
-        scaled = {"height": rh, "width": rw}
+        if (tuple(source_size), rh, rw) not in _UNSCALABLE:
+            scaled = {"height": rh, "width": rw}
     reader = _open(path, num_threads=num_threads, **scaled)
     indices = clip_indices(frame_starts(reader), num_frames, fps, rng)
     # Decode each distinct frame once (a low-fps source repeats frames at a higher target fps).
     unique, inverse = np.unique(indices, return_inverse=True)
     try:
-        frames = torch.from_numpy(reader.get_batch(unique.tolist()).asnumpy())[torch.from_numpy(inverse)]
+        frames = reader.get_batch(unique.tolist()).asnumpy()
     except Exception as err:
-        raise BadVideo("truncated", f"{path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    return resize_center_crop(frames, height, width)
+        if not (scaled and "DECORDArrayCopyFromTo" in str(err)):
+            raise _truncated(path, err) from None
+        # decord 0.6's scaler returns rows padded past the width for some sizes (a 64x64 source
+        # to width 48, 16, 24 or 72, for one) and then fails its own copy: the file is fine.
+        # Decode the same frames at the source size and resize here, for this size from now on.
+        _UNSCALABLE.add((tuple(source_size), scaled["height"], scaled["width"]))
+        try:
+            frames = _open(path, num_threads=num_threads).get_batch(unique.tolist()).asnumpy()
+        except Exception as err:
+            raise _truncated(path, err) from None
+    return resize_center_crop(torch.from_numpy(frames)[torch.from_numpy(inverse)], height, width)
+
+
+# (source size, scaled height, scaled width) that decord's scaler cannot produce (decode_clip).
+_UNSCALABLE: set[tuple[tuple[int, int], int, int]] = set()
 
 
 def to_vae_input(frames: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -130,6 +130,20 @@ def test_clip_indices_too_short():
         clip_indices(np.arange(10) / 16, 33, 16.0, None)
 
 
+def test_sizes_decords_scaler_cannot_make_still_decode(demo_videos_dir):
+    """decord 0.6 fails its own copy for some scaled widths (a 64x64 source to 48x48, say): the clip
+    is decoded at the source size and resized instead, exactly as without scaling, not rejected."""
+    clip = str(sorted(demo_videos_dir.glob("*.mp4"))[0])
+    for height, width in ((48, 48), (16, 16), (32, 32)):
+        scaled = decode_clip(clip, 9, height, width, fps=16.0, rng=np.random.default_rng(3), source_size=(64, 64))
+        plain = decode_clip(clip, 9, height, width, fps=16.0, rng=np.random.default_rng(3))
+        assert scaled.shape == (9, height, width, 3)
+        if (height, width) != (32, 32):  # these went through the fallback: bit-identical to plain
+            assert torch.equal(scaled, plain)
+        else:  # FFmpeg's scaler (works at this size) and torch's resize differ by rounding only
+            assert (scaled.float() - plain.float()).abs().mean() < 8
+
+
 def test_resize_center_crop_keeps_the_centre():
     frames = torch.zeros(1, 40, 80, 3, dtype=torch.uint8)
     frames[:, :, 20:60] = 255  # a white band in the middle half of a wide frame
