@@ -15,7 +15,7 @@ configured rule decides which samples run dense (`dense_timesteps` in generation
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -73,6 +73,8 @@ class AttentionRouting:
     """(latent frames F, tokens per frame s) of the current forward, set by the pre-hook."""
     dense_samples: torch.Tensor | None = None
     """bool [B]: samples of the current forward that run dense, set by the pre-hook."""
+    sp: Any = None
+    """models.sequence_parallel.SequenceParallel when the tokens are split over processes."""
     mask: torch.Tensor | None = None
     """The radial block mask of the current forward, built by the pre-hook: outside the
     transformer blocks, so a compiled block sees a plain tensor input (no graph break)."""
@@ -126,8 +128,13 @@ class WanSelfAttnProcessor:
         if rotary_emb is not None:
             query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
 
-        out = self._attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        sp = self.routing.sp  # sequence parallel: this process holds a slice of the tokens
+        if sp is not None:
+            query, key, value = sp.to_heads(query), sp.to_heads(key), sp.to_heads(value)
+        out = self._attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)).transpose(1, 2)
+        if sp is not None:
+            out = sp.to_tokens(out)
+        out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from train.config import LoraConfig
+from train.config import ConfigError, LoraConfig
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -36,6 +36,15 @@ def add_lora(transformer, cfg: LoraConfig) -> list[torch.nn.Parameter]:
     for p in trainable:
         p.data = p.data.float()
     return trainable
+
+
+def check_lora_inside_blocks(transformer) -> None:
+    """Sequence parallelism runs only the transformer blocks on a slice of the tokens; an adapter
+    outside them would see the same tokens on every process of a group and be counted P times."""
+    outside = sorted(n for n, p in transformer.named_parameters() if p.requires_grad and not n.startswith("blocks."))
+    if outside:
+        raise ConfigError(f"with trainer.sequence_parallel > 1, LoRA must stay inside the transformer blocks; "
+                         f"lora.target_modules also matched {outside[0]}")  # fmt: skip
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -237,6 +237,11 @@ class TrainerConfig:
     """zero2 / zero3: keep optimizer state in CPU memory (DeepSpeed offload)."""
     offload_params: bool = False
     """zero3: keep parameters in CPU memory between uses (DeepSpeed offload)."""
+    sequence_parallel: int = 1
+    """Split each clip's tokens over this many processes (Ulysses: all-to-all around
+    self-attention; models/sequence_parallel.py), for clips whose activations don't fit one GPU.
+    Groups are consecutive ranks (one node); it must divide the process count and the model's
+    attention heads. The global batch is batch_size x accumulation x processes / this."""
 
 
 @dataclass
@@ -354,6 +359,7 @@ def validate(cfg: Config) -> None:
         (cfg.trainer.gradient_accumulation_steps >= 1,
          f"trainer.gradient_accumulation_steps={cfg.trainer.gradient_accumulation_steps} must be >= 1"),
         (cfg.lora.rank >= 1, f"lora.rank={cfg.lora.rank} must be >= 1"),
+        (cfg.trainer.sequence_parallel >= 1, f"trainer.sequence_parallel={cfg.trainer.sequence_parallel} must be >= 1"),
         (len(cfg.optim.betas) == 2, f"optim.betas={cfg.optim.betas} must be two numbers"),
         (cfg.model.init in ("pretrained", "random"), f"model.init={cfg.model.init!r}: expected pretrained or random"),
         (cfg.model.checkpoint_keep_attention == 0 or cfg.model.gradient_checkpointing,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from train.config import Config, Precision, Strategy
+from train.config import Config, ConfigError, Precision, Strategy
 
 ZERO_STAGES = {Strategy.zero2: 2, Strategy.zero3: 3}
 
@@ -90,6 +90,26 @@ def make_accelerator(cfg: Config, run_dir: Path):
 
         unset_hf_deepspeed_config()
     return accelerator
+
+
+def sequence_parallel_group(size: int):
+    """(group, data-parallel rank, data-parallel size) for groups of `size` consecutive ranks (one
+    node's GPUs, where the all-to-alls are fast); group None when size is 1. Every process calls
+    this: creating a group is a collective."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if size == 1:
+        return None, rank, world
+    if world % size:
+        raise ConfigError(f"trainer.sequence_parallel={size} must divide the number of processes ({world})")
+    mine = None
+    for first in range(0, world, size):
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine = group
+    return mine, rank // size, world // size
 
 
 def uses_deepspeed(accelerator) -> bool:

@@ -20,10 +20,17 @@ from data.setup import catalog_for, usable_clips
 from models.attention import describe, set_self_attention
 from models.checkpointing import enable_checkpointing
 from models.loading import check_model_available, load_pipeline, torch_dtype
-from models.lora import add_lora, export_lora
+from models.lora import add_lora, check_lora_inside_blocks, export_lora
+from models.sequence_parallel import enable_sequence_parallel
 from train.checkpoint import TrainState, install_hooks, resolve_resume, save_checkpoint
 from train.config import Config
-from train.distributed import checkpoint_kwargs, gathered, make_accelerator, model_input_dtype
+from train.distributed import (
+    checkpoint_kwargs,
+    gathered,
+    make_accelerator,
+    model_input_dtype,
+    sequence_parallel_group,
+)
 from train.preemption import StopSignals, note_preemption
 from train.step import encode_captions, flow_matching_loss, noisy_inputs, posterior_params, sample_generator
 from train.tracking import peak_memory_gb, start_tracking
@@ -66,9 +73,18 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     pipe.vae.requires_grad_(False).eval()
     pipe.text_encoder.requires_grad_(False).eval()
     transformer = pipe.transformer
-    set_self_attention(transformer, cfg.attention, mode="train")
+    routing = set_self_attention(transformer, cfg.attention, mode="train")
     say(describe(transformer))
+    # Sequence parallelism: each group of `sp` processes shares one clip (its tokens split), so
+    # data is sharded over groups, not processes.
+    sp = cfg.trainer.sequence_parallel
+    sp_group, data_rank, data_ranks = sequence_parallel_group(sp)
+    if sp_group is not None:
+        enable_sequence_parallel(transformer, routing, sp_group)
+        say(f"sequence parallel: tokens of each clip split over {sp} processes, {data_ranks} clips per step")
     params = add_lora(transformer, cfg.lora)
+    if sp_group is not None:
+        check_lora_inside_blocks(transformer)
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(transformer, keep_attention_blocks=cfg.model.checkpoint_keep_attention)
     if cfg.model.compile_blocks:  # after LoRA and checkpointing, so the graphs include both
@@ -96,8 +112,8 @@ def train(cfg: Config, resolved_config: dict) -> Path:
         say(f"Resumed from {resume_from} at step {state.step}")
 
     sampler = BucketBatchSampler(
-        [c.bucket for c in clips], cfg.data.batch_size, cfg.train.seed, accelerator.process_index,
-        accelerator.num_processes, start=state.batches_seen, sources=[c.source for c in clips],
+        [c.bucket for c in clips], cfg.data.batch_size, cfg.train.seed, data_rank,
+        data_ranks, start=state.batches_seen, sources=[c.source for c in clips],
         weights=[s.weight for s in cfg.data.sources()],
     )  # fmt: skip
     workers = cfg.data.num_workers
@@ -128,7 +144,7 @@ def train(cfg: Config, resolved_config: dict) -> Path:
         return RejectCounts({r: n for r, n in zip(REASONS, counts.tolist()) if n})
 
     accum = cfg.trainer.gradient_accumulation_steps
-    samples_per_step = cfg.data.batch_size * accum * accelerator.num_processes
+    samples_per_step = cfg.data.batch_size * accum * data_ranks
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
     progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", disable=not main, dynamic_ncols=True)
     last_log_time, last_log_step = time.perf_counter(), state.step
@@ -146,14 +162,16 @@ def train(cfg: Config, resolved_config: dict) -> Path:
             else:
                 posteriors = posterior_params(pipe.vae, batch["frames"])
                 text = encode_captions(pipe, batch["captions"], cfg.model.max_text_tokens, device)
-            first = accelerator.process_index * cfg.data.batch_size  # this slice's place in the global batch
+            first = data_rank * cfg.data.batch_size  # this slice's place in the global batch
             gens = [sample_generator(cfg.train.seed, state.batches_seen, first + j, device)
                     for j in range(posteriors.shape[0])]  # fmt: skip
             state.batches_seen += 1
             latents, sigmas, noise = noisy_inputs(pipe.vae, posteriors, gens, cfg.train.timesteps, device)
             with accelerator.accumulate(transformer):
                 loss = flow_matching_loss(transformer, latents, text, sigmas, noise, model_dtype)
-                accelerator.backward(loss)
+                # Gradients are averaged over all processes, but the `sp` processes of a group
+                # each hold part of one clip's gradient: x sp makes the average their sum.
+                accelerator.backward(loss * sp if sp > 1 else loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(params, max_norm)
                 optimizer.step()
