@@ -4,6 +4,8 @@
     python scripts/bench_train_step.py --model Wan-AI/Wan2.1-T2V-14B-Diffusers --frames 81
     python scripts/bench_train_step.py --compile                 # torch.compile of the transformer blocks
     python scripts/bench_train_step.py --keep-attention -1       # checkpointing keeps self-attention outputs
+    torchrun --nproc_per_node 2 scripts/bench_train_step.py --sequence-parallel 2 \
+        --model Wan-AI/Wan2.1-T2V-14B-Diffusers --frames 321       # one clip's tokens over 2 GPUs
     python scripts/bench_train_step.py --preset tiny --device cpu --backends dense reference --frames 9 --steps 2
 
 A step is what the training loop does per micro-batch once clips are encoded (the wan_4x recipe
@@ -18,17 +20,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.attention import describe, set_self_attention  # noqa: E402
 from models.checkpointing import enable_checkpointing  # noqa: E402
+from models.sequence_parallel import enable_sequence_parallel  # noqa: E402
 from models.lora import add_lora  # noqa: E402
 from train.config import AttentionConfig, LoraConfig, TimestepConfig  # noqa: E402
 from train.step import flow_matching_loss, sample_sigmas  # noqa: E402
@@ -48,15 +53,30 @@ def transformer_for(model: str, preset: str | None, device, dtype):
     return build_transformer(arch, dtype, device)
 
 
-def one_config(args, backend: str, frames: int) -> dict:
-    device = torch.device(args.device)
+def sequence_parallel_group(args):
+    """The process group of `--sequence-parallel P` (torchrun must have started P processes)."""
+    if args.sequence_parallel == 1:
+        return None
+    if int(os.environ.get("WORLD_SIZE", "1")) != args.sequence_parallel:
+        raise SystemExit(f"--sequence-parallel {args.sequence_parallel} runs under torchrun --nproc_per_node "
+                         f"{args.sequence_parallel}")  # fmt: skip
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    return dist.group.WORLD
+
+
+def one_config(args, backend: str, frames: int, group) -> dict:
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     transformer = transformer_for(args.model, args.preset, device, dtype)
     name, _, triton_backward = backend.partition("-")  # "triton-fused": the triton backend, fused backward
     attention = AttentionConfig(backend=name, triton_backward=triton_backward or "split", block_size=args.block_size,
                                 decay=args.decay, dense_layers=1)  # fmt: skip
-    set_self_attention(transformer, attention)
+    routing = set_self_attention(transformer, attention)
+    if group is not None:
+        enable_sequence_parallel(transformer, routing, group)
     params = add_lora(transformer, LoraConfig(rank=args.rank, alpha=args.rank))
     enable_checkpointing(transformer, keep_attention_blocks=args.keep_attention)
     transformer.train()
@@ -87,13 +107,19 @@ def one_config(args, backend: str, frames: int) -> dict:
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     tokens = latent_frames * (h // 2) * (w // 2)
+    peak = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0)
+    if group is not None:  # the busiest GPU of the group
+        peak = peak.to(device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
     row = {
         "model": args.preset or args.model, "backend": backend, "video_frames": frames, "tokens": tokens,
         "step_s": round(statistics.median(times), 3),
-        "peak_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
-        "compile": args.compile, "keep_attention": args.keep_attention, "layers": describe(transformer),
+        "peak_gb": round(float(peak), 2) if device.type == "cuda" else None,
+        "compile": args.compile, "keep_attention": args.keep_attention, "sequence_parallel": args.sequence_parallel,
+        "layers": describe(transformer),
     }  # fmt: skip
-    print(row, flush=True)
+    if group is None or dist.get_rank() == 0:
+        print(row, flush=True)
     del transformer, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -117,21 +143,28 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     parser.add_argument("--keep-attention", type=int, default=0,
                         help="blocks (-1: all) that keep self-attention outputs under checkpointing")
+    parser.add_argument("--sequence-parallel", type=int, default=1,
+                        help="split each clip's tokens over this many GPUs (run under torchrun with as many)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default="docs/benchmarks")
     args = parser.parse_args()
-    rows = [one_config(args, b, f) for f in args.frames for b in args.backends]
+    group = sequence_parallel_group(args)
+    rows = [one_config(args, b, f, group) for f in args.frames for b in args.backends]
+    if group is not None and dist.get_rank() != 0:
+        return
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     meta = {"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "command": "python " + " ".join(sys.argv)}  # fmt: skip
-    lines = [f"# LoRA training step: {device}, {meta['date']}", "", f"Command: `{meta['command']}`", "",
+    spread = f", each clip over {args.sequence_parallel} GPUs (peak memory: the busiest)" if args.sequence_parallel > 1 else ""
+    lines = [f"# LoRA training step: {device}{spread}, {meta['date']}", "", f"Command: `{meta['command']}`", "",
              "| model | video frames | tokens | backend | step (s) | peak GPU memory (GB) |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['model']} | {r['video_frames']} | {r['tokens']:,} | {r['backend']} | {r['step_s']} | {r['peak_gb']} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = (f"train_step_{device.replace(' ', '_')}_{meta['date']}" + ("_compiled" if args.compile else "")
-            + (f"_keep{args.keep_attention}" if args.keep_attention else ""))  # fmt: skip
+            + (f"_keep{args.keep_attention}" if args.keep_attention else "")
+            + (f"_sp{args.sequence_parallel}" if args.sequence_parallel > 1 else ""))  # fmt: skip
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
