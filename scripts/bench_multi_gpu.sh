@@ -4,7 +4,8 @@
 #   2. throughput of a compute-bound config (model=tiny_wan_gpu: Wan2.1-1.3B blocks, 10 layers,
 #      480x832 x 33 frames = 14,040 tokens per sample, radial attention on our Triton kernels,
 #      bf16, gradient checkpointing, batch 1 per GPU) on 1 GPU and on 2 GPUs with ZeRO-2, DDP and
-#      ZeRO-3 (parameters partitioned, the LoRA gathered for export).
+#      ZeRO-3 (parameters partitioned, the LoRA gathered for export), and sequence parallel (each
+#      clip's tokens split over the 2 GPUs: half the clips per step, the all-to-alls' cost).
 # Usage: scripts/bench_multi_gpu.sh OUT_DIR      (writes OUT_DIR/multi_gpu.log; W&B off)
 set -uo pipefail
 out=${1:?usage: bench_multi_gpu.sh OUT_DIR}
@@ -18,3 +19,4 @@ run torchrun --nproc_per_node 1 -m train name=gpu_1 trainer=single $gpu
 run torchrun --nproc_per_node 2 -m train name=gpu_2 trainer=zero2 $gpu
 run torchrun --nproc_per_node 2 -m train name=gpu_2_ddp trainer=ddp $gpu
 run torchrun --nproc_per_node 2 -m train name=gpu_2_z3 trainer=zero3 $gpu
+run torchrun --nproc_per_node 2 -m train name=gpu_2_sp trainer=ddp trainer.sequence_parallel=2 $gpu
