@@ -52,6 +52,10 @@ def train(cfg: Config, resolved_config: dict) -> Path:
             print(message, flush=True)
 
     resume_from = resolve_resume(cfg.train.resume, run_dir)
+    # Sequence parallelism: each group of `sp` processes shares one clip (its tokens split), so
+    # data is sharded over groups (data ranks), not processes.
+    sp = cfg.trainer.sequence_parallel
+    sp_group, data_rank, data_ranks = sequence_parallel_group(sp)
     check_model_available(cfg.model)
     set_seed(cfg.train.seed)
 
@@ -75,10 +79,6 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     transformer = pipe.transformer
     routing = set_self_attention(transformer, cfg.attention, mode="train")
     say(describe(transformer))
-    # Sequence parallelism: each group of `sp` processes shares one clip (its tokens split), so
-    # data is sharded over groups, not processes.
-    sp = cfg.trainer.sequence_parallel
-    sp_group, data_rank, data_ranks = sequence_parallel_group(sp)
     if sp_group is not None:
         enable_sequence_parallel(transformer, routing, sp_group)
         say(f"sequence parallel: tokens of each clip split over {sp} processes, {data_ranks} clips per step")
