@@ -73,10 +73,14 @@ def _configs(choices):
 # dK/dV 64x64 (4 warps, 2-3 stages) and dQ 128x128 (8 warps, 2 stages): docs/benchmarks/.
 _SMALL = [(32, 32, 4, 2), (16, 16, 4, 2)]
 if INTERPRET:
-    _FWD_CONFIGS = _DKDV_CONFIGS = _DQ_CONFIGS = _configs([(16, 16, 4, 1)])
+    _FWD_CONFIGS = _DKDV_CONFIGS = _FUSED_CONFIGS = _DQ_CONFIGS = _configs([(16, 16, 4, 1)])
 else:
     _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), *_SMALL])
     _DKDV_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), *_SMALL])
+    # The fused backward also holds a dQ tile per step next to the dK/dV accumulators: more
+    # registers, so 8-warp variants of the dK/dV winners too (not yet tuned on a GPU).
+    _FUSED_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2),
+                               *_SMALL])  # fmt: skip
     _DQ_CONFIGS = _configs([(128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2), *_SMALL])
 
 
@@ -232,7 +236,7 @@ def _dkdv_kernel(
 # each candidate config on a zeroed dQ buffer, and zeroes it again after choosing (reset_to_zero,
 # which torch.compile honours), so tuning runs cannot add into the real result.
 _bwd_dkdv_kernel = _autotune(_DKDV_CONFIGS)(_dkdv_kernel)  # FUSE_DQ=False: the split backward
-_bwd_fused_kernel = _autotune(_DKDV_CONFIGS, reset_to_zero=["DQ_ACC"])(_dkdv_kernel)  # FUSE_DQ=True
+_bwd_fused_kernel = _autotune(_FUSED_CONFIGS, reset_to_zero=["DQ_ACC"])(_dkdv_kernel)  # FUSE_DQ=True
 
 
 @_autotune(_DQ_CONFIGS)
