@@ -67,3 +67,37 @@ def test_kept_attention_is_not_recomputed_and_gradients_match(tiny_model_dir, ba
         assert got_calls == calls, f"keep={keep}: {got_calls} attention forwards, expected {calls}"
         for a, b in zip(grads, expected):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keep, compile_blocks", [(0, True), (-1, False), (-1, True)])
+def test_gpu_kept_attention_and_compiled_blocks_match_plain_checkpointing(tiny_model_dir, keep, compile_blocks):
+    """On the GPU, bf16, triton backend: keeping attention outputs and compiling the blocks
+    (inductor) change how the step runs, not what it computes."""
+    from diffusers import WanTransformer3DModel
+
+    results = []
+    for variant in ((0, False), (keep, compile_blocks)):
+        torch.manual_seed(0)
+        model = WanTransformer3DModel.from_pretrained(tiny_model_dir, subfolder="transformer").cuda()
+        set_self_attention(model, AttentionConfig(backend="triton", **RADIAL))
+        params = add_lora(model, LoraConfig(rank=4, alpha=4))
+        with torch.no_grad():
+            for p in params:
+                p.normal_(0, 0.05)
+        enable_checkpointing(model, keep_attention_blocks=variant[0])
+        if variant[1]:
+            model.compile_repeated_blocks()
+        model.train()
+        g = torch.Generator("cuda").manual_seed(1)
+        x = torch.randn(2, model.config.in_channels, 9, 8, 8, generator=g, device="cuda")
+        text = torch.randn(2, 7, model.config.text_dim, generator=g, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(hidden_states=x, timestep=torch.tensor([300.0, 700.0], device="cuda"),
+                        encoder_hidden_states=text).sample  # fmt: skip
+        out.float().square().mean().backward()
+        results.append((out.float().detach(), [p.grad.float() for p in params]))
+    (ref_out, ref_grads), (out, grads) = results
+    torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=2e-2)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=2e-2 * b.abs().max().item(), rtol=5e-2)
