@@ -1,0 +1,103 @@
+"""Generate a video with a trained LoRA, the way the run trained it: same model, same attention.
+
+    python -m scripts.generate --run outputs/wan_4x --prompt "a red fox running through snow"
+    python -m scripts.generate --run outputs/wan_4x --prompt "..." --frames 321 --steps 50 --out fox.mp4
+    python -m scripts.generate --run outputs/tiny --prompt "a red square" --steps 4 --device cpu   # the demo's
+
+The run folder's `.hydra/config.yaml` gives the model (`model.path` / hub id), the attention
+(radial mask, backend, and `attention.dense_timesteps`: the first denoising steps run dense, as
+in the paper) and the default size and length (the run's first size and longest clip); its
+`lora/` export is loaded with diffusers' `load_lora_weights`, as any diffusers user would.
+Writes an H.264 mp4 and prints its path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.attention import describe, set_self_attention  # noqa: E402
+from models.loading import load_pipeline  # noqa: E402
+from models.lora import LORA_WEIGHT_NAME  # noqa: E402
+from train.config import Config, typed_config  # noqa: E402
+
+
+def run_config(run: Path) -> Config:
+    """The typed config a training run was started with."""
+    from omegaconf import OmegaConf
+
+    path = run / ".hydra" / "config.yaml"
+    if not path.exists():
+        raise SystemExit(f"error: {path} not found: --run must be a training run's folder (outputs/NAME)")
+    return typed_config(OmegaConf.load(path))
+
+
+def to_uint8(video) -> np.ndarray:
+    """The pipeline's frames (float [T, H, W, 3] in [0, 1]) as uint8 [T, H, W, 3]."""
+    frames = np.asarray(video[0] if isinstance(video, list | tuple) or np.ndim(video) == 5 else video)
+    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="a training run's folder (outputs/NAME)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--lora", type=Path, help=f"a LoRA file (default: RUN/lora/{LORA_WEIGHT_NAME})")
+    parser.add_argument("--no-lora", action="store_true", help="the base model alone, for comparison")
+    parser.add_argument("--frames", type=int, help="video frames, 4n+1 (default: the run's longest clips)")
+    parser.add_argument("--height", type=int, help="default: the run's first size")
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fps", type=float, help="of the written file (default: the run's data.fps, else 16)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="default: RUN/samples/seed{seed}.mp4")
+    args = parser.parse_args(argv)
+
+    cfg = run_config(args.run)
+    frames = args.frames or max(cfg.data.frames)
+    height, width = args.height or cfg.data.sizes[0][0], args.width or cfg.data.sizes[0][1]
+    if (frames - 1) % 4 or height % 16 or width % 16:
+        raise SystemExit(f"error: --frames must be 4n+1 and --height/--width multiples of 16; got {frames}, "
+                         f"{height}x{width}")  # fmt: skip
+    device = torch.device(args.device)
+
+    pipe = load_pipeline(cfg.model, device=device)
+    if not args.no_lora:
+        lora = args.lora or args.run / "lora" / LORA_WEIGHT_NAME
+        if not lora.exists():
+            raise SystemExit(f"error: no LoRA at {lora} (pass --lora FILE, or --no-lora for the base model)")
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+        print(f"LoRA: {lora}")
+    # The attention the LoRA was trained with; `dense_timesteps` makes the first steps dense.
+    set_self_attention(pipe.transformer, cfg.attention, mode="generate")
+    print(describe(pipe.transformer) + f"; first {cfg.attention.dense_timesteps} steps dense")
+    pipe.to(device)
+
+    generator = torch.Generator(device).manual_seed(args.seed)
+    with torch.inference_mode():
+        video = pipe(
+            args.prompt, negative_prompt=args.negative_prompt, num_frames=frames, height=height, width=width,
+            num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator, output_type="np",
+            max_sequence_length=cfg.model.max_text_tokens,
+        ).frames  # fmt: skip
+
+    from data.demo_videos import write_mp4
+
+    out = (args.out or args.run / "samples" / f"seed{args.seed}.mp4").resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_mp4(out, to_uint8(video), fps=args.fps or cfg.data.fps or 16.0)
+    print(f"video written to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
