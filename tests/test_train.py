@@ -111,3 +111,16 @@ def test_compiled_blocks_train_like_eager_ones(train_cli):
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5)
     assert any(float(t.abs().max()) > 0 for t in b.values())  # it trained
+
+
+def test_a_diverging_run_stops_before_saving(train_cli):
+    """A learning rate that blows the LoRA up: the first non-finite step stops every process with a
+    one-line error, before anything is saved, so the checkpoints from before it survive."""
+    proc = train_cli(*FAST, "train.steps=6", "train.checkpoint_every=1", "train.keep_last=1", "optim.lr=1e30",
+                     "optim.warmup_steps=0", "logger.mode=disabled", "name=nan", check=False)  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    step = int(line.split("non-finite loss or gradient at step ")[1].split()[0])
+    ckpts = sorted(p.name for p in (train_cli.cwd / "outputs/nan/checkpoints").iterdir())
+    assert step >= 2 and ckpts == [f"step_{step - 1:06d}"] and f"Newest checkpoint: {ckpts[0]}" in line
+    assert not (train_cli.cwd / "outputs/nan/lora").exists()  # no export of the broken weights

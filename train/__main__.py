@@ -17,19 +17,20 @@ register_configs()
 
 # Errors that mean "the run was asked for something that cannot be": reported in one line, no
 # traceback. Anything else is a bug and keeps its traceback.
+# (The loop adds TrainingDiverged: a run that stopped on a non-finite loss, with nothing saved.)
 USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(dict_cfg: DictConfig) -> None:
     """Turn the composed config into typed dataclasses, check it, train, report the LoRA path."""
-    from train.loop import train
+    from train.loop import TrainingDiverged, train
 
     try:
         cfg = typed_config(dict_cfg)
         validate(cfg)
         lora_file = train(cfg, OmegaConf.to_container(dict_cfg, resolve=True))
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, TrainingDiverged) as err:
         sys.exit(f"error: {err}")
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"LoRA exported to {lora_file}", flush=True)

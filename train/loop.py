@@ -36,6 +36,27 @@ from train.step import encode_captions, flow_matching_loss, noisy_inputs, poster
 from train.tracking import peak_memory_gb, start_tracking
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient stopped being finite: the run stops before saving anything."""
+
+
+def check_finite(accelerator, step: int, step_losses: torch.Tensor, grad_norm, run_dir: Path) -> None:
+    """Stop every process together (a collective) when any has a non-finite loss or gradient norm.
+
+    From such a step on the LoRA weights can't be trusted, and saving would rotate the last good
+    checkpoints out (train.keep_last): stopping first leaves the newest checkpoint from before it.
+    """
+    norm = torch.as_tensor(float(grad_norm) if grad_norm is not None else 0.0, device=step_losses.device)
+    bad = (~torch.isfinite(step_losses).all() | ~torch.isfinite(norm)).float()
+    if accelerator.reduce(bad, reduction="sum").item() > 0:
+        kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").exists() else []
+        raise TrainingDiverged(
+            f"non-finite loss or gradient at step {step} (loss {step_losses.tolist()}, grad norm {float(norm):.3g}); "
+            f"stopped without saving. Newest checkpoint: {kept[-1] if kept else 'none'}; resume from it "
+            "(train.resume=latest) with a lower optim.lr, or bf16 instead of fp16"
+        )
+
+
 def train(cfg: Config, resolved_config: dict) -> Path:
     """Run training as configured; returns the absolute path of the exported LoRA file."""
     from accelerate.utils import set_seed
@@ -177,6 +198,7 @@ def train(cfg: Config, resolved_config: dict) -> Path:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
+        check_finite(accelerator, state.step + 1, torch.stack(losses[-accum:]), grad_norm, run_dir)
         lr_scheduler.step()
         state.step += 1
         progress.update(1)
