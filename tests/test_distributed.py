@@ -91,17 +91,30 @@ def test_accelerate_launch_ddp_matches_one_process(single_run, tmp_path, tiny_mo
     assert_same_lora(lora(tmp_path, "ddp"), single_run)
 
 
-def test_sequence_parallel_matches_one_process(tmp_path, tiny_model_dir, demo_videos_dir):
+@pytest.fixture(scope="module")
+def one_process_48(tmp_path_factory, tiny_model_dir, demo_videos_dir):
+    """The reference for sequence parallelism: one process, batch 1, 48x48 clips, checkpointing."""
+    cwd = tmp_path_factory.mktemp("one48")
+    launch([sys.executable], cwd, "name=one", *SP_ARGS, model_dir=tiny_model_dir, videos_dir=demo_videos_dir)
+    return lora(cwd, "one")
+
+
+SP_ARGS = ("data.sizes=[[48,48]]", "data.batch_size=1", "model.gradient_checkpointing=true")
+
+
+@pytest.mark.parametrize("strategy", [
+    ("trainer=zero3",),
+    ("trainer=ddp", "model.compile_blocks=true", "model.compile_backend=aot_eager"),
+], ids=["zero3", "ddp-compiled"])  # fmt: skip
+def test_sequence_parallel_matches_one_process(one_process_48, tmp_path, tiny_model_dir, demo_videos_dir, strategy):
     """trainer.sequence_parallel=2: both processes share each clip, its tokens split between them
-    (all-to-all around attention), under ZeRO-3 with gradient checkpointing. 48x48 clips give 45
-    tokens, so the split pads one; the LoRA equals one process training on the same clips."""
-    args = ("data.sizes=[[48,48]]", "data.batch_size=1", "model.gradient_checkpointing=true")
-    launch([sys.executable], tmp_path, "name=one", *args, model_dir=tiny_model_dir, videos_dir=demo_videos_dir)
+    (all-to-all around attention), with gradient checkpointing, under ZeRO-3 or with compiled
+    blocks. 48x48 clips give 45 tokens, so the split pads one; the LoRA equals one process's."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    proc = launch(torchrun, tmp_path, "name=sp", "trainer=zero3", "trainer.mixed_precision=no",
-                  "trainer.sequence_parallel=2", *args, model_dir=tiny_model_dir, videos_dir=demo_videos_dir)  # fmt: skip
+    proc = launch(torchrun, tmp_path, "name=sp", *strategy, "trainer.mixed_precision=no", "trainer.sequence_parallel=2",
+                  *SP_ARGS, model_dir=tiny_model_dir, videos_dir=demo_videos_dir)  # fmt: skip
     assert "tokens of each clip split over 2 processes, 1 clips per step" in proc.stdout
-    assert_same_lora(lora(tmp_path, "sp"), lora(tmp_path, "one"))
+    assert_same_lora(lora(tmp_path, "sp"), one_process_48)
 
 
 def test_sequence_parallel_must_divide_the_heads(tmp_path, tiny_model_dir, demo_videos_dir):
