@@ -49,11 +49,12 @@ def check_finite(accelerator, step: int, step_losses: torch.Tensor, grad_norm, r
     norm = torch.as_tensor(float(grad_norm) if grad_norm is not None else 0.0, device=step_losses.device)
     bad = (~torch.isfinite(step_losses).all() | ~torch.isfinite(norm)).float()
     if accelerator.reduce(bad, reduction="sum").item() > 0:
-        kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").exists() else []
+        kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))  # none yet: empty
+        restart = (f"Newest checkpoint: {kept[-1]}; resume from it (train.resume=latest)" if kept else
+                   "No checkpoint yet; start again")  # fmt: skip
         raise TrainingDiverged(
             f"non-finite loss or gradient at step {step} (loss {step_losses.tolist()}, grad norm {float(norm):.3g}); "
-            f"stopped without saving. Newest checkpoint: {kept[-1] if kept else 'none'}; resume from it "
-            "(train.resume=latest) with a lower optim.lr, or bf16 instead of fp16"
+            f"stopped without saving. {restart} with a lower optim.lr, or bf16 instead of fp16"
         )
 
 
