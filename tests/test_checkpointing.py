@@ -7,10 +7,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.attention import set_self_attention
-from models.checkpointing import attention_ops, enable_checkpointing, is_self_attention
-from models.lora import add_lora
-from train.config import AttentionConfig, LoraConfig
+from models.checkpointing import attention_ops, is_self_attention
+from models.setup import prepare_transformer
+from train.config import AttentionConfig, LoraConfig, ModelConfig
 
 RADIAL = dict(block_size=16, decay=1.0, sink=True)
 
@@ -31,20 +30,25 @@ class CountSelfAttention(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def train_step(tiny_model_dir, attention: AttentionConfig, keep: int | None):
-    """(attention op calls in forward + backward, LoRA gradients) of one step of the tiny Wan."""
+def tiny_lora_model(tiny_model_dir, attention: AttentionConfig, keep: int | None, compile_blocks=False, device="cpu"):
+    """The tiny Wan prepared as training prepares it (models/setup.py), checkpointed unless `keep`
+    is None, with random LoRA weights (B starts at zero; random values give every adapter a gradient)."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
-    model = WanTransformer3DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
-    set_self_attention(model, attention)
-    params = add_lora(model, LoraConfig(rank=4, alpha=4))
+    model = WanTransformer3DModel.from_pretrained(tiny_model_dir, subfolder="transformer").to(device)
+    how = ModelConfig(id="tiny-wan", gradient_checkpointing=keep is not None, checkpoint_keep_attention=keep or 0,
+                      compile_blocks=compile_blocks)  # fmt: skip
+    params = prepare_transformer(model, how, attention, LoraConfig(rank=4, alpha=4))
     with torch.no_grad():
-        for p in params:  # LoRA B starts at zero; random values give every adapter a gradient
+        for p in params:
             p.normal_(0, 0.05)
-    if keep is not None:
-        enable_checkpointing(model, keep_attention_blocks=keep)
-    model.train()
+    return model.train(), params
+
+
+def train_step(tiny_model_dir, attention: AttentionConfig, keep: int | None):
+    """(attention op calls in forward + backward, LoRA gradients) of one step of the tiny Wan."""
+    model, params = tiny_lora_model(tiny_model_dir, attention, keep)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, model.config.in_channels, 5, 8, 8, generator=g)
     text = torch.randn(1, 7, model.config.text_dim, generator=g)
@@ -74,21 +78,10 @@ def test_kept_attention_is_not_recomputed_and_gradients_match(tiny_model_dir, ba
 def test_gpu_kept_attention_and_compiled_blocks_match_plain_checkpointing(tiny_model_dir, keep, compile_blocks):
     """On the GPU, bf16, triton backend: keeping attention outputs and compiling the blocks
     (inductor) change how the step runs, not what it computes."""
-    from diffusers import WanTransformer3DModel
-
     results = []
-    for variant in ((0, False), (keep, compile_blocks)):
-        torch.manual_seed(0)
-        model = WanTransformer3DModel.from_pretrained(tiny_model_dir, subfolder="transformer").cuda()
-        set_self_attention(model, AttentionConfig(backend="triton", **RADIAL))
-        params = add_lora(model, LoraConfig(rank=4, alpha=4))
-        with torch.no_grad():
-            for p in params:
-                p.normal_(0, 0.05)
-        enable_checkpointing(model, keep_attention_blocks=variant[0])
-        if variant[1]:
-            model.compile_repeated_blocks()
-        model.train()
+    for variant_keep, variant_compile in ((0, False), (keep, compile_blocks)):
+        model, params = tiny_lora_model(tiny_model_dir, AttentionConfig(backend="triton", **RADIAL), variant_keep,
+                                        compile_blocks=variant_compile, device="cuda")  # fmt: skip
         g = torch.Generator("cuda").manual_seed(1)
         x = torch.randn(2, model.config.in_channels, 9, 8, 8, generator=g, device="cuda")
         text = torch.randn(2, 7, model.config.text_dim, generator=g, device="cuda")

@@ -17,11 +17,10 @@ from tqdm.auto import tqdm
 from data.dataset import BucketBatchSampler, ClipDataset, collate
 from data.policy import REASONS, RejectCounts
 from data.setup import catalog_for, usable_clips
-from models.attention import describe, set_self_attention
-from models.checkpointing import enable_checkpointing
+from models.attention import describe
 from models.loading import check_model_available, load_pipeline, torch_dtype
-from models.lora import add_lora, check_lora_inside_blocks, export_lora
-from models.sequence_parallel import enable_sequence_parallel
+from models.lora import export_lora
+from models.setup import prepare_transformer
 from train.checkpoint import TrainState, install_hooks, resolve_resume, save_checkpoint
 from train.config import Config
 from train.distributed import (
@@ -99,18 +98,11 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     pipe.vae.requires_grad_(False).eval()
     pipe.text_encoder.requires_grad_(False).eval()
     transformer = pipe.transformer
-    routing = set_self_attention(transformer, cfg.attention, mode="train")
+    params = prepare_transformer(transformer, cfg.model, cfg.attention, cfg.lora, sp_group)
     say(describe(transformer))
     if sp_group is not None:
-        enable_sequence_parallel(transformer, routing, sp_group)
         say(f"sequence parallel: tokens of each clip split over {sp} processes, {data_ranks} clips per step")
-    params = add_lora(transformer, cfg.lora)
-    if sp_group is not None:
-        check_lora_inside_blocks(transformer)
-    if cfg.model.gradient_checkpointing:
-        enable_checkpointing(transformer, keep_attention_blocks=cfg.model.checkpoint_keep_attention)
-    if cfg.model.compile_blocks:  # after LoRA and checkpointing, so the graphs include both
-        transformer.compile_repeated_blocks(backend=cfg.model.compile_backend)
+    if cfg.model.compile_blocks:
         say(f"transformer blocks: torch.compile, backend {cfg.model.compile_backend}")
     pipe.to(device)
     transformer.train()

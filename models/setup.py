@@ -1,0 +1,38 @@
+"""From a run's config to its trainable transformer: our self-attention, sequence parallelism,
+LoRA, checkpointing and compilation, in the one order that works.
+
+Shared by training (train/loop.py) and scripts/bench_train_step.py, so the benchmark times the
+transformer exactly as training prepares it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.attention import set_self_attention
+from models.checkpointing import enable_checkpointing
+from models.lora import add_lora, check_lora_inside_blocks
+from models.sequence_parallel import enable_sequence_parallel
+from train.config import AttentionConfig, LoraConfig, ModelConfig
+
+
+def prepare_transformer(
+    transformer, model: ModelConfig, attention: AttentionConfig, lora: LoraConfig, sp_group=None
+) -> list[torch.nn.Parameter]:
+    """Set `transformer` up for training in place; returns the trainable (LoRA) parameters.
+
+    The processors go in before LoRA (they read the adapted projections), sequence parallelism
+    needs the processors' routing, and compilation comes last so its graphs include the adapters
+    and the checkpointing.
+    """
+    routing = set_self_attention(transformer, attention, mode="train")
+    if sp_group is not None:
+        enable_sequence_parallel(transformer, routing, sp_group)
+    params = add_lora(transformer, lora)
+    if sp_group is not None:
+        check_lora_inside_blocks(transformer)
+    if model.gradient_checkpointing:
+        enable_checkpointing(transformer, keep_attention_blocks=model.checkpoint_keep_attention)
+    if model.compile_blocks:
+        transformer.compile_repeated_blocks(backend=model.compile_backend)
+    return params
