@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import block_density, block_sparse_attention, radial_block_mask  # noqa: E402
 from kernels.flex import block_sparse_attention_flex  # noqa: E402
+from scripts.report import write_report  # noqa: E402
 
 MODELS = {"Wan2.1-1.3B": 12, "Wan2.1-14B": 40}
 SHAPES = [  # (name, latent frames, tokens per frame)
@@ -163,11 +164,8 @@ def main():
             if args.quick and (model != "Wan2.1-1.3B" or shape_name != "480p 321f"):
                 continue
             rows += bench_shape(model, heads, shape_name, frames, tokens_per_frame)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"attention_{meta['card'].replace(' ', '_')}_{meta['date']}"
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / f"{stem}.md").write_text(markdown(rows, meta))
+    out = write_report(args.out, stem, meta, rows, markdown(rows, meta))
     plot(rows, out / f"{stem}.png")
     from kernels import triton_attention as ta
 

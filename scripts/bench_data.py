@@ -31,6 +31,7 @@ from data.cache import LatentCache  # noqa: E402
 from data.catalog import build_catalog  # noqa: E402
 from data.dataset import BucketBatchSampler, ClipDataset, collate  # noqa: E402
 from data.demo_videos import render_clip, write_mp4  # noqa: E402
+from scripts.report import write_report  # noqa: E402
 
 FRAMES, HEIGHT, WIDTH, FPS = 321, 480, 832, 16.0
 
@@ -121,11 +122,7 @@ def main():
              "| source | DataLoader workers | s / clip | clips / s | frames / s |", "|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['source']} | {r['workers']} | {r['s_per_clip']} | {r['clips_per_s']} | {r['frames_per_s']} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"data_{meta['cores']}cores_{meta['date']}"
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_report(args.out, f"data_{meta['cores']}cores_{meta['date']}", meta, rows, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -31,11 +30,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.attention import describe, set_self_attention  # noqa: E402
-from models.checkpointing import enable_checkpointing  # noqa: E402
-from models.sequence_parallel import enable_sequence_parallel  # noqa: E402
-from models.lora import add_lora  # noqa: E402
-from train.config import AttentionConfig, LoraConfig, TimestepConfig  # noqa: E402
+from models.attention import describe  # noqa: E402
+from models.setup import prepare_transformer  # noqa: E402
+from scripts.report import write_report  # noqa: E402
+from train.config import AttentionConfig, LoraConfig, ModelConfig, TimestepConfig  # noqa: E402
 from train.step import flow_matching_loss, sample_sigmas  # noqa: E402
 
 
@@ -74,14 +72,11 @@ def one_config(args, backend: str, frames: int, group) -> dict:
     name, _, triton_backward = backend.partition("-")  # "triton-fused": the triton backend, fused backward
     attention = AttentionConfig(backend=name, triton_backward=triton_backward or "split", block_size=args.block_size,
                                 decay=args.decay, dense_layers=1)  # fmt: skip
-    routing = set_self_attention(transformer, attention)
-    if group is not None:
-        enable_sequence_parallel(transformer, routing, group)
-    params = add_lora(transformer, LoraConfig(rank=args.rank, alpha=args.rank))
-    enable_checkpointing(transformer, keep_attention_blocks=args.keep_attention)
+    # What training does with the same settings (models/setup.py): checkpointing always on.
+    model = ModelConfig(id=args.preset or args.model, gradient_checkpointing=True,
+                        checkpoint_keep_attention=args.keep_attention, compile_blocks=args.compile)  # fmt: skip
+    params = prepare_transformer(transformer, model, attention, LoraConfig(rank=args.rank, alpha=args.rank), group)
     transformer.train()
-    if args.compile:
-        transformer.compile_repeated_blocks(fullgraph=False)
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     latent_frames = (frames - 1) // 4 + 1
     h, w = args.height // 8, args.width // 8
@@ -160,13 +155,10 @@ def main():
              "| model | video frames | tokens | backend | step (s) | peak GPU memory (GB) |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['model']} | {r['video_frames']} | {r['tokens']:,} | {r['backend']} | {r['step_s']} | {r['peak_gb']} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = (f"train_step_{device.replace(' ', '_')}_{meta['date']}" + ("_compiled" if args.compile else "")
             + (f"_keep{args.keep_attention}" if args.keep_attention else "")
             + (f"_sp{args.sequence_parallel}" if args.sequence_parallel > 1 else ""))  # fmt: skip
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_report(args.out, stem, meta, rows, "\n".join(lines))
     print("\n".join(lines))
 
 
