@@ -157,7 +157,7 @@ class WanSelfAttnProcessor:
 
         def radial(q, k, v):
             return attention(q, k, v, backend=cfg.backend.value, block_mask=mask, block_size=cfg.block_size,
-                             triton_backward=TritonBackward(cfg.triton_backward).value)  # fmt: skip
+                             triton_backward=cfg.triton_backward.value)  # fmt: skip
 
         if dense is None or not bool(dense.any()):
             routing.count("radial")
@@ -180,7 +180,8 @@ def set_self_attention(transformer, cfg: AttentionConfig, mode: str = "train") -
     `mode` picks the dense-timestep rule: "train" (cfg.train_dense_above_sigma) or "generate"
     (cfg.dense_timesteps). Returns the routing; `describe(routing, n)` says which layer got what.
     """
-    cfg = replace(cfg, backend=AttentionBackend(cfg.backend))  # also accept a plain string
+    # Also accept plain strings for the enums.
+    cfg = replace(cfg, backend=AttentionBackend(cfg.backend), triton_backward=TritonBackward(cfg.triton_backward))
     if mode == "train":
         rule = DenseAboveSigma(cfg.train_dense_above_sigma) if cfg.train_dense_above_sigma is not None else None
     elif mode == "generate":
@@ -216,5 +217,5 @@ def describe(transformer) -> str:
     return (
         f"self-attention: {len(processors) - len(radial)} layers dense, {len(radial)} layers radial on "
         f"{cfg.backend.value} (block {cfg.block_size}, decay {cfg.decay}, sink {cfg.sink}"
-        + (f", {TritonBackward(cfg.triton_backward).value} backward)" if cfg.backend.value == "triton" else ")")
+        + (f", {cfg.triton_backward.value} backward)" if cfg.backend == AttentionBackend.triton else ")")
     )
