@@ -31,9 +31,10 @@ def precompute(cfg) -> Path:
     from tqdm.auto import tqdm
 
     from data.cache import INDEX, entry_key
+    from data.dataset import ClipDataset
     from data.policy import RejectCounts
     from data.setup import catalog_for, meta_for
-    from data.video import BadVideo, decode_clip
+    from data.video import BadVideo
     from models.loading import load_pipeline, torch_dtype
     from train.step import encode_captions, posterior_params
 
@@ -45,6 +46,8 @@ def precompute(cfg) -> Path:
     with state.main_process_first():
         catalog = catalog_for(cfg.data, seed=cfg.train.seed)
     mine = catalog.clips[state.process_index :: state.num_processes]
+    # Decoded exactly as training decodes them, at the window a cache holds (the start).
+    clips = ClipDataset(mine, fps=cfg.data.fps, decode_threads=cfg.data.decode_threads, random_window=False)
     with state.main_process_first():
         pipe = load_pipeline(cfg.model, transformer=False, device=state.device)
     pipe.to(state.device)
@@ -52,17 +55,18 @@ def precompute(cfg) -> Path:
 
     entries, failed, shard, shard_bytes, n_shards = {}, {}, {}, 0, 0
 
+    def shard_name() -> str:
+        return f"shard_r{state.process_index:03d}_{n_shards:04d}.safetensors"
+
     def flush():
         nonlocal shard, shard_bytes, n_shards
         if shard:
-            save_file(shard, str(root / f"shard_r{state.process_index:03d}_{n_shards:04d}.safetensors"))
+            save_file(shard, str(root / shard_name()))
             n_shards, shard, shard_bytes = n_shards + 1, {}, 0
 
     for i, clip in enumerate(tqdm(mine, desc="encode", disable=not state.is_main_process)):
-        frames, height, width = clip.bucket
         try:
-            pixels = decode_clip(clip.video, frames, height, width, cfg.data.fps, rng=None,
-                                 num_threads=cfg.data.decode_threads, source_size=clip.source_size)  # fmt: skip
+            pixels = clips.load(i, epoch=0)["frames"]
         except BadVideo as bad:
             failed[clip.video] = bad.reason
             continue
@@ -73,8 +77,7 @@ def precompute(cfg) -> Path:
         shard[f"{key}.latent_params"] = params.to("cpu", dtype).contiguous()
         shard[f"{key}.text"] = text[:length].to("cpu", dtype).contiguous()
         shard_bytes += shard[f"{key}.latent_params"].nbytes + shard[f"{key}.text"].nbytes
-        entries[clip.video] = {**entry_key(clip), "shard": f"shard_r{state.process_index:03d}_{n_shards:04d}.safetensors",
-                               "key": key}  # fmt: skip
+        entries[clip.video] = {**entry_key(clip), "shard": shard_name(), "key": key}
         if shard_bytes > SHARD_BYTES:
             flush()
     flush()

@@ -50,15 +50,15 @@ def _open(path: str, num_threads: int = 1, **kwargs):
     try:
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads, **kwargs)
     except Exception as err:  # decord raises its own DECORDError, RuntimeError, ...
-        raise BadVideo("unreadable", f"{path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise _rejected("unreadable", path, err) from None
     if len(reader) == 0:
         raise BadVideo("unreadable", f"{path}: no frames")
     return reader
 
 
-def _truncated(path: str, err: Exception) -> BadVideo:
-    """The rejection for a file that opens but whose frames fail to decode, with decord's first line."""
-    return BadVideo("truncated", f"{path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+def _rejected(reason: str, path: str, err: Exception) -> BadVideo:
+    """`reason` for `path`, with the first line of decord's error."""
+    return BadVideo(reason, f"{path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
 
 
 def frame_starts(reader) -> np.ndarray:
@@ -78,7 +78,7 @@ def probe(path: str, decode_check: bool = True) -> VideoInfo:
     except BadVideo:
         raise
     except Exception as err:
-        raise _truncated(path, err) from None
+        raise _rejected("truncated", path, err) from None
     starts = frame_starts(reader)
     span = float(starts[-1] - starts[0]) if n > 1 else 0.0
     fps = (n - 1) / span if span > 0 else float(reader.get_avg_fps() or 0.0)
@@ -176,7 +176,7 @@ def decode_clip(
         frames = reader.get_batch(unique.tolist()).asnumpy()
     except Exception as err:
         if not (scaled and "DECORDArrayCopyFromTo" in str(err)):
-            raise _truncated(path, err) from None
+            raise _rejected("truncated", path, err) from None
         # decord 0.6's scaler returns rows padded past the width for some sizes (a 64x64 source
         # to width 48, 16, 24 or 72, for one) and then fails its own copy: the file is fine.
         # Decode the same frames at the source size and resize here, for this size from now on.
@@ -184,7 +184,7 @@ def decode_clip(
         try:
             frames = _open(path, num_threads=num_threads).get_batch(unique.tolist()).asnumpy()
         except Exception as err:
-            raise _truncated(path, err) from None
+            raise _rejected("truncated", path, err) from None
     return resize_center_crop(torch.from_numpy(frames)[torch.from_numpy(inverse)], height, width)
 
 

@@ -34,7 +34,8 @@ def model_source(cfg: ModelConfig) -> str:
     return cfg.id
 
 
-def _not_found(source: str, why: str) -> FileNotFoundError:
+def _not_found(source: str, err: Exception) -> FileNotFoundError:
+    why = str(err).splitlines()[0] if str(err) else type(err).__name__
     return FileNotFoundError(
         f"cannot load model {source!r} ({why[:160]}). Without network access, download it elsewhere "
         f"(`huggingface-cli download {source} --local-dir DIR`) and set model.path=DIR"
@@ -52,7 +53,7 @@ def check_model_available(cfg: ModelConfig) -> None:
     try:
         HfApi().model_info(cfg.id, timeout=15)
     except Exception as err:  # offline, unknown id, no access: all mean no download
-        raise _not_found(cfg.id, str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+        raise _not_found(cfg.id, err) from None
 
 
 def load_pipeline(cfg: ModelConfig, transformer: bool = True, device=None):
@@ -85,4 +86,4 @@ def load_pipeline(cfg: ModelConfig, transformer: bool = True, device=None):
     except Exception as err:
         if cfg.path:  # a local folder that fails to load is not a download problem
             raise
-        raise _not_found(source, str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+        raise _not_found(source, err) from None
