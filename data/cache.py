@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from data.catalog import Clip
 
 CACHE_VERSION = 1

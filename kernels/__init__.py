@@ -10,7 +10,6 @@ from kernels.radial_mask import block_density, radial_block_mask, token_mask
 from kernels.reference import block_sparse_attention_reference
 
 
-
 def __getattr__(name):
     # `from kernels import block_sparse_attention` imports Triton only when asked for.
     if name == "block_sparse_attention":

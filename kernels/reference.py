@@ -25,9 +25,9 @@ def block_sparse_attention_reference(
 ) -> torch.Tensor:
     """softmax(q k^T * scale, masked to the kept blocks) v in q's dtype.
 
-    Computed in at least fp32 (`upcast=True`, the truth; fp64 inputs stay fp64), or in the inputs' own precision (`upcast=False`:
-    the error a plain PyTorch implementation makes at that precision, which the kernels' error is
-    measured against).
+    Computed in at least fp32 (`upcast=True`, the truth; fp64 inputs stay fp64), or in the inputs'
+    own precision (`upcast=False`: the error a plain PyTorch implementation makes at that
+    precision, which the kernels' error is measured against).
     """
     seq_len, head_dim = q.shape[-2], q.shape[-1]
     expected = -(-seq_len // block_size)

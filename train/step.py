@@ -7,10 +7,9 @@ sigma in [0, 1], x_t = (1 - sigma) * x0 + sigma * eps; the transformer, given x_
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-
-import numpy as np
 
 from data.video import to_vae_input
 from train.config import TimestepConfig, TimestepSampling
