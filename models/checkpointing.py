@@ -5,7 +5,7 @@ at 126k tokens that recomputation is one more attention forward per block per st
 expensive op of the block. Selective checkpointing (torch's `create_selective_checkpoint_contexts`)
 can keep the outputs of the attention op (output and log-sum-exp) for chosen blocks and recompute
 only the cheap rest (projections, norms, rotary embedding, MLP), trading memory for that time:
-about S x hidden x 2 bytes per block (0.39 GB for Wan2.1-1.3B at 321 frames, 126,360 x 1536 bf16).
+about S x hidden x 2 bytes per block in bf16 (S tokens, hidden the model width).
 """
 
 from __future__ import annotations

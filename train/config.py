@@ -109,8 +109,8 @@ class ModelConfig:
     checkpoint_keep_attention: int = 0
     """With gradient_checkpointing: the first N blocks (-1: all) keep their self-attention outputs
     rather than recompute attention in the backward (models/checkpointing.py): one attention
-    forward less per block and step, for S x hidden x 2 bytes more memory per block (0.39 GB for
-    Wan2.1-1.3B at 321 frames). Kept for the triton and dense backends."""
+    forward less per block and step, for S x hidden x 2 bytes more memory per block (bf16). Kept
+    for the triton and dense backends."""
     compile_blocks: bool = False
     """torch.compile the transformer blocks (diffusers' `compile_repeated_blocks`: one graph serves
     every block), fusing the elementwise work around the matrix products (norms, rotary embedding,
