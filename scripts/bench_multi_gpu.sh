@@ -10,13 +10,19 @@
 set -uo pipefail
 out=${1:?usage: bench_multi_gpu.sh OUT_DIR}
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1
-run() { echo "=== $*" | tee -a "$out/multi_gpu.log"; "$@" 2>&1 | tr '\r' '\n' | grep -E "throughput|LoRA exported|self-attention|data:|Error|error" | tee -a "$out/multi_gpu.log"; }
+run() {
+  local start=$SECONDS
+  echo "=== $*" | tee -a "$out/multi_gpu.log"
+  "$@" 2>&1 | tr '\r' '\n' | grep -E "throughput|LoRA exported|self-attention|data:|Error|error" | tee -a "$out/multi_gpu.log"
+  echo "--- $((SECONDS - start)) s wall (start-up, tuning and every step)" | tee -a "$out/multi_gpu.log"
+}
+# The newest lines first, so that a run cut short by a time limit still measures them.
+gpu="model=tiny_wan_gpu attention=radial data.sizes=[[480,832]] data.frames=[33] data.batch_size=1 data.num_workers=2 train.steps=14 train.checkpoint_every=0 trainer.mixed_precision=bf16"
+run torchrun --nproc_per_node 1 -m train name=gpu_1 trainer=single $gpu
+run torchrun --nproc_per_node 2 -m train name=gpu_2_z3 trainer=zero3 $gpu
+run torchrun --nproc_per_node 2 -m train name=gpu_2_sp trainer=ddp trainer.sequence_parallel=2 $gpu
+run torchrun --nproc_per_node 2 -m train name=gpu_2 trainer=zero2 $gpu
+run torchrun --nproc_per_node 2 -m train name=gpu_2_ddp trainer=ddp $gpu
 demo="train.steps=6 train.checkpoint_every=3 data.batch_size=1"
 run torchrun --nproc_per_node 2 -m train name=demo_z2 trainer=zero2 trainer.mixed_precision=no $demo
 run torchrun --nproc_per_node 2 -m train name=demo_z3 trainer=zero3 trainer.mixed_precision=no $demo
-gpu="model=tiny_wan_gpu attention=radial data.sizes=[[480,832]] data.frames=[33] data.batch_size=1 data.num_workers=2 train.steps=14 train.checkpoint_every=0 trainer.mixed_precision=bf16"
-run torchrun --nproc_per_node 1 -m train name=gpu_1 trainer=single $gpu
-run torchrun --nproc_per_node 2 -m train name=gpu_2 trainer=zero2 $gpu
-run torchrun --nproc_per_node 2 -m train name=gpu_2_ddp trainer=ddp $gpu
-run torchrun --nproc_per_node 2 -m train name=gpu_2_z3 trainer=zero3 $gpu
-run torchrun --nproc_per_node 2 -m train name=gpu_2_sp trainer=ddp trainer.sequence_parallel=2 $gpu
