@@ -14,11 +14,11 @@ from kernels.flex import block_sparse_attention_flex
 from kernels.reference import block_sparse_attention_reference
 
 
-def block_sparse_attention_triton(q, k, v, block_mask, *, block_size=128, scale=None, backward="split"):
+def block_sparse_attention_triton(q, k, v, block_mask, *, block_size=128, scale=None):
     """Our Triton kernels (imported on first use: Triton is only needed when they are)."""
     from kernels.triton_attention import block_sparse_attention
 
-    return block_sparse_attention(q, k, v, block_mask, block_size=block_size, scale=scale, backward=backward)
+    return block_sparse_attention(q, k, v, block_mask, block_size=block_size, scale=scale)
 
 
 SPARSE_BACKENDS = {
@@ -37,12 +37,8 @@ def attention(
     backend: str = "dense",
     block_mask: torch.Tensor | None = None,
     block_size: int = 128,
-    triton_backward: str = "split",
 ) -> torch.Tensor:
-    """Non-causal softmax(q k^T / sqrt(D)) v, dense or over the kept blocks of `block_mask`.
-
-    `triton_backward` ("split" or "fused") picks the triton backend's backward; others ignore it.
-    """
+    """Non-causal softmax(q k^T / sqrt(D)) v, dense or over the kept blocks of `block_mask`."""
     if backend == "dense":
         # torch picks cuDNN / flash / memory-efficient / math by device and dtype.
         return F.scaled_dot_product_attention(q, k, v)
@@ -50,6 +46,4 @@ def attention(
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if block_mask is None:
         raise ValueError(f"attention backend {backend!r} needs a block_mask")
-    if backend == "triton":
-        return block_sparse_attention_triton(q, k, v, block_mask, block_size=block_size, backward=triton_backward)
     return SPARSE_BACKENDS[backend](q, k, v, block_mask, block_size=block_size)

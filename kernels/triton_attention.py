@@ -11,11 +11,10 @@ The mask reaches the kernels in a compact form, built once and cached with the m
 Forward (FlashAttention-2 style): one program per (BLOCK_M query rows, batch*head) walks the kept
 key blocks of its mask row in BLOCK_N tiles with an online softmax, and saves the base-2
 log-sum-exp. Backward: a dK/dV kernel, one program per key tile, walks the transposed index (so
-each dK/dV tile is owned by one program: no atomics on dK/dV). dQ then comes one of two ways:
-  split (default): a dQ kernel walks the forward index, recomputing P and dP: 7 matrix products
-    per block pair, deterministic;
-  fused: the dK/dV kernel also forms dS·K and adds it into an fp32 dQ buffer with atomics: 5
-    products, but the order of the additions (so dQ's last bits) varies from run to run.
+each dK/dV tile is owned by one program: no atomics on dK/dV); a dQ kernel walks the forward
+index, recomputing P and dP: 7 matrix products per block pair, deterministic. (A fused variant,
+dS·K added into an fp32 dQ buffer with atomics inside the dK/dV kernel, 5 products, measured 8%
+slower on an H100 and was removed: docs/benchmarks/attention.md.)
 
 Numerics: scores and softmax statistics in fp32; the softmax scale times log2(e) is folded into
 one fp32 factor applied to the fp32 product q.k, so exp2 can be used and K is never pre-scaled
@@ -41,9 +40,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # ----------------------------------------------------------------------------------------------
 # Launch configurations. On a GPU they are autotuned per (S, head dim, mask block); the choice
-# changes only tile order, never which products are computed, and every kernel but the fused
-# backward writes each output element exactly once (no accumulation across launches), so tuning
-# runs cannot change results. The fused backward's dQ buffer is zeroed before each tuning run.
+# changes only tile order, never which products are computed, and every kernel writes each
+# output element exactly once (no accumulation across launches), so tuning runs cannot change
+# results.
 # The CPU interpreter runs one small fixed configuration.
 # ----------------------------------------------------------------------------------------------
 
@@ -73,23 +72,16 @@ def _configs(choices):
 # dK/dV 64x64 (4 warps, 2-3 stages) and dQ 128x128 (8 warps, 2 stages): docs/benchmarks/.
 _SMALL = [(32, 32, 4, 2), (16, 16, 4, 2)]
 if INTERPRET:
-    _FWD_CONFIGS = _DKDV_CONFIGS = _FUSED_CONFIGS = _DQ_CONFIGS = _configs([(16, 16, 4, 1)])
+    _FWD_CONFIGS = _DKDV_CONFIGS = _DQ_CONFIGS = _configs([(16, 16, 4, 1)])
 else:
     _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), *_SMALL])
     _DKDV_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), *_SMALL])
-    # The fused backward also holds a dQ tile per step next to the dK/dV accumulators: more
-    # registers, so 8-warp variants of the dK/dV winners too (not yet tuned on a GPU).
-    _FUSED_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2),
-                               *_SMALL])  # fmt: skip
     _DQ_CONFIGS = _configs([(128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2), *_SMALL])
 
 
-def _autotune(configs, reset_to_zero=None):
+def _autotune(configs):
     return triton.autotune(
-        configs=configs,
-        key=["S", "HEAD_DIM", "MASK_BLOCK"],
-        prune_configs_by={"early_config_prune": _fits_mask_block},
-        reset_to_zero=reset_to_zero,
+        configs=configs, key=["S", "HEAD_DIM", "MASK_BLOCK"], prune_configs_by={"early_config_prune": _fits_mask_block}
     )
 
 
@@ -172,9 +164,10 @@ def _bwd_delta_kernel(
     tl.store(DELTA + bh * S + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < S)
 
 
+@_autotune(_DKDV_CONFIGS)
 @triton.jit
-def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX,
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -184,11 +177,8 @@ def _dkdv_kernel(
     stride_index,
     H, S, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    FUSE_DQ: tl.constexpr,
 ):  # fmt: skip
-    """One key tile: dK and dV over the query blocks that keep it; with FUSE_DQ also each query
-    tile's share of dQ (dS·K, scaled), added into the fp32 buffer DQ_ACC [B*H, S, HEAD_DIM]
-    (without it DQ_ACC is never touched)."""
+    """One key tile: dK and dV over the query blocks that keep it."""
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
@@ -202,7 +192,6 @@ def _dkdv_kernel(
     v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :], mask=keys, other=0.0)
     q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :]
     do_base = DO + b * stride_db + h * stride_dh + offs_d[None, :]
-    dq_base = DQ_ACC + bh.to(tl.int64) * S * HEAD_DIM + offs_d[None, :]  # B*H*S*D can pass 2^31
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -221,23 +210,12 @@ def _dkdv_kernel(
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q)
-        if FUSE_DQ:
-            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * sm_scale  # this key tile's share [BLOCK_M, HEAD_DIM]
-            # relaxed: nothing reads dQ before the kernel ends, so no ordering is needed (a plain `red`)
-            tl.atomic_add(dq_base + rows[:, None] * HEAD_DIM, dq, mask=in_seq, sem="relaxed")
 
     dk *= sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=keys)  # fmt: skip
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=keys)  # fmt: skip
-
-
-# Two autotuned launchers of the one kernel, each with its own tuning cache. The fused one runs
-# each candidate config on a zeroed dQ buffer, and zeroes it again after choosing (reset_to_zero,
-# which torch.compile honours), so tuning runs cannot add into the real result.
-_bwd_dkdv_kernel = _autotune(_DKDV_CONFIGS)(_dkdv_kernel)  # FUSE_DQ=False: the split backward
-_bwd_fused_kernel = _autotune(_FUSED_CONFIGS, reset_to_zero=["DQ_ACC"])(_dkdv_kernel)  # FUSE_DQ=True
 
 
 @_autotune(_DQ_CONFIGS)
@@ -334,7 +312,6 @@ def _fwd_op(
     q_index: torch.Tensor,
     block_size: int,
     scale: float,
-    fused_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     batch, heads, seq, head_dim = q.shape
@@ -370,18 +347,12 @@ def _bwd_op(
     q_index: torch.Tensor,
     block_size: int,
     scale: float,
-    fused: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # Incoming gradients are often expanded views (`out.sum().backward()` gives strides of 0).
     d_out = _unit_last_stride(d_out)
     batch, heads, seq, head_dim = q.shape
     delta = torch.empty_like(lse)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    # fused: dQ accumulates in fp32 across key tiles; split: the dQ kernel writes it once, and the
-    # dK/dV kernel gets an empty placeholder it never touches (not an alias of an output, which
-    # torch.compile's functionalization would have to untangle).
-    shape = (batch, heads, seq, head_dim) if fused else (0,)
-    dq_acc = torch.zeros(shape, device=q.device, dtype=torch.float32)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta_rows = 64
     _launch(
         _bwd_delta_kernel,
@@ -396,17 +367,14 @@ def _bwd_op(
         return (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)
 
     _launch(
-        _bwd_fused_kernel if fused else _bwd_dkdv_kernel,
+        _bwd_dkdv_kernel,
         key_grid,
-        q, k, v, d_out, lse, delta, dk, dv, dq_acc, q_count, q_index,
+        q, k, v, d_out, lse, delta, dk, dv, q_count, q_index,
         *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dk), *_strides(dv),
         q_index.stride(0),
         heads, seq, scale * LOG2E, scale,
-        HEAD_DIM=head_dim, MASK_BLOCK=block_size, FUSE_DQ=fused,
+        HEAD_DIM=head_dim, MASK_BLOCK=block_size,
     )  # fmt: skip
-    if fused:
-        return dq_acc.to(q.dtype), dk, dv
-    dq = torch.empty_like(q)
     _launch(
         _bwd_dq_kernel,
         query_grid,
@@ -420,18 +388,16 @@ def _bwd_op(
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_count, kv_index, q_count, q_index, block_size, scale, fused_backward = inputs
+    q, k, v, kv_count, kv_index, q_count, q_index, block_size, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, kv_count, kv_index, q_count, q_index)
-    ctx.block_size, ctx.scale, ctx.fused_backward = block_size, scale, fused_backward
+    ctx.block_size, ctx.scale = block_size, scale
 
 
 def _backward(ctx, d_out, d_lse):
     q, k, v, out, lse, kv_count, kv_index, q_count, q_index = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(
-        d_out, q, k, v, out, lse, kv_count, kv_index, q_count, q_index, ctx.block_size, ctx.scale, ctx.fused_backward
-    )
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dq, dk, dv = _bwd_op(d_out, q, k, v, out, lse, kv_count, kv_index, q_count, q_index, ctx.block_size, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -468,21 +434,13 @@ def block_sparse_attention(
     *,
     block_size: int = 128,
     scale: float | None = None,
-    backward: str = "split",
 ) -> torch.Tensor:
     """Exact attention over the kept blocks of `block_mask`, differentiable (Triton kernels).
 
     q, k, v [B, H, S, D] (SDPA's layout, any strides with a unit last dim); block_mask bool
     [ceil(S/block_size)]^2 shared by batch and heads. Non-causal. The last block may be partial.
-    backward: "split" (deterministic: dK/dV and dQ kernels) or "fused" (one kernel, fewer matrix
-    products, dQ summed with fp32 atomics in a varying order; refused under
-    torch.use_deterministic_algorithms).
+    Deterministic: every output element is written once, no atomics.
     """
-    if backward not in ("split", "fused"):
-        raise ValueError(f"backward must be 'split' or 'fused'; got {backward!r}")
-    if backward == "fused" and torch.are_deterministic_algorithms_enabled():
-        raise RuntimeError("the fused triton backward sums dQ with atomics (not deterministic); use backward='split' "
-                           "under torch.use_deterministic_algorithms(True)")  # fmt: skip
     if not (q.is_cuda or INTERPRET):
         raise RuntimeError("the triton attention backend needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU)")
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
@@ -501,5 +459,5 @@ def block_sparse_attention(
                          f"got {block_mask.dtype} {tuple(block_mask.shape)}")  # fmt: skip
     scale = head_dim**-0.5 if scale is None else float(scale)
     indices = compact_mask(block_mask.to(q.device) if block_mask.device != q.device else block_mask)
-    out, _ = _fwd_op(q, k, v, *indices, block_size, scale, backward == "fused")
+    out, _ = _fwd_op(q, k, v, *indices, block_size, scale)
     return out

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from kernels import attention, radial_block_mask
-from train.config import AttentionBackend, AttentionConfig, TritonBackward
+from train.config import AttentionBackend, AttentionConfig
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -156,8 +156,7 @@ class WanSelfAttnProcessor:
             mask = routing.block_mask(q.device)
 
         def radial(q, k, v):
-            return attention(q, k, v, backend=cfg.backend.value, block_mask=mask, block_size=cfg.block_size,
-                             triton_backward=cfg.triton_backward.value)  # fmt: skip
+            return attention(q, k, v, backend=cfg.backend.value, block_mask=mask, block_size=cfg.block_size)
 
         if dense is None or not bool(dense.any()):
             routing.count("radial")
@@ -181,7 +180,7 @@ def set_self_attention(transformer, cfg: AttentionConfig, mode: str = "train") -
     (cfg.dense_timesteps). Returns the routing; `describe(routing, n)` says which layer got what.
     """
     # Also accept plain strings for the enums.
-    cfg = replace(cfg, backend=AttentionBackend(cfg.backend), triton_backward=TritonBackward(cfg.triton_backward))
+    cfg = replace(cfg, backend=AttentionBackend(cfg.backend))
     if mode == "train":
         rule = DenseAboveSigma(cfg.train_dense_above_sigma) if cfg.train_dense_above_sigma is not None else None
     elif mode == "generate":
@@ -216,6 +215,5 @@ def describe(transformer) -> str:
     cfg = radial[0].routing.cfg
     return (
         f"self-attention: {len(processors) - len(radial)} layers dense, {len(radial)} layers radial on "
-        f"{cfg.backend.value} (block {cfg.block_size}, decay {cfg.decay}, sink {cfg.sink}"
-        + (f", {cfg.triton_backward.value} backward)" if cfg.backend == AttentionBackend.triton else ")")
+        f"{cfg.backend.value} (block {cfg.block_size}, decay {cfg.decay}, sink {cfg.sink})"
     )

@@ -18,7 +18,6 @@ import datetime
 import json
 import platform
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -88,12 +87,7 @@ def bench_shape(model, heads, shape_name, frames, tokens_per_frame):
     for decay in DECAYS:
         mask = radial_block_mask(frames, tokens_per_frame, block_size=BLOCK, decay=decay, device="cuda")
         density = block_density(mask)
-        variants = (
-            ("triton (ours)", partial(block_sparse_attention, backward="split")),
-            ("triton (ours), fused bwd", partial(block_sparse_attention, backward="fused")),
-            ("flex", block_sparse_attention_flex),
-        )
-        for name, fn in variants:
+        for name, fn in (("triton (ours)", block_sparse_attention), ("flex", block_sparse_attention_flex)):
             record(name, decay, density, *time_fwd_bwd(lambda q, k, v: fn(q, k, v, mask, block_size=BLOCK), q, k, v, d_out))
     return rows
 
@@ -170,8 +164,7 @@ def main():
     from kernels import triton_attention as ta
 
     tuned = {name: {str(key): str(cfg) for key, cfg in kernel.cache.items()}
-             for name, kernel in (("fwd", ta._fwd_kernel), ("dkdv", ta._bwd_dkdv_kernel), ("dq", ta._bwd_dq_kernel),
-                                  ("fused", ta._bwd_fused_kernel))}  # fmt: skip
+             for name, kernel in (("fwd", ta._fwd_kernel), ("dkdv", ta._bwd_dkdv_kernel), ("dq", ta._bwd_dq_kernel))}
     (out / f"{stem}_tuned.json").write_text(json.dumps(tuned, indent=1))
     print(json.dumps(tuned, indent=1))
     print(markdown(rows, meta))

@@ -69,9 +69,7 @@ def one_config(args, backend: str, frames: int, group) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     transformer = transformer_for(args.model, args.preset, device, dtype)
-    name, _, triton_backward = backend.partition("-")  # "triton-fused": the triton backend, fused backward
-    attention = AttentionConfig(backend=name, triton_backward=triton_backward or "split", block_size=args.block_size,
-                                decay=args.decay, dense_layers=1)  # fmt: skip
+    attention = AttentionConfig(backend=backend, block_size=args.block_size, decay=args.decay, dense_layers=1)
     # What training does with the same settings (models/setup.py): checkpointing always on.
     model = ModelConfig(id=args.preset or args.model, gradient_checkpointing=True,
                         checkpoint_keep_attention=args.keep_attention, compile_blocks=args.compile)  # fmt: skip
@@ -125,8 +123,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     parser.add_argument("--preset", choices=["tiny", "gpu"], help="a models/tiny_wan.py preset instead of --model")
-    parser.add_argument("--backends", nargs="+", default=["dense", "flex", "triton", "triton-fused"],
-                        help="attention backends; triton-fused: the triton backend with its fused backward")
+    parser.add_argument("--backends", nargs="+", default=["dense", "flex", "triton"], help="attention backends")
     parser.add_argument("--frames", type=int, nargs="+", default=[81, 161, 321], help="video frames (1x, 2x, 4x)")
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)

@@ -16,14 +16,14 @@ from conftest import REPO
 def test_train_step_benchmark_runs(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts/bench_train_step.py"), "--preset", "tiny", "--device", "cpu",
-         "--backends", "dense", "reference", "triton-fused", "--frames", "9", "--height", "64", "--width", "64", "--block-size", "16",
+         "--backends", "dense", "reference", "triton", "--frames", "9", "--height", "64", "--width", "64", "--block-size", "16",
          "--steps", "1", "--warmup", "1", "--keep-attention", "1", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = tmp_path.glob("train_step_cpu_*_keep1.json")
     rows = json.loads(result.read_text())["rows"]
-    assert [(r["backend"], r["tokens"]) for r in rows] == [("dense", 48), ("reference", 48), ("triton-fused", 48)]
+    assert [(r["backend"], r["tokens"]) for r in rows] == [("dense", 48), ("reference", 48), ("triton", 48)]
     assert all(r["step_s"] > 0 for r in rows)
 
 

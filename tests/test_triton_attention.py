@@ -34,7 +34,7 @@ def run(fn, inputs, dtype, **kwargs):
     return [out.double()] + [t.grad.double() for t in leaves]
 
 
-def check_against_reference(inputs, mask, block_size, dtype, backward="split"):
+def check_against_reference(inputs, mask, block_size, dtype):
     truth_dtype = torch.float64 if dtype == torch.float32 else torch.float32
 
     def plain(q, k, v, block_mask, block_size):  # PyTorch at the kernel's own precision
@@ -42,7 +42,7 @@ def check_against_reference(inputs, mask, block_size, dtype, backward="split"):
 
     truth = run(block_sparse_attention_reference, inputs, truth_dtype, block_mask=mask, block_size=block_size)
     baseline = run(plain, inputs, dtype, block_mask=mask, block_size=block_size)
-    ours = run(block_sparse_attention, inputs, dtype, block_mask=mask, block_size=block_size, backward=backward)
+    ours = run(block_sparse_attention, inputs, dtype, block_mask=mask, block_size=block_size)
     for name, t, b, o in zip(["out", "dq", "dk", "dv"], truth, baseline, ours):
         assert torch.isfinite(o).all(), name
         err, allowed = (o - t).abs().max().item(), 2 * (b - t).abs().max().item()
@@ -57,27 +57,22 @@ CPU_CASES = [  # (frames, tokens per frame, block size, head dim): every S has a
 ]
 
 
-BACKWARDS = ["split", "fused"]  # dQ from its own kernel, or summed with atomics in the dK/dV kernel
-
-
-@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("frames, tokens_per_frame, block_size, head_dim", CPU_CASES)
-def test_radial_mask_forward_and_gradients(frames, tokens_per_frame, block_size, head_dim, dtype, backward):
+def test_radial_mask_forward_and_gradients(frames, tokens_per_frame, block_size, head_dim, dtype):
     mask = radial_block_mask(frames, tokens_per_frame, block_size=block_size)
     inputs = random_inputs((1, 2, frames * tokens_per_frame, head_dim), torch.float32, "cpu")
-    check_against_reference(inputs, mask, block_size, dtype, backward)
+    check_against_reference(inputs, mask, block_size, dtype)
 
 
-@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_random_mask_with_empty_rows(dtype, backward):
+def test_random_mask_with_empty_rows(dtype):
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     mask = torch.rand(7, 7, generator=g) < 0.4
     mask[2] = False  # a query block with nothing to attend
     mask[:, 4] = False  # a key block nobody attends
     inputs = random_inputs((2, 2, 7 * 32 - 5, 64), torch.float32, "cpu")
-    out, dq, dk, dv = check_against_reference(inputs, mask, 32, dtype, backward)
+    out, dq, dk, dv = check_against_reference(inputs, mask, 32, dtype)
     assert (out[:, :, 64:96] == 0).all() and (dq[:, :, 64:96] == 0).all()
     assert (dk[:, :, 128:160] == 0).all() and (dv[:, :, 128:160] == 0).all()
 
@@ -130,21 +125,6 @@ def test_bad_inputs_fail_clearly():
         block_sparse_attention(q, q, q, torch.ones(3, 3, dtype=torch.bool), block_size=32)
     with pytest.raises(ValueError, match="power of two"):
         block_sparse_attention(q, q, q, torch.ones(3, 3, dtype=torch.bool), block_size=48)
-    with pytest.raises(ValueError, match="backward must be"):
-        block_sparse_attention(q, q, q, torch.ones(4, 4, dtype=torch.bool), block_size=32, backward="atomic")
-
-
-def test_fused_backward_refused_when_determinism_is_asked_for():
-    q = torch.randn(1, 2, 64, 32)
-    mask = torch.ones(2, 2, dtype=torch.bool)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        with pytest.raises(RuntimeError, match="not deterministic"):
-            block_sparse_attention(q, q, q, mask, block_size=32, backward="fused")
-        block_sparse_attention(q, q, q, mask, block_size=32, backward="split")  # the default stays allowed
-    finally:
-        torch.use_deterministic_algorithms(previous)
 
 
 def test_opcheck_schema_autograd_and_fake():
@@ -155,33 +135,30 @@ def test_opcheck_schema_autograd_and_fake():
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
     if GPU:
         tests += ("test_aot_dispatch_dynamic",)
-    for fused_backward in (False, True):
-        args = (q, k, v, *compact_mask(mask), 32, 32**-0.5, fused_backward)
-        torch.library.opcheck(torch.ops.radial_lora.block_sparse_attn_fwd.default, args, test_utils=tests)
+    args = (q, k, v, *compact_mask(mask), 32, 32**-0.5)
+    torch.library.opcheck(torch.ops.radial_lora.block_sparse_attn_fwd.default, args, test_utils=tests)
 
 
 # ------------------------------------------------------------------------------ GPU, bf16
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize(
     "frames, tokens_per_frame, heads, head_dim, decay",
     [(21, 1560, 2, 128, 1.0), (11, 1560, 2, 64, 0.2), (9, 3600, 2, 128, 1.0), (5, 777, 3, 128, 1.0)],
 )
-def test_gpu_bf16_real_shapes(frames, tokens_per_frame, heads, head_dim, decay, backward):
+def test_gpu_bf16_real_shapes(frames, tokens_per_frame, heads, head_dim, decay):
     mask = radial_block_mask(frames, tokens_per_frame, decay=decay, device="cuda")
     inputs = random_inputs((1, heads, frames * tokens_per_frame, head_dim), torch.float32, "cuda")
-    check_against_reference(inputs, mask, 128, torch.bfloat16, backward)
+    check_against_reference(inputs, mask, 128, torch.bfloat16)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backward", BACKWARDS)
-def test_gpu_empty_rows_and_full_mask(backward):
+def test_gpu_empty_rows_and_full_mask():
     mask = torch.rand(9, 9, device="cuda") < 0.5
     mask[3] = False
     inputs = random_inputs((2, 2, 9 * 128 - 77, 128), torch.float32, "cuda")
-    out, dq, _, _ = check_against_reference(inputs, mask, 128, torch.bfloat16, backward)
+    out, dq, _, _ = check_against_reference(inputs, mask, 128, torch.bfloat16)
     assert (out[:, :, 384:512] == 0).all() and (dq[:, :, 384:512] == 0).all()
     q, k, v, _ = (t.bfloat16() for t in inputs)
     full = block_sparse_attention(q, k, v, torch.ones(9, 9, dtype=torch.bool, device="cuda"), block_size=128)
@@ -189,20 +166,18 @@ def test_gpu_empty_rows_and_full_mask(backward):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backward", BACKWARDS)
-def test_gpu_torch_compile_and_checkpointing(backward):
+def test_gpu_torch_compile_and_checkpointing():
     from torch.utils.checkpoint import checkpoint
 
     mask = radial_block_mask(6, 1560, device="cuda")
     q, k, v, d_out = (t.bfloat16() for t in random_inputs((1, 2, 6 * 1560, 128), torch.float32, "cuda"))
 
     def layer(q, k, v):
-        return block_sparse_attention(q * 1.0, k, v, mask, block_size=128, backward=backward) * 2.0
+        return block_sparse_attention(q * 1.0, k, v, mask, block_size=128) * 2.0
 
     expected = run(layer, (q, k, v, d_out), torch.bfloat16)
     compiled = run(torch.compile(layer, fullgraph=True), (q, k, v, d_out), torch.bfloat16)
     ckpt = run(lambda q, k, v: checkpoint(layer, q, k, v, use_reentrant=False), (q, k, v, d_out), torch.bfloat16)
-    exact = 0 if backward == "split" else 1e-2  # atomics sum dQ in a varying order
     for a, b, c in zip(expected, compiled, ckpt):
         torch.testing.assert_close(b, a, atol=1e-2, rtol=1e-2)
-        torch.testing.assert_close(c, a, atol=exact, rtol=exact)
+        torch.testing.assert_close(c, a, atol=0, rtol=0)

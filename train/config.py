@@ -75,18 +75,6 @@ class AttentionBackend(str, Enum):
     triton = "triton"
 
 
-class TritonBackward(str, Enum):
-    """How the triton backend's backward gets dQ (kernels/triton_attention.py).
-
-    `split`: a kernel of its own, recomputing P and dP (7 matrix products per block pair,
-    deterministic). `fused`: summed with fp32 atomics inside the dK/dV kernel (5 products; dQ's last
-    bits vary from run to run, so it is refused under torch.use_deterministic_algorithms).
-    """
-
-    split = "split"
-    fused = "fused"
-
-
 @dataclass
 class ModelConfig:
     """The pretrained video diffusion model (diffusers format) to fine-tune."""
@@ -183,8 +171,6 @@ class AttentionConfig:
     backend: AttentionBackend = AttentionBackend.dense
     block_size: int = 128
     """Side of the mask's square blocks, in tokens."""
-    triton_backward: TritonBackward = TritonBackward.split
-    """backend=triton only: `split` (deterministic) or `fused` (fewer products, atomics on dQ)."""
     decay: float = 1.0
     """Scales the band width of frame pairs 2+ apart (the paper uses 0.2 for Wan at 1x length)."""
     sink: bool = True
