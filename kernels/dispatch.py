@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.flex import block_sparse_attention_flex
+from kernels.flex import block_sparse_attention_flex, flex_block_mask
 from kernels.reference import block_sparse_attention_reference
 
 
@@ -27,6 +27,21 @@ SPARSE_BACKENDS = {
     "triton": block_sparse_attention_triton,
 }
 BACKENDS = ("dense", *SPARSE_BACKENDS)
+
+
+def prepare_mask(backend: str, block_mask: torch.Tensor, seq_len: int, block_size: int) -> None:
+    """Build (and cache with the mask) the form of `block_mask` that `backend`'s kernels read.
+
+    Call it in eager code before a compiled region uses the mask: building the triton index lists
+    needs the widest row's length (a `.item()`), which torch.compile cannot trace (a graph break at
+    every block), while a cache hit traces into a plain tensor input.
+    """
+    if backend == "triton":
+        from kernels.triton_attention import compact_mask
+
+        compact_mask(block_mask)
+    elif backend == "flex":
+        flex_block_mask(block_mask, seq_len, block_size)
 
 
 def attention(

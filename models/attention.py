@@ -14,12 +14,14 @@ configured rule decides which samples run dense (`dense_timesteps` in generation
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 
 from kernels import attention, radial_block_mask
+from kernels.dispatch import prepare_mask
 from train.config import AttentionBackend, AttentionConfig
 
 
@@ -198,7 +200,10 @@ def set_self_attention(transformer, cfg: AttentionConfig, mode: str = "train") -
         routing.video_shape = (frames // patch_t, (height // patch_h) * (width // patch_w))
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
         routing.dense_samples = rule(timestep) if rule is not None else None
-        routing.mask = routing.block_mask(hidden.device) if cfg.backend != AttentionBackend.dense else None
+        routing.mask = None
+        if cfg.backend != AttentionBackend.dense:
+            routing.mask = routing.block_mask(hidden.device)
+            prepare_mask(cfg.backend.value, routing.mask, math.prod(routing.video_shape), cfg.block_size)
 
     if getattr(transformer, "_radial_hook", None) is not None:
         transformer._radial_hook.remove()  # a second swap replaces the first
