@@ -140,13 +140,18 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default="docs/benchmarks")
     args = parser.parse_args()
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as training sets it
+    if args.compile and args.keep_attention:
+        parser.error("--keep-attention has no effect with --compile (train.config refuses the pair)")
     group = sequence_parallel_group(args)
     rows = [one_config(args, b, f, group) for f in args.frames for b in args.backends]
     if group is not None and dist.get_rank() != 0:
         return
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    # The allocator setting changes what fits (the 14B at 4x on 2 GPUs needed expandable segments).
+    alloc = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
     meta = {"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "command": "python " + " ".join(sys.argv)}  # fmt: skip
+            "command": (f"PYTORCH_CUDA_ALLOC_CONF={alloc} " if alloc else "") + "python " + " ".join(sys.argv)}  # fmt: skip
     spread = f", each clip over {args.sequence_parallel} GPUs (peak memory: the busiest)" if args.sequence_parallel > 1 else ""
     lines = [f"# LoRA training step: {device}{spread}, {meta['date']}", "", f"Command: `{meta['command']}`", "",
              "| model | video frames | tokens | backend | step (s) | peak GPU memory (GB) |", "|---|---|---|---|---|---|"]  # fmt: skip

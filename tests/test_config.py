@@ -96,6 +96,9 @@ def test_cross_field_checks_name_the_key():
     cfg = typed_config(compose_cfg("model.checkpoint_keep_attention=4", "model.gradient_checkpointing=false"))
     with pytest.raises(ConfigError, match=r"model\.checkpoint_keep_attention needs model\.gradient_checkpointing"):
         validate(cfg)
+    cfg = typed_config(compose_cfg("model.checkpoint_keep_attention=-1", "model.compile_blocks=true", "model.gradient_checkpointing=true"))
+    with pytest.raises(ConfigError, match=r"no effect with model\.compile_blocks=true"):
+        validate(cfg)
 
 
 @pytest.mark.parametrize(

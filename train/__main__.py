@@ -8,10 +8,16 @@ from __future__ import annotations
 import os
 import sys
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+# Before anything touches CUDA: the allocator reads this once. Long clips in size buckets allocate
+# blocks of changing sizes; without expandable segments the 14B's step at 4x on 2 H100s
+# (scripts/bench_train_step.py) ran out of memory with 3.6 GB reserved but fragmented, and fit
+# with them (docs/benchmarks/train_step.md). A user's own setting wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from train.config import ConfigError, register_configs, typed_config, validate
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from train.config import ConfigError, register_configs, typed_config, validate  # noqa: E402
 
 register_configs()
 
