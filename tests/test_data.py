@@ -54,6 +54,20 @@ def test_demo_dataset_is_real_h264_with_captions(demo_videos_dir):
         assert 33 <= len(reader) <= 65 and reader[0].shape == (64, 64, 3)
 
 
+def test_demo_videos_command_writes_clips_of_the_asked_length(tmp_path, capsys):
+    import decord
+
+    from data.demo_videos import main
+
+    main([str(tmp_path / "long"), "--clips", "2", "--frames", "81", "83", "--size", "32"])
+    assert "2 clips in" in capsys.readouterr().out
+    entries = read_source(tmp_path / "long")
+    assert len(entries) == 2 and all(e.problem is None for e in entries)
+    assert all(81 <= len(decord.VideoReader(e.video)) <= 83 for e in entries)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "bad"), "--frames", "9", "5"])
+
+
 def test_decoded_frames_match_what_was_encoded(corpus):
     root, _ = corpus
     clip = decode_clip(str(root / "h264.mp4"), 21, 64, 96, fps=None)

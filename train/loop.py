@@ -230,8 +230,10 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     progress.close()
     if len(step_times) > 2:  # the first steps include compilation, autotuning and warm-up
         median = sorted(step_times[2:])[len(step_times[2:]) // 2]
+        memory = "GPU memory allocated" if device.type == "cuda" else "resident memory"
         say(f"throughput: {samples_per_step / median:.3f} samples/s on {accelerator.num_processes} processes "
-            f"(median step {median:.3f} s after the first 2 logged)")  # fmt: skip
+            f"(median step {median:.3f} s after the first 2 logged); peak {memory} {peak_memory_gb(device):.2f} GB "
+            f"on rank 0")  # fmt: skip
     say(f"data: clips failing to decode mid-run (each replaced by another): {total_skipped().summary()}")
     lora_file = export(run_dir / "lora")
     accelerator.wait_for_everyone()
