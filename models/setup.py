@@ -13,7 +13,7 @@ from models.attention import set_self_attention
 from models.checkpointing import enable_checkpointing
 from models.lora import add_lora, check_lora_inside_blocks
 from models.sequence_parallel import enable_sequence_parallel
-from train.config import AttentionConfig, LoraConfig, ModelConfig
+from train.config import AttentionConfig, ConfigError, LoraConfig, ModelConfig
 
 
 def prepare_transformer(
@@ -36,3 +36,20 @@ def prepare_transformer(
     if model.compile_blocks:
         transformer.compile_repeated_blocks(backend=model.compile_backend)
     return params
+
+
+def check_rotary_covers(pipe, frames: list[int], sizes: list[list[int]]) -> None:
+    """Refuse, in one line, clips with more positions along time, height or width than the
+    transformer's rotary table holds (`rope_max_seq_len`, 1024 for Wan2.1): diffusers would fail
+    inside the first step with a bare reshape error."""
+    config = pipe.transformer.config
+    limit = config.rope_max_seq_len
+    p_t, p_h, p_w = config.patch_size
+    t, s = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+    longest, tallest, widest = max(frames), max(h for h, _ in sizes), max(w for _, w in sizes)
+    for key, value, positions in (("data.frames", longest, ((longest - 1) // t + 1) // p_t),
+                                  ("data.sizes height", tallest, tallest // s // p_h),
+                                  ("data.sizes width", widest, widest // s // p_w)):  # fmt: skip
+        if positions > limit:
+            raise ConfigError(f"{key} {value} gives {positions} rotary positions; the model's table holds {limit} "
+                              f"(rope_max_seq_len): use shorter or smaller clips")  # fmt: skip

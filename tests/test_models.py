@@ -48,6 +48,19 @@ def test_tiny_model_is_a_real_wan_pipeline(tiny_model_dir):
     assert video.shape == (1, 5, 3, 32, 32) and torch.isfinite(video).all()
 
 
+def test_clips_beyond_the_rotary_table_are_refused_in_one_line(tiny_model_dir):
+    from models.setup import check_rotary_covers
+    from train.config import ConfigError
+
+    pipe = load(tiny_model_dir)  # rope_max_seq_len 1024, VAE x4 in time and x8 in space, patch 1x2x2
+    check_rotary_covers(pipe, [321, 81], [[480, 832]])
+    check_rotary_covers(pipe, [4093], [[16384, 16384]])  # exactly 1024 positions on every axis
+    with pytest.raises(ConfigError, match=r"data\.frames 4097 gives 1025 rotary positions; .* holds 1024"):
+        check_rotary_covers(pipe, [81, 4097], [[480, 832]])
+    with pytest.raises(ConfigError, match=r"data\.sizes width 16400 gives 1025 rotary positions"):
+        check_rotary_covers(pipe, [81], [[480, 832], [480, 16400]])
+
+
 def test_dense_processor_matches_diffusers_stock_processor(tiny_model_dir):
     pipe = load(tiny_model_dir)
     x, t, text = inputs(pipe)

@@ -20,7 +20,7 @@ from data.setup import catalog_for, usable_clips
 from models.attention import describe
 from models.loading import check_model_available, load_pipeline, torch_dtype
 from models.lora import export_lora
-from models.setup import prepare_transformer
+from models.setup import check_rotary_covers, prepare_transformer
 from train.checkpoint import TrainState, install_hooks, resolve_resume, save_checkpoint
 from train.config import Config
 from train.distributed import (
@@ -97,6 +97,7 @@ def train(cfg: Config, resolved_config: dict) -> Path:
         pipe = load_pipeline(cfg.model, device=device)
     pipe.vae.requires_grad_(False).eval()
     pipe.text_encoder.requires_grad_(False).eval()
+    check_rotary_covers(pipe, cfg.data.frames, cfg.data.sizes)
     transformer = pipe.transformer
     params = prepare_transformer(transformer, cfg.model, cfg.attention, cfg.lora, sp_group)
     say(describe(transformer))
