@@ -56,13 +56,15 @@ def check_model_available(cfg: ModelConfig) -> None:
         raise _not_found(cfg.id, err) from None
 
 
-def load_pipeline(cfg: ModelConfig, transformer: bool = True, device=None):
+def load_pipeline(cfg: ModelConfig, transformer: bool = True, device=None, text_encoder: bool = True):
     """A `WanPipeline` with the transformer, VAE and text encoder in their configured dtypes.
 
     Loading the whole pipeline (rather than each class by hand) keeps training on exactly the
     path users take for inference, and gives us its `encode_prompt`. `transformer=False` leaves
-    the transformer out (encoding-only work such as the latent cache). With `model.init=random`
-    the architecture is built with random weights on `device` (models/random_init.py).
+    the transformer out (encoding-only work such as the latent cache); `text_encoder=False` leaves
+    the text encoder out (training from a latent cache, whose prompts are already embedded:
+    UMT5-XXL is 11 GB in bf16, on every process). With `model.init=random` the architecture is
+    built with random weights on `device` (models/random_init.py).
     """
     from diffusers import WanPipeline
 
@@ -75,12 +77,9 @@ def load_pipeline(cfg: ModelConfig, transformer: bool = True, device=None):
     if cfg.init == "random":
         from models.random_init import random_pipeline
 
-        pipe = random_pipeline(cfg.id, dtypes, device or "cpu")
-        if not transformer:
-            pipe.transformer = None
-        return pipe
+        return random_pipeline(cfg.id, dtypes, device or "cpu", transformer=transformer, text_encoder=text_encoder)
     source = model_source(cfg)
-    skip = {} if transformer else {"transformer": None}
+    skip = {name: None for name, wanted in (("transformer", transformer), ("text_encoder", text_encoder)) if not wanted}
     try:
         return WanPipeline.from_pretrained(source, dtype=dtypes, **skip)
     except Exception as err:

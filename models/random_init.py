@@ -69,8 +69,10 @@ def build_transformer(arch: dict, dtype: torch.dtype, device: str | torch.device
         return WanTransformer3DModel(**arch)
 
 
-def random_pipeline(model_id: str, dtypes: dict, device: str | torch.device = "cpu", seed: int = 0):
-    """A WanPipeline with `model_id`'s architecture and random weights, built on `device`."""
+def random_pipeline(model_id: str, dtypes: dict, device: str | torch.device = "cpu", seed: int = 0,
+                    transformer: bool = True, text_encoder: bool = True):  # fmt: skip
+    """A WanPipeline with `model_id`'s architecture and random weights, built on `device`
+    (without the transformer or the text encoder when they are not wanted)."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -79,16 +81,18 @@ def random_pipeline(model_id: str, dtypes: dict, device: str | torch.device = "c
     if model_id not in TRANSFORMERS:
         raise ValueError(f"model.init=random knows {', '.join(TRANSFORMERS)}; not {model_id!r}")
     torch.manual_seed(seed)
-    transformer = build_transformer(TRANSFORMERS[model_id], dtypes["transformer"], device)
+    model = build_transformer(TRANSFORMERS[model_id], dtypes["transformer"], device) if transformer else None
     with torch.device(device):
         with default_dtype(dtypes["vae"]):
             vae = AutoencoderKLWan()
-        with default_dtype(dtypes["text_encoder"]):
-            text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL))
+        encoder = None
+        if text_encoder:
+            with default_dtype(dtypes["text_encoder"]):
+                encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).eval()
     return WanPipeline(
         tokenizer=_build_tokenizer(),
-        text_encoder=text_encoder.eval(),
+        text_encoder=encoder,
         vae=vae.eval(),
-        transformer=transformer,
+        transformer=model,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )

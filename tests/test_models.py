@@ -151,6 +151,15 @@ def test_random_init_builds_the_published_architectures():
     assert 0.12 < billions(small.vae) < 0.13 and 5.6 < billions(small.text_encoder) < 5.7
     large = random_pipeline("Wan-AI/Wan2.1-T2V-14B-Diffusers", dtypes, "meta")
     assert 14.2 < billions(large.transformer) < 14.4 and large.transformer.config.num_layers == 40
+    vae_only = random_pipeline("Wan-AI/Wan2.1-T2V-14B-Diffusers", dtypes, "meta", transformer=False, text_encoder=False)
+    assert vae_only.transformer is None and vae_only.text_encoder is None and vae_only.vae is not None
+
+
+def test_pipeline_without_the_text_encoder_for_cached_training(tiny_model_dir):
+    from models.loading import load_pipeline
+
+    pipe = load_pipeline(ModelConfig(id="tiny-wan", path=str(tiny_model_dir)), text_encoder=False)
+    assert pipe.text_encoder is None and pipe.transformer is not None and pipe.vae is not None
 
 
 def test_offline_missing_model_fails_at_once_saying_how_to_fix_it(tmp_path, demo_videos_dir):

@@ -94,9 +94,11 @@ def train(cfg: Config, resolved_config: dict) -> Path:
 
     # --- model: pretrained pipeline, our self-attention, LoRA on the transformer ---
     with accelerator.main_process_first():  # rank 0 builds the tiny demo model if it is missing
-        pipe = load_pipeline(cfg.model, device=device)
+        # From a latent cache the prompts come embedded: the text encoder is not loaded at all.
+        pipe = load_pipeline(cfg.model, device=device, text_encoder=cache is None)
     pipe.vae.requires_grad_(False).eval()
-    pipe.text_encoder.requires_grad_(False).eval()
+    if pipe.text_encoder is not None:
+        pipe.text_encoder.requires_grad_(False).eval()
     check_rotary_covers(pipe, cfg.data.frames, cfg.data.sizes)
     transformer = pipe.transformer
     params = prepare_transformer(transformer, cfg.model, cfg.attention, cfg.lora, sp_group)
