@@ -16,6 +16,11 @@ index, recomputing P and dP: 7 matrix products per block pair, deterministic. (A
 dS·K added into an fp32 dQ buffer with atomics inside the dK/dV kernel, 5 products, measured 8%
 slower on an H100 and was removed: docs/benchmarks/attention.md.)
 
+Loads of the streamed tiles (K/V in the forward and dQ kernels, Q/dO in the dK/dV kernel) are
+masked pointer loads (`cp.async`), or, with RADIAL_TRITON_TMA=1 and a layout TMA accepts, tensor
+descriptor loads through Hopper's tensor memory accelerator (`UTMALDG`, rows past S read as
+zeros). TMA is an experiment: off by default until measured on a GPU (docs/benchmarks/attention.md).
+
 Numerics: scores and softmax statistics in fp32; the softmax scale times log2(e) is folded into
 one fp32 factor applied to the fp32 product q.k, so exp2 can be used and K is never pre-scaled
 in low precision (which would make the backward's recomputed probabilities disagree with the
@@ -36,6 +41,8 @@ from kernels.mask_cache import derived
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Experimental: stream tiles through TMA descriptors where the tensors' layout allows (see above).
+TMA = os.environ.get("RADIAL_TRITON_TMA") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,13 +88,37 @@ else:
 
 def _autotune(configs):
     return triton.autotune(
-        configs=configs, key=["S", "HEAD_DIM", "MASK_BLOCK"], prune_configs_by={"early_config_prune": _fits_mask_block}
+        configs=configs,
+        key=["S", "HEAD_DIM", "MASK_BLOCK", "TMA"],
+        prune_configs_by={"early_config_prune": _fits_mask_block},
     )
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rows_source(ptr, S, stride, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
+    """Where `_load_rows` reads one [S, HEAD_DIM] matrix (batch and head applied to `ptr`): a TMA
+    descriptor for ROWS-row tiles, or the pointer itself."""
+    if TMA:
+        return tl.make_tensor_descriptor(ptr, shape=[S, HEAD_DIM], strides=[stride, 1], block_shape=[ROWS, HEAD_DIM])
+    else:
+        return ptr
+
+
+@triton.jit
+def _load_rows(source, start, S, stride, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
+    """Rows start .. start+ROWS of a `_rows_source`, [ROWS, HEAD_DIM]; rows past S read as zeros."""
+    if TMA:
+        return source.load([start, 0])
+    else:
+        rows = start + tl.arange(0, ROWS)
+        cols = tl.arange(0, HEAD_DIM)
+        return tl.load(source + rows[:, None] * stride + cols[None, :], mask=rows[:, None] < S, other=0.0)
+
 
 
 @_autotune(_FWD_CONFIGS)
@@ -101,6 +132,7 @@ def _fwd_kernel(
     stride_index,
     H, S, qk_scale,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile may pass Python floats as fp64
     start_m = tl.program_id(0) * BLOCK_M
@@ -112,8 +144,8 @@ def _fwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
                 mask=offs_m[:, None] < S, other=0.0)  # fmt: skip
-    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
-    v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :]
+    k_src = _rows_source(K + b * stride_kb + h * stride_kh, S, stride_ks, BLOCK_N, HEAD_DIM, TMA)
+    v_src = _rows_source(V + b * stride_vb + h * stride_vh, S, stride_vs, BLOCK_N, HEAD_DIM, TMA)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -122,15 +154,16 @@ def _fwd_kernel(
     num_tiles = tl.load(KV_COUNT + row) * tiles_per_block
     for t in range(num_tiles):
         kv_block = tl.load(KV_INDEX + row * stride_index + t // tiles_per_block)
-        cols = kv_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_N + offs_n
-        k = tl.load(k_base + cols[:, None] * stride_ks, mask=cols[:, None] < S, other=0.0)
+        start_n = kv_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_N
+        cols = start_n + offs_n
+        k = _load_rows(k_src, start_n, S, stride_ks, BLOCK_N, HEAD_DIM, TMA)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # fp32 scores, already in log2 units
         s = tl.where(cols[None, :] < S, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vs, mask=cols[:, None] < S, other=0.0)
+        v = _load_rows(v_src, start_n, S, stride_vs, BLOCK_N, HEAD_DIM, TMA)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
@@ -177,6 +210,7 @@ def _bwd_dkdv_kernel(
     stride_index,
     H, S, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     """One key tile: dK and dV over the query blocks that keep it."""
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
@@ -190,8 +224,8 @@ def _bwd_dkdv_kernel(
     keys = offs_n[:, None] < S
     k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :], mask=keys, other=0.0)
     v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :], mask=keys, other=0.0)
-    q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :]
-    do_base = DO + b * stride_db + h * stride_dh + offs_d[None, :]
+    q_src = _rows_source(Q + b * stride_qb + h * stride_qh, S, stride_qs, BLOCK_M, HEAD_DIM, TMA)
+    do_src = _rows_source(DO + b * stride_db + h * stride_dh, S, stride_ds, BLOCK_M, HEAD_DIM, TMA)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -199,10 +233,10 @@ def _bwd_dkdv_kernel(
     num_tiles = tl.load(Q_COUNT + col) * tiles_per_block
     for t in range(num_tiles):
         q_block = tl.load(Q_INDEX + col * stride_index + t // tiles_per_block)
-        rows = q_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_M + offs_m
-        in_seq = rows[:, None] < S
-        q = tl.load(q_base + rows[:, None] * stride_qs, mask=in_seq, other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_ds, mask=in_seq, other=0.0)
+        start_m = q_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_M
+        rows = start_m + offs_m
+        q = _load_rows(q_src, start_m, S, stride_qs, BLOCK_M, HEAD_DIM, TMA)
+        do = _load_rows(do_src, start_m, S, stride_ds, BLOCK_M, HEAD_DIM, TMA)
         lse = tl.load(LSE + bh * S + rows, mask=rows < S, other=float("inf"))
         delta = tl.load(DELTA + bh * S + rows, mask=rows < S, other=0.0)
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # P^T [BLOCK_N, BLOCK_M]
@@ -230,6 +264,7 @@ def _bwd_dq_kernel(
     stride_index,
     H, S, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
     start_m = tl.program_id(0) * BLOCK_M
@@ -237,7 +272,6 @@ def _bwd_dq_kernel(
     b, h = bh // H, bh % H
     row = start_m // MASK_BLOCK
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m[:, None] < S
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=rows, other=0.0)
@@ -245,17 +279,17 @@ def _bwd_dq_kernel(
                  other=0.0)  # fmt: skip
     lse = tl.load(LSE + bh * S + offs_m, mask=offs_m < S, other=float("inf"))
     delta = tl.load(DELTA + bh * S + offs_m, mask=offs_m < S, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
-    v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :]
+    k_src = _rows_source(K + b * stride_kb + h * stride_kh, S, stride_ks, BLOCK_N, HEAD_DIM, TMA)
+    v_src = _rows_source(V + b * stride_vb + h * stride_vh, S, stride_vs, BLOCK_N, HEAD_DIM, TMA)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     tiles_per_block: tl.constexpr = MASK_BLOCK // BLOCK_N
     num_tiles = tl.load(KV_COUNT + row) * tiles_per_block
     for t in range(num_tiles):
         kv_block = tl.load(KV_INDEX + row * stride_index + t // tiles_per_block)
-        cols = kv_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_N + offs_n
-        k = tl.load(k_base + cols[:, None] * stride_ks, mask=cols[:, None] < S, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vs, mask=cols[:, None] < S, other=0.0)
+        start_n = kv_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_N
+        k = _load_rows(k_src, start_n, S, stride_ks, BLOCK_N, HEAD_DIM, TMA)
+        v = _load_rows(v_src, start_n, S, stride_vs, BLOCK_N, HEAD_DIM, TMA)
         p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -279,6 +313,32 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """The kernels index the head dim with stride 1 and other dims by their strides."""
     return t if t.stride(-1) == 1 and 0 not in t.stride() else t.contiguous()
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the TMA loads can read these [B, H, S, D] tensors: asked for (RADIAL_TRITON_TMA=1),
+    and a layout the tensor memory accelerator accepts (16-byte aligned start of every (b, h)
+    matrix, row strides a multiple of 16 bytes). Otherwise the kernels use pointer loads.
+
+    Judged from the storage offset, not the address: torch's allocators align every storage to at
+    least 64 bytes, and torch.compile traces with fake tensors, which have no address."""
+    if not TMA:
+        return False
+    for t in tensors:
+        unit = 16 // t.element_size()
+        if t.storage_offset() % unit or any(stride % unit for stride in t.stride()[:3]):
+            return False
+    _set_tma_allocator()
+    return True
+
+
+def _set_tma_allocator() -> None:
+    """Descriptors made inside a kernel need scratch memory, which Triton asks its allocator for."""
+
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, device="cpu" if INTERPRET else "cuda", dtype=torch.int8)
+
+    triton.set_allocator(alloc)
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
@@ -328,7 +388,7 @@ def _fwd_op(
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         kv_index.stride(0),
         heads, seq, scale * LOG2E,
-        HEAD_DIM=head_dim, MASK_BLOCK=block_size,
+        HEAD_DIM=head_dim, MASK_BLOCK=block_size, TMA=_tma_ok(k, v),
     )  # fmt: skip
     return out, lse
 
@@ -373,7 +433,7 @@ def _bwd_op(
         *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dk), *_strides(dv),
         q_index.stride(0),
         heads, seq, scale * LOG2E, scale,
-        HEAD_DIM=head_dim, MASK_BLOCK=block_size,
+        HEAD_DIM=head_dim, MASK_BLOCK=block_size, TMA=_tma_ok(q, d_out),
     )  # fmt: skip
     _launch(
         _bwd_dq_kernel,
@@ -382,7 +442,7 @@ def _bwd_op(
         *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dq),
         kv_index.stride(0),
         heads, seq, scale * LOG2E, scale,
-        HEAD_DIM=head_dim, MASK_BLOCK=block_size,
+        HEAD_DIM=head_dim, MASK_BLOCK=block_size, TMA=_tma_ok(k, v),
     )  # fmt: skip
     return dq, dk, dv
 

@@ -14,6 +14,7 @@ Effective TFLOP/s count computed blocks only: forward 4*S^2*D*H*density, backwar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -87,9 +88,25 @@ def bench_shape(model, heads, shape_name, frames, tokens_per_frame):
     for decay in DECAYS:
         mask = radial_block_mask(frames, tokens_per_frame, block_size=BLOCK, decay=decay, device="cuda")
         density = block_density(mask)
-        for name, fn in (("triton (ours)", block_sparse_attention), ("flex", block_sparse_attention_flex)):
-            record(name, decay, density, *time_fwd_bwd(lambda q, k, v: fn(q, k, v, mask, block_size=BLOCK), q, k, v, d_out))
+        for name, fn, tma in (("triton (ours)", block_sparse_attention, False),
+                              ("triton (ours), TMA loads", block_sparse_attention, True),
+                              ("flex", block_sparse_attention_flex, False)):  # fmt: skip
+            with tma_loads(tma):
+                times = time_fwd_bwd(lambda q, k, v: fn(q, k, v, mask, block_size=BLOCK), q, k, v, d_out)
+            record(name, decay, density, *times)
     return rows
+
+
+@contextlib.contextmanager
+def tma_loads(enabled: bool):
+    """The experimental TMA tile loads (RADIAL_TRITON_TMA=1) for the forward and backward inside."""
+    from kernels import triton_attention
+
+    previous, triton_attention.TMA = triton_attention.TMA, enabled
+    try:
+        yield
+    finally:
+        triton_attention.TMA = previous
 
 
 def markdown(rows, meta):
@@ -121,7 +138,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for backend in ("triton (ours)", "flex"):
+    for backend in ("triton (ours)", "triton (ours), TMA loads", "flex"):
         for decay in DECAYS:
             pts = []
             for r in rows:

@@ -127,6 +127,25 @@ def test_bad_inputs_fail_clearly():
         block_sparse_attention(q, q, q, torch.ones(3, 3, dtype=torch.bool), block_size=48)
 
 
+def test_tma_loads_equal_pointer_loads_and_odd_layouts_fall_back(monkeypatch):
+    """RADIAL_TRITON_TMA=1 (experimental): the descriptor loads give bit-identical outputs and
+    gradients, partial last block included, and a layout TMA cannot read keeps pointer loads."""
+    import kernels.triton_attention as ta
+
+    mask = radial_block_mask(3, 40, block_size=32)
+    inputs = random_inputs((1, 2, 120, 64), torch.float32, "cpu")  # 120 tokens: the last block partial
+    plain = run(block_sparse_attention, inputs, torch.float32, block_mask=mask, block_size=32)
+    monkeypatch.setattr(ta, "TMA", True)
+    chosen, check = [], ta._tma_ok
+    monkeypatch.setattr(ta, "_tma_ok", lambda *tensors: chosen.append(check(*tensors)) or chosen[-1])
+    tma = run(block_sparse_attention, inputs, torch.float32, block_mask=mask, block_size=32)
+    assert chosen == [True, True, True]  # forward, dK/dV, dQ
+    for name, a, b in zip(["out", "dq", "dk", "dv"], plain, tma):
+        assert torch.equal(a, b), name
+    padded = torch.randn(1, 2, 120, 66)[..., :64]  # rows 66 floats apart: not a multiple of 16 bytes
+    assert not check(padded, padded) and check(inputs[0], inputs[1])
+
+
 def test_opcheck_schema_autograd_and_fake():
     device = "cuda" if GPU else "cpu"
     mask = radial_block_mask(3, 40, block_size=32, device=device)
@@ -147,7 +166,11 @@ def test_opcheck_schema_autograd_and_fake():
     "frames, tokens_per_frame, heads, head_dim, decay",
     [(21, 1560, 2, 128, 1.0), (11, 1560, 2, 64, 0.2), (9, 3600, 2, 128, 1.0), (5, 777, 3, 128, 1.0)],
 )
-def test_gpu_bf16_real_shapes(frames, tokens_per_frame, heads, head_dim, decay):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer-loads", "tma-loads"])
+def test_gpu_bf16_real_shapes(frames, tokens_per_frame, heads, head_dim, decay, tma, monkeypatch):
+    import kernels.triton_attention as ta
+
+    monkeypatch.setattr(ta, "TMA", tma)  # the experimental TMA path (RADIAL_TRITON_TMA=1) too
     mask = radial_block_mask(frames, tokens_per_frame, decay=decay, device="cuda")
     inputs = random_inputs((1, heads, frames * tokens_per_frame, head_dim), torch.float32, "cuda")
     check_against_reference(inputs, mask, 128, torch.bfloat16)
