@@ -65,3 +65,21 @@ def test_generate_with_a_trained_lora(train_cli):
         videos[name] = reader.get_batch(list(range(len(reader)))).asnumpy()
         assert videos[name].shape == (13, 32, 32, 3)
     assert np.abs(videos["lora"].astype(int) - videos["base"].astype(int)).mean() > 0.5
+
+
+def test_kernel_sass_report_shows_tma_loads_on_hopper():
+    """scripts/kernel_sass.py compiles the real forward kernel for sm_90 without a GPU: pointer loads
+    become cp.async (LDGSTS), the experimental TMA path real tensor-memory-accelerator loads."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/kernel_sass.py"), "--kernel", "fwd"],
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("| kernel"))
+    names = [c.strip() for c in header.strip("|").split("|")]
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == "fwd":
+            rows[cells[2]] = dict(zip(names, cells))
+    assert int(rows["pointer"]["LDGSTS"]) > 0 and int(rows["pointer"]["UTMALDG"]) == 0
+    assert int(rows["TMA"]["UTMALDG"]) > 0 and int(rows["TMA"]["HGMMA"]) == int(rows["pointer"]["HGMMA"]) > 0

@@ -1,0 +1,109 @@
+"""Compile our attention kernels for Hopper (sm_90) offline and count what their SASS does.
+
+    python scripts/kernel_sass.py                        # the three kernels, pointer and TMA loads
+    python scripts/kernel_sass.py --kernel fwd --block 128 64 --warps 8 --stages 3 --dump /tmp/fwd.sass
+
+No GPU needed: Triton compiles for a `GPUTarget("cuda", 90, 32)` and its bundled `cuobjdump`
+disassembles the cubin. Counts, per kernel and load mode: `HGMMA` (Hopper's asynchronous
+tensor-core products), `UTMALDG` (tensor-memory-accelerator loads), `LDGSTS` (cp.async loads),
+`MUFU.EX2` (the softmax exponentials), `WARPGROUP.DEPBAR` (waits on the tensor cores), `SYNCS`
+(mbarrier operations), `STL`/`LDL` (register spills to local memory), registers per thread and
+shared memory per program. Arguments are given
+the divisibility-by-16 hints an aligned launch gets. The Triton installed here compiles, which may
+be newer than the GPU image's: say which when quoting the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import triton_attention as ta  # noqa: E402
+
+KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel}
+# The tiles the H100 autotuning picked (kernels/triton_attention.py): (BLOCK_M, BLOCK_N, warps, stages).
+TUNED = {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2)}
+COUNTED = {"HGMMA": r"HGMMA", "UTMALDG": r"UTMALDG", "LDGSTS": r"LDGSTS", "MUFU.EX2": r"MUFU\.EX2",
+           "WARPGROUP.DEPBAR": r"WARPGROUP\.DEPBAR", "SYNCS": r"SYNCS", "spill STL/LDL": r"\b(?:STL|LDL)\b"}  # fmt: skip
+
+
+def signature(fn) -> tuple[dict, list[int]]:
+    """Triton types of the kernel's arguments, and the positions that get the alignment hint."""
+    types, aligned = {}, []
+    for i, name in enumerate(fn.arg_names):
+        if name in ("HEAD_DIM", "MASK_BLOCK", "BLOCK_M", "BLOCK_N", "TMA"):
+            types[name] = "constexpr"
+        elif name in ("LSE", "DELTA"):
+            types[name] = "*fp32"
+        elif name.endswith(("_COUNT", "_INDEX")):
+            types[name] = "*i32"
+        elif name in ("qk_scale", "sm_scale"):
+            types[name] = "fp32"
+        elif name.startswith("stride_") or name in ("H", "S"):
+            types[name] = "i32"
+        else:  # Q, K, V, O, DO, DK, DV, DQ
+            types[name] = "*bf16"
+        if types[name].startswith("*") or (name.startswith("stride_") and name != "stride_index"):
+            aligned.append(i)
+    return types, aligned
+
+
+def compile_sass(kernel: str, block, warps: int, stages: int, tma: bool) -> tuple[str, dict]:
+    fn = KERNELS[kernel].fn
+    types, aligned = signature(fn)
+    constants = {"HEAD_DIM": 128, "MASK_BLOCK": 128, "BLOCK_M": block[0], "BLOCK_N": block[1], "TMA": tma}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    compiled = triton.compile(ASTSource(fn, types, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})  # fmt: skip
+    tools = Path(triton.__file__).parent / "backends/nvidia/bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout  # fmt: skip
+    finally:
+        os.unlink(f.name)
+    counts = {name: len(re.findall(pattern, sass)) for name, pattern in COUNTED.items()}
+    registers = re.search(r"REG:(\d+)", usage)
+    counts["registers"] = int(registers.group(1)) if registers else None
+    counts["shared_kb"] = compiled.metadata.shared // 1024
+    return sass, counts
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kernel", choices=list(KERNELS), nargs="+", default=list(KERNELS))
+    parser.add_argument("--block", type=int, nargs=2, metavar=("BLOCK_M", "BLOCK_N"), help="default: the tuned tile")
+    parser.add_argument("--warps", type=int)
+    parser.add_argument("--stages", type=int)
+    parser.add_argument("--dump", help="write the last compiled kernel's SASS here")
+    args = parser.parse_args()
+    print(f"triton {triton.__version__}, target sm_90, head dim 128, mask block 128, bf16")
+    print("| kernel | tile (M x N, warps, stages) | loads | " + " | ".join([*COUNTED, "registers", "shared KB"]) + " |")
+    print("|---" * (len(COUNTED) + 5) + "|")
+    for kernel in args.kernel:
+        m, n, warps, stages = TUNED[kernel]
+        block, warps, stages = args.block or (m, n), args.warps or warps, args.stages or stages
+        for tma in (False, True):
+            sass, counts = compile_sass(kernel, block, warps, stages, tma)
+            cells = " | ".join(str(counts[k]) for k in [*COUNTED, "registers", "shared_kb"])
+            print(f"| {kernel} | {block[0]}x{block[1]}, {warps}, {stages} | {'TMA' if tma else 'pointer'} | {cells} |")
+    if args.dump:
+        Path(args.dump).write_text(sass)
+
+
+if __name__ == "__main__":
+    main()
