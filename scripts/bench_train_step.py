@@ -148,10 +148,12 @@ def main():
     if group is not None and dist.get_rank() != 0:
         return
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    # The allocator setting changes what fits (the 14B at 4x on 2 GPUs needed expandable segments).
-    alloc = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    # Settings that change what fits or how fast (the 14B at 4x on 2 GPUs needed expandable
+    # segments; RADIAL_TRITON_TMA picks the kernels' load path), written into the command.
+    env = "".join(f"{name}={os.environ[name]} " for name in ("PYTORCH_CUDA_ALLOC_CONF", "RADIAL_TRITON_TMA")
+                  if name in os.environ)  # fmt: skip
     meta = {"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "command": (f"PYTORCH_CUDA_ALLOC_CONF={alloc} " if alloc else "") + "python " + " ".join(sys.argv)}  # fmt: skip
+            "command": env + "python " + " ".join(sys.argv)}  # fmt: skip
     spread = f", each clip over {args.sequence_parallel} GPUs (peak memory: the busiest)" if args.sequence_parallel > 1 else ""
     lines = [f"# LoRA training step: {device}{spread}, {meta['date']}", "", f"Command: `{meta['command']}`", "",
              "| model | video frames | tokens | backend | step (s) | peak GPU memory (GB) |", "|---|---|---|---|---|---|"]  # fmt: skip
