@@ -142,8 +142,7 @@ def _fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=offs_m[:, None] < S, other=0.0)  # fmt: skip
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, start_m, S, stride_qs, BLOCK_M, HEAD_DIM, False)
     k_src = _rows_source(K + b * stride_kb + h * stride_kh, S, stride_ks, BLOCK_N, HEAD_DIM, TMA)
     v_src = _rows_source(V + b * stride_vb + h * stride_vh, S, stride_vs, BLOCK_N, HEAD_DIM, TMA)
 
@@ -189,11 +188,8 @@ def _bwd_delta_kernel(
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    rows = offs_m[:, None] < S
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :], mask=rows, other=0.0)
-    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :], mask=rows,
-                 other=0.0)  # fmt: skip
+    o = _load_rows(O + b * stride_ob + h * stride_oh, start_m, S, stride_os, BLOCK_M, HEAD_DIM, False)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, start_m, S, stride_ds, BLOCK_M, HEAD_DIM, False)
     tl.store(DELTA + bh * S + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < S)
 
 
@@ -222,8 +218,8 @@ def _bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     keys = offs_n[:, None] < S
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :], mask=keys, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :], mask=keys, other=0.0)
+    k = _load_rows(K + b * stride_kb + h * stride_kh, start_n, S, stride_ks, BLOCK_N, HEAD_DIM, False)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, start_n, S, stride_vs, BLOCK_N, HEAD_DIM, False)
     q_src = _rows_source(Q + b * stride_qb + h * stride_qh, S, stride_qs, BLOCK_M, HEAD_DIM, TMA)
     do_src = _rows_source(DO + b * stride_db + h * stride_dh, S, stride_ds, BLOCK_M, HEAD_DIM, TMA)
 
@@ -274,9 +270,8 @@ def _bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m[:, None] < S
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=rows, other=0.0)
-    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :], mask=rows,
-                 other=0.0)  # fmt: skip
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, start_m, S, stride_qs, BLOCK_M, HEAD_DIM, False)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, start_m, S, stride_ds, BLOCK_M, HEAD_DIM, False)
     lse = tl.load(LSE + bh * S + offs_m, mask=offs_m < S, other=float("inf"))
     delta = tl.load(DELTA + bh * S + offs_m, mask=offs_m < S, other=0.0)
     k_src = _rows_source(K + b * stride_kb + h * stride_kh, S, stride_ks, BLOCK_N, HEAD_DIM, TMA)
