@@ -31,6 +31,7 @@ their own dK/dV rows are never stored). A query block with no kept key block out
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -118,7 +119,6 @@ def _load_rows(source, start, S, stride, ROWS: tl.constexpr, HEAD_DIM: tl.conste
         rows = start + tl.arange(0, ROWS)
         cols = tl.arange(0, HEAD_DIM)
         return tl.load(source + rows[:, None] * stride + cols[None, :], mask=rows[:, None] < S, other=0.0)
-
 
 
 @_autotune(_FWD_CONFIGS)
@@ -327,6 +327,7 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
     return True
 
 
+@functools.cache  # once per process: not on every launch
 def _set_tma_allocator() -> None:
     """Descriptors made inside a kernel need scratch memory, which Triton asks its allocator for."""
 

@@ -181,8 +181,7 @@ def set_self_attention(transformer, cfg: AttentionConfig, mode: str = "train") -
     `mode` picks the dense-timestep rule: "train" (cfg.train_dense_above_sigma) or "generate"
     (cfg.dense_timesteps). Returns the routing; `describe(routing, n)` says which layer got what.
     """
-    # Also accept plain strings for the enums.
-    cfg = replace(cfg, backend=AttentionBackend(cfg.backend))
+    cfg = replace(cfg, backend=AttentionBackend(cfg.backend))  # also accept a plain string
     if mode == "train":
         rule = DenseAboveSigma(cfg.train_dense_above_sigma) if cfg.train_dense_above_sigma is not None else None
     elif mode == "generate":
