@@ -63,7 +63,7 @@ def load_pipeline(cfg: ModelConfig, transformer: bool = True, device=None, text_
     path users take for inference, and gives us its `encode_prompt`. `transformer=False` leaves
     the transformer out (encoding-only work such as the latent cache); `text_encoder=False` leaves
     the text encoder out (training from a latent cache, whose prompts are already embedded:
-    UMT5-XXL is 11 GB in bf16, on every process). With `model.init=random` the architecture is
+    UMT5-XXL has 5.68B parameters, on every process). With `model.init=random` the architecture is
     built with random weights on `device` (models/random_init.py).
     """
     from diffusers import WanPipeline
