@@ -121,6 +121,37 @@ def _load_rows(source, start, S, stride, ROWS: tl.constexpr, HEAD_DIM: tl.conste
         return tl.load(source + rows[:, None] * stride + cols[None, :], mask=rows[:, None] < S, other=0.0)
 
 
+@triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, q, k_src, v_src, index_row, first, last, S, stride_ks, stride_vs, qk_scale,
+    HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+    RAGGED: tl.constexpr,
+):  # fmt: skip
+    """The online softmax over key tiles first .. last of one query tile's kept blocks.
+
+    RAGGED masks keys past S: only the tiles of a partial last block need it, so the main loop
+    runs without the compare-and-select per score, and the scale is applied in the same fused
+    multiply-add as the max subtraction (the max of raw scores times a positive scale is the max
+    of scaled scores, exactly)."""
+    tiles_per_block: tl.constexpr = MASK_BLOCK // BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    for t in range(first, last):
+        kv_block = tl.load(index_row + t // tiles_per_block)
+        start_n = kv_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_N
+        k = _load_rows(k_src, start_n, S, stride_ks, BLOCK_N, HEAD_DIM, TMA)
+        qk = tl.dot(q, tl.trans(k))  # fp32 raw scores
+        if RAGGED:
+            qk = tl.where((start_n + offs_n)[None, :] < S, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # log2 units
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_src, start_n, S, stride_vs, BLOCK_N, HEAD_DIM, TMA)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
 @_autotune(_FWD_CONFIGS)
 @triton.jit
 def _fwd_kernel(
@@ -140,7 +171,6 @@ def _fwd_kernel(
     b, h = bh // H, bh % H
     row = start_m // MASK_BLOCK
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, start_m, S, stride_qs, BLOCK_M, HEAD_DIM, False)
     k_src = _rows_source(K + b * stride_kb + h * stride_kh, S, stride_ks, BLOCK_N, HEAD_DIM, TMA)
@@ -150,21 +180,18 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     tiles_per_block: tl.constexpr = MASK_BLOCK // BLOCK_N
-    num_tiles = tl.load(KV_COUNT + row) * tiles_per_block
-    for t in range(num_tiles):
-        kv_block = tl.load(KV_INDEX + row * stride_index + t // tiles_per_block)
-        start_n = kv_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_N
-        cols = start_n + offs_n
-        k = _load_rows(k_src, start_n, S, stride_ks, BLOCK_N, HEAD_DIM, TMA)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # fp32 scores, already in log2 units
-        s = tl.where(cols[None, :] < S, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_src, start_n, S, stride_vs, BLOCK_N, HEAD_DIM, TMA)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    index_row = KV_INDEX + row * stride_index
+    count = tl.load(KV_COUNT + row)
+    num_tiles = count * tiles_per_block
+    # Indices ascend, so a kept partial last block (S not a multiple of MASK_BLOCK) is the last
+    # entry: its tiles go through the masked loop, all others through the unmasked one.
+    last_block = tl.load(index_row + tl.maximum(count - 1, 0))
+    ragged = (count > 0) & (S % MASK_BLOCK != 0) & (last_block == (S - 1) // MASK_BLOCK)
+    num_full = num_tiles - tl.where(ragged, tiles_per_block, 0)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, index_row, 0, num_full, S, stride_ks, stride_vs,
+                               qk_scale, HEAD_DIM, MASK_BLOCK, BLOCK_N, TMA, RAGGED=False)  # fmt: skip
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, index_row, num_full, num_tiles, S, stride_ks,
+                               stride_vs, qk_scale, HEAD_DIM, MASK_BLOCK, BLOCK_N, TMA, RAGGED=True)  # fmt: skip
 
     has_keys = l_i > 0  # False only for a query block with no kept key block
     l_safe = tl.where(has_keys, l_i, 1.0)
