@@ -31,7 +31,6 @@ their own dK/dV rows are never stored). A query block with no kept key block out
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -350,18 +349,16 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
         unit = 16 // t.element_size()
         if t.storage_offset() % unit or any(stride % unit for stride in t.stride()[:3]):
             return False
-    _set_tma_allocator()
+    # Triton keeps its allocator in a context variable, which a new thread starts without, and
+    # autograd runs the backward on a thread of its own: so it is set by every caller (a cheap
+    # variable store), not once per process.
+    triton.set_allocator(_tma_scratch)
     return True
 
 
-@functools.cache  # once per process: not on every launch
-def _set_tma_allocator() -> None:
-    """Descriptors made inside a kernel need scratch memory, which Triton asks its allocator for."""
-
-    def alloc(size: int, alignment: int, stream):
-        return torch.empty(size, device="cpu" if INTERPRET else "cuda", dtype=torch.int8)
-
-    triton.set_allocator(alloc)
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Scratch memory for the descriptors the kernels make (Triton asks its allocator for it)."""
+    return torch.empty(size, device="cpu" if INTERPRET else "cuda", dtype=torch.int8)
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:

@@ -124,3 +124,16 @@ def test_a_diverging_run_stops_before_saving(train_cli):
     ckpts = sorted(p.name for p in (train_cli.cwd / "outputs/nan/checkpoints").iterdir())
     assert step >= 2 and ckpts == [f"step_{step - 1:06d}"] and f"Newest checkpoint: {ckpts[0]}" in line
     assert not (train_cli.cwd / "outputs/nan/lora").exists()  # no export of the broken weights
+
+
+def test_sigusr2_prints_every_threads_stack_and_the_run_goes_on():
+    """How a user sees where a stuck run waits: `kill -USR2 PID` (USR1 stops it cleanly)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = "import os, signal, train.__main__; os.kill(os.getpid(), signal.SIGUSR2); print('still running')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "still running" in proc.stdout, proc.stderr[-2000:]
+    assert "Current thread" in proc.stderr and 'File "<string>", line 1' in proc.stderr

@@ -8,6 +8,9 @@ twice the error of a plain PyTorch implementation at the kernel's own precision.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,7 @@ from kernels import block_sparse_attention, block_sparse_attention_reference, ra
 from kernels.triton_attention import compact_mask
 
 GPU = torch.cuda.is_available()
+REPO = Path(__file__).resolve().parents[1]
 
 
 def random_inputs(shape, dtype, device, seed=None):
@@ -174,6 +178,28 @@ def test_gpu_bf16_real_shapes(frames, tokens_per_frame, heads, head_dim, decay, 
     mask = radial_block_mask(frames, tokens_per_frame, decay=decay, device="cuda")
     inputs = random_inputs((1, heads, frames * tokens_per_frame, head_dim), torch.float32, "cuda")
     check_against_reference(inputs, mask, 128, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_tma_backward_in_a_fresh_process():
+    """Autograd runs a GPU backward on its own thread, where Triton's allocator (a context
+    variable, which in-kernel TMA descriptors need) is unset unless the op sets it there. A fresh
+    process, because compiled code run earlier in this one may have set it on that thread."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from kernels import block_sparse_attention, radial_block_mask\n"
+        "q, k, v = (torch.randn(1, 2, 21 * 1560, 128, device='cuda', dtype=torch.bfloat16, requires_grad=True)"
+        " for _ in range(3))\n"
+        "out = block_sparse_attention(q, k, v, radial_block_mask(21, 1560, device='cuda'))\n"
+        "out.sum().backward()\n"
+        "assert all(torch.isfinite(t.grad).all() for t in (q, k, v))\n"
+    )
+    env = {**os.environ, "RADIAL_TRITON_TMA": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.mark.gpu

@@ -5,7 +5,9 @@ With no experiment this runs the offline CPU demo (configs/train.yaml's defaults
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
 
 # Before anything touches CUDA: the allocator reads this once. Long clips in size buckets allocate
@@ -20,6 +22,10 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from train.config import ConfigError, register_configs, typed_config, validate  # noqa: E402
 
 register_configs()
+
+# `kill -USR2 PID` prints every thread's stack to stderr and the run goes on: how to see where a
+# stuck run waits (a collective one rank never joined, a compile, a data worker).
+faulthandler.register(signal.SIGUSR2, all_threads=True)  # (USR1 and TERM: stop cleanly)
 
 # Errors that mean "the run was asked for something that cannot be": reported in one line, no
 # traceback. Anything else is a bug and keeps its traceback.
