@@ -17,9 +17,10 @@ dS·K added into an fp32 dQ buffer with atomics inside the dK/dV kernel, 5 produ
 slower on an H100 and was removed: docs/benchmarks/attention.md.)
 
 Loads of the streamed tiles (K/V in the forward and dQ kernels, Q/dO in the dK/dV kernel) are
-masked pointer loads (`cp.async`), or, with RADIAL_TRITON_TMA=1 and a layout TMA accepts, tensor
-descriptor loads through Hopper's tensor memory accelerator (`UTMALDG`, rows past S read as
-zeros). TMA is an experiment: off by default until measured on a GPU (docs/benchmarks/attention.md).
+masked pointer loads (`cp.async`) or tensor-descriptor loads through Hopper's tensor memory
+accelerator (`UTMALDG`; rows past S read as zeros), per kernel, where the GPU (sm_90+) and the
+tensors' layout allow: RADIAL_TRITON_TMA=backward (the default: on an H100 TMA made the backward
+5-8% faster and the forward no faster, docs/benchmarks/attention.md), all or none.
 
 Numerics: scores and softmax statistics in fp32; the softmax scale times log2(e) is folded into
 one fp32 factor applied to the fp32 product q.k, so exp2 can be used and K is never pre-scaled
@@ -31,6 +32,7 @@ their own dK/dV rows are never stored). A query block with no kept key block out
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -41,8 +43,12 @@ from kernels.mask_cache import derived
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Experimental: stream tiles through TMA descriptors where the tensors' layout allows (see above).
-TMA = os.environ.get("RADIAL_TRITON_TMA") == "1"
+# Which kernels load their streamed tiles through TMA descriptors (see above).
+TMA_CHOICES = {"all": frozenset({"fwd", "dkdv", "dq"}), "backward": frozenset({"dkdv", "dq"}), "none": frozenset()}
+_tma_choice = os.environ.get("RADIAL_TRITON_TMA", "backward")
+if _tma_choice not in TMA_CHOICES:
+    raise ValueError(f"RADIAL_TRITON_TMA={_tma_choice!r}: expected one of {', '.join(TMA_CHOICES)}")
+TMA_KERNELS = TMA_CHOICES[_tma_choice]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,14 +80,15 @@ def _configs(choices):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in choices]
 
 
-# Small tiles serve small mask blocks (and are the interpreter's only choice); on an H100 at
-# Wan's shapes autotuning over a wider grid picked fwd 128x64 or 128x128 (8 warps, 3 stages),
-# dK/dV 64x64 (4 warps, 2-3 stages) and dQ 128x128 (8 warps, 2 stages): docs/benchmarks/.
+# Small tiles serve small mask blocks (and are the interpreter's only choice). On an H100 at the
+# wan_4x shape every tile was timed alone (scripts/tune_attention.py, docs/benchmarks/): forward
+# 128x128 (8 warps, 3 stages) 450 TFLOP/s vs 404 for 128x64; dK/dV 64x64 (4 warps, 3 stages); dQ
+# 128x128 (8 warps, 2 stages); the autotuner chooses among these and their neighbours.
 _SMALL = [(32, 32, 4, 2), (16, 16, 4, 2)]
 if INTERPRET:
     _FWD_CONFIGS = _DKDV_CONFIGS = _DQ_CONFIGS = _configs([(16, 16, 4, 1)])
 else:
-    _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), *_SMALL])
+    _FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), *_SMALL])
     _DKDV_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), *_SMALL])
     _DQ_CONFIGS = _configs([(128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2), *_SMALL])
 
@@ -336,14 +343,15 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 and 0 not in t.stride() else t.contiguous()
 
 
-def _tma_ok(*tensors: torch.Tensor) -> bool:
-    """Whether the TMA loads can read these [B, H, S, D] tensors: asked for (RADIAL_TRITON_TMA=1),
-    and a layout the tensor memory accelerator accepts (16-byte aligned start of every (b, h)
-    matrix, row strides a multiple of 16 bytes). Otherwise the kernels use pointer loads.
+def _tma_ok(kernel: str, *tensors: torch.Tensor) -> bool:
+    """Whether `kernel` ("fwd", "dkdv" or "dq") reads these [B, H, S, D] tensors through TMA: chosen
+    for it (RADIAL_TRITON_TMA), a GPU that has TMA (sm_90+; the interpreter emulates it), and a
+    layout the tensor memory accelerator accepts (16-byte aligned start of every (b, h) matrix, row
+    strides a multiple of 16 bytes). Otherwise the kernel uses pointer loads.
 
     Judged from the storage offset, not the address: torch's allocators align every storage to at
     least 64 bytes, and torch.compile traces with fake tensors, which have no address."""
-    if not TMA:
+    if kernel not in TMA_KERNELS or not (INTERPRET or _has_tma(tensors[0].device)):
         return False
     for t in tensors:
         unit = 16 // t.element_size()
@@ -354,6 +362,11 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
     # variable store), not once per process.
     triton.set_allocator(_tma_scratch)
     return True
+
+
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -408,7 +421,7 @@ def _fwd_op(
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         kv_index.stride(0),
         heads, seq, scale * LOG2E,
-        HEAD_DIM=head_dim, MASK_BLOCK=block_size, TMA=_tma_ok(k, v),
+        HEAD_DIM=head_dim, MASK_BLOCK=block_size, TMA=_tma_ok("fwd", k, v),
     )  # fmt: skip
     return out, lse
 
@@ -453,7 +466,7 @@ def _bwd_op(
         *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dk), *_strides(dv),
         q_index.stride(0),
         heads, seq, scale * LOG2E, scale,
-        HEAD_DIM=head_dim, MASK_BLOCK=block_size, TMA=_tma_ok(q, d_out),
+        HEAD_DIM=head_dim, MASK_BLOCK=block_size, TMA=_tma_ok("dkdv", q, d_out),
     )  # fmt: skip
     _launch(
         _bwd_dq_kernel,
@@ -462,7 +475,7 @@ def _bwd_op(
         *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dq),
         kv_index.stride(0),
         heads, seq, scale * LOG2E, scale,
-        HEAD_DIM=head_dim, MASK_BLOCK=block_size, TMA=_tma_ok(k, v),
+        HEAD_DIM=head_dim, MASK_BLOCK=block_size, TMA=_tma_ok("dq", k, v),
     )  # fmt: skip
     return dq, dk, dv
 

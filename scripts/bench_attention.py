@@ -88,9 +88,9 @@ def bench_shape(model, heads, shape_name, frames, tokens_per_frame):
     for decay in DECAYS:
         mask = radial_block_mask(frames, tokens_per_frame, block_size=BLOCK, decay=decay, device="cuda")
         density = block_density(mask)
-        for name, fn, tma in (("triton (ours)", block_sparse_attention, False),
-                              ("triton (ours), TMA loads", block_sparse_attention, True),
-                              ("flex", block_sparse_attention_flex, False)):  # fmt: skip
+        for name, fn, tma in (("triton (ours)", block_sparse_attention, "backward"),
+                              ("triton (ours), pointer loads only", block_sparse_attention, "none"),
+                              ("flex", block_sparse_attention_flex, "none")):  # fmt: skip
             with tma_loads(tma):
                 times = time_fwd_bwd(lambda q, k, v: fn(q, k, v, mask, block_size=BLOCK), q, k, v, d_out)
             record(name, decay, density, *times)
@@ -98,15 +98,16 @@ def bench_shape(model, heads, shape_name, frames, tokens_per_frame):
 
 
 @contextlib.contextmanager
-def tma_loads(enabled: bool):
-    """The experimental TMA tile loads (RADIAL_TRITON_TMA=1) for the forward and backward inside."""
+def tma_loads(choice: str):
+    """Our kernels' TMA tile loads as RADIAL_TRITON_TMA=choice ("backward" is the default) inside."""
     from kernels import triton_attention
 
-    previous, triton_attention.TMA = triton_attention.TMA, enabled
+    previous = triton_attention.TMA_KERNELS
+    triton_attention.TMA_KERNELS = triton_attention.TMA_CHOICES[choice]
     try:
         yield
     finally:
-        triton_attention.TMA = previous
+        triton_attention.TMA_KERNELS = previous
 
 
 def markdown(rows, meta):
@@ -138,7 +139,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for backend in ("triton (ours)", "triton (ours), TMA loads", "flex"):
+    for backend in ("triton (ours)", "flex"):
         for decay in DECAYS:
             pts = []
             for r in rows:

@@ -78,7 +78,7 @@ def main():
             for tma in (False, True):
                 for other, fixed in FIXED.items():
                     use(other, tile if other == name else fixed)
-                ta.TMA = tma
+                ta.TMA_KERNELS = ta.TMA_CHOICES["all" if tma else "none"]
                 try:
                     out = block_sparse_attention(q, k, v, mask)
                     if name == "fwd":

@@ -132,22 +132,34 @@ def test_bad_inputs_fail_clearly():
 
 
 def test_tma_loads_equal_pointer_loads_and_odd_layouts_fall_back(monkeypatch):
-    """RADIAL_TRITON_TMA=1 (experimental): the descriptor loads give bit-identical outputs and
-    gradients, partial last block included, and a layout TMA cannot read keeps pointer loads."""
+    """The TMA descriptor loads (RADIAL_TRITON_TMA) give bit-identical outputs and gradients to
+    pointer loads, partial last block included, and a layout TMA cannot read keeps pointer loads."""
     import kernels.triton_attention as ta
 
     mask = radial_block_mask(3, 40, block_size=32)
     inputs = random_inputs((1, 2, 120, 64), torch.float32, "cpu")  # 120 tokens: the last block partial
+    monkeypatch.setattr(ta, "TMA_KERNELS", ta.TMA_CHOICES["none"])
     plain = run(block_sparse_attention, inputs, torch.float32, block_mask=mask, block_size=32)
-    monkeypatch.setattr(ta, "TMA", True)
+    monkeypatch.setattr(ta, "TMA_KERNELS", ta.TMA_CHOICES["all"])
     chosen, check = [], ta._tma_ok
-    monkeypatch.setattr(ta, "_tma_ok", lambda *tensors: chosen.append(check(*tensors)) or chosen[-1])
+    monkeypatch.setattr(ta, "_tma_ok", lambda *args: chosen.append((args[0], check(*args))) or chosen[-1][1])
     tma = run(block_sparse_attention, inputs, torch.float32, block_mask=mask, block_size=32)
-    assert chosen == [True, True, True]  # forward, dK/dV, dQ
+    assert chosen == [("fwd", True), ("dkdv", True), ("dq", True)]
     for name, a, b in zip(["out", "dq", "dk", "dv"], plain, tma):
         assert torch.equal(a, b), name
     padded = torch.randn(1, 2, 120, 66)[..., :64]  # rows 66 floats apart: not a multiple of 16 bytes
-    assert not check(padded, padded) and check(inputs[0], inputs[1])
+    assert not check("fwd", padded, padded) and check("fwd", inputs[0], inputs[1])
+    monkeypatch.setattr(ta, "TMA_KERNELS", ta.TMA_CHOICES["backward"])  # the default
+    assert not check("fwd", inputs[0], inputs[1]) and check("dq", inputs[0], inputs[1])
+
+
+def test_tma_choice_is_checked():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import kernels.triton_attention"], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "RADIAL_TRITON_TMA": "yes"}, timeout=120)  # fmt: skip
+    assert proc.returncode != 0 and "RADIAL_TRITON_TMA='yes': expected one of all, backward, none" in proc.stderr
 
 
 def test_opcheck_schema_autograd_and_fake():
@@ -170,11 +182,11 @@ def test_opcheck_schema_autograd_and_fake():
     "frames, tokens_per_frame, heads, head_dim, decay",
     [(21, 1560, 2, 128, 1.0), (11, 1560, 2, 64, 0.2), (9, 3600, 2, 128, 1.0), (5, 777, 3, 128, 1.0)],
 )
-@pytest.mark.parametrize("tma", [False, True], ids=["pointer-loads", "tma-loads"])
+@pytest.mark.parametrize("tma", ["none", "all"], ids=["pointer-loads", "tma-loads"])
 def test_gpu_bf16_real_shapes(frames, tokens_per_frame, heads, head_dim, decay, tma, monkeypatch):
     import kernels.triton_attention as ta
 
-    monkeypatch.setattr(ta, "TMA", tma)  # the experimental TMA path (RADIAL_TRITON_TMA=1) too
+    monkeypatch.setattr(ta, "TMA_KERNELS", ta.TMA_CHOICES[tma])  # each load path in every kernel
     mask = radial_block_mask(frames, tokens_per_frame, decay=decay, device="cuda")
     inputs = random_inputs((1, heads, frames * tokens_per_frame, head_dim), torch.float32, "cuda")
     check_against_reference(inputs, mask, 128, torch.bfloat16)
@@ -197,7 +209,7 @@ def test_gpu_tma_backward_in_a_fresh_process():
         "out.sum().backward()\n"
         "assert all(torch.isfinite(t.grad).all() for t in (q, k, v))\n"
     )
-    env = {**os.environ, "RADIAL_TRITON_TMA": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "RADIAL_TRITON_TMA": "all", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
