@@ -158,41 +158,6 @@ def _fwd_tiles(
     return acc, l_i, m_i
 
 
-@triton.jit
-def _tile_start(index_row, t, MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """First key row of tile t of a query tile's kept blocks (BLOCK_N-row tiles of each block)."""
-    tiles_per_block: tl.constexpr = MASK_BLOCK // BLOCK_N
-    return tl.load(index_row + t // tiles_per_block) * MASK_BLOCK + (t % tiles_per_block) * BLOCK_N
-
-
-@triton.jit
-def _fwd_tiles_overlapped(
-    acc, l_i, m_i, q, k_src, v_src, index_row, first, last, S, stride_ks, stride_vs, qk_scale,
-    HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
-):  # fmt: skip
-    """`_fwd_tiles` without masking, rotated by one product: each iteration issues the next tile's
-    Q.K^T before this tile's softmax, so the tensor cores can work while the exponentials run
-    (FlashAttention-3's intra-warpgroup overlap). The last iteration's extra product is of a tile
-    already done (clamped index) and is discarded."""
-    k = _load_rows(k_src, _tile_start(index_row, tl.maximum(first, 0), MASK_BLOCK, BLOCK_N), S, stride_ks,
-                   BLOCK_N, HEAD_DIM, TMA)  # fmt: skip
-    qk = tl.dot(q, tl.trans(k))
-    for t in range(first, last):
-        start_n = _tile_start(index_row, t, MASK_BLOCK, BLOCK_N)
-        next_n = _tile_start(index_row, tl.minimum(t + 1, last - 1), MASK_BLOCK, BLOCK_N)
-        k_next = _load_rows(k_src, next_n, S, stride_ks, BLOCK_N, HEAD_DIM, TMA)
-        qk_next = tl.dot(q, tl.trans(k_next))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_src, start_n, S, stride_vs, BLOCK_N, HEAD_DIM, TMA)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-        qk = qk_next
-    return acc, l_i, m_i
-
-
 @_autotune(_FWD_CONFIGS)
 @triton.jit
 def _fwd_kernel(
@@ -229,8 +194,8 @@ def _fwd_kernel(
     last_block = tl.load(index_row + tl.maximum(count - 1, 0))
     ragged = (count > 0) & (S % MASK_BLOCK != 0) & (last_block == (S - 1) // MASK_BLOCK)
     num_full = num_tiles - tl.where(ragged, tiles_per_block, 0)
-    acc, l_i, m_i = _fwd_tiles_overlapped(acc, l_i, m_i, q, k_src, v_src, index_row, 0, num_full, S, stride_ks,
-                                          stride_vs, qk_scale, HEAD_DIM, MASK_BLOCK, BLOCK_N, TMA)  # fmt: skip
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, index_row, 0, num_full, S, stride_ks, stride_vs,
+                               qk_scale, HEAD_DIM, MASK_BLOCK, BLOCK_N, TMA, RAGGED=False)  # fmt: skip
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, index_row, num_full, num_tiles, S, stride_ks,
                                stride_vs, qk_scale, HEAD_DIM, MASK_BLOCK, BLOCK_N, TMA, RAGGED=True)  # fmt: skip
 
