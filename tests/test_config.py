@@ -27,7 +27,7 @@ def options(group: str) -> list[str]:
     "override", [f"{g}={o}" for g in GROUPS for o in options(g)] + [f"+experiment={e}" for e in options("experiment")]
 )
 def test_every_group_option_composes_into_the_schema(override):
-    cfg = typed_config(compose_cfg(override, "data.root=/videos", "data.demo=false"))
+    cfg = typed_config(compose_cfg(override, "data.root=/videos", "data.demo=false", "data.cache=/latents"))
     assert isinstance(cfg, Config)
     validate(cfg)
 
@@ -120,3 +120,11 @@ def test_cli_rejects_bad_config_before_loading_anything(tmp_path, override, need
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / ".cache").exists()  # failed before building or generating anything
+
+
+def test_an_experiment_that_needs_a_latent_cache_says_so(train_cli):
+    """wan14b_4x sets data.require_cache: training it without data.cache fails in one line, before
+    any model is loaded (the 14B cannot hold the VAE and text encoder beside its step)."""
+    proc = train_cli("data.require_cache=true", check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: data.cache is required here (data.require_cache)")

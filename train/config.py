@@ -158,6 +158,9 @@ class DataConfig:
     encodes on the fly."""
     cache_dtype: DType = DType.bfloat16
     """Storage dtype of cached latents and embeddings."""
+    require_cache: bool = False
+    """Refuse to train without `cache`: for models whose VAE and text encoder, kept on every GPU to
+    encode on the fly, would not leave room for the step (the 14B at 4x)."""
 
     def sources(self) -> list[DatasetSource]:
         """The datasets of this config: `mix`, or the one of root / metadata."""
@@ -324,6 +327,9 @@ def typed_config(cfg: DictConfig) -> Config:
 def validate(cfg: Config) -> None:
     """Check what the schema's types cannot; raises ConfigError naming the key."""
     checks = [
+        (cfg.data.cache is not None or not cfg.data.require_cache,
+         "data.cache is required here (data.require_cache): encode the clips once with `python -m data.precompute "
+         "<the same overrides> data.cache=DIR`, then train with data.cache=DIR"),
         (bool(cfg.data.frames) and all(f >= 1 and (f - 1) % 4 == 0 for f in cfg.data.frames),
          f"data.frames={cfg.data.frames} must be 4n+1 each (e.g. 17, 33, 81): Wan's VAE keeps the first frame "
          "and compresses the rest 4x in time"),
