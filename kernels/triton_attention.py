@@ -20,7 +20,7 @@ Loads of the streamed tiles (K/V in the forward and dQ kernels, Q/dO in the dK/d
 masked pointer loads (`cp.async`) or tensor-descriptor loads through Hopper's tensor memory
 accelerator (`UTMALDG`; rows past S read as zeros), per kernel, where the GPU (sm_90+) and the
 tensors' layout allow: RADIAL_TRITON_TMA=backward (the default: on an H100 TMA made the backward
-5-8% faster and the forward no faster, docs/benchmarks/attention.md), all or none.
+2-4% faster and the forward no faster, docs/benchmarks/attention.md), all or none.
 
 Numerics: scores and softmax statistics in fp32; the softmax scale times log2(e) is folded into
 one fp32 factor applied to the fp32 product q.k, so exp2 can be used and K is never pre-scaled

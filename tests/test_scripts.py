@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import REPO
 
@@ -69,7 +70,7 @@ def test_generate_with_a_trained_lora(train_cli):
 
 def test_kernel_sass_report_shows_tma_loads_on_hopper():
     """scripts/kernel_sass.py compiles the real forward kernel for sm_90 without a GPU: pointer loads
-    become cp.async (LDGSTS), the experimental TMA path real tensor-memory-accelerator loads."""
+    become cp.async (LDGSTS), the TMA path real tensor-memory-accelerator loads."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "scripts/kernel_sass.py"), "--kernel", "fwd"],
                           capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
@@ -83,3 +84,18 @@ def test_kernel_sass_report_shows_tma_loads_on_hopper():
             rows[cells[2]] = dict(zip(names, cells))
     assert int(rows["pointer"]["LDGSTS"]) > 0 and int(rows["pointer"]["UTMALDG"]) == 0
     assert int(rows["TMA"]["UTMALDG"]) > 0 and int(rows["TMA"]["HGMMA"]) == int(rows["pointer"]["HGMMA"]) > 0
+
+
+@pytest.mark.gpu
+def test_tile_sweep_times_every_candidate(tmp_path):
+    """scripts/tune_attention.py at a small shape: a row per dQ tile and load mode, all timed."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/tune_attention.py"), "--frames", "5",
+                           "--tokens-per-frame", "512", "--heads", "2", "--kernels", "dq", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from scripts.tune_attention import CANDIDATES
+
+    (record,) = tmp_path.glob("attention_tuning_*.json")
+    rows = json.loads(record.read_text())["rows"]
+    assert len(rows) == 2 * len(CANDIDATES["dq"])
+    assert all(r["ms"] > 0 and not r["error"] for r in rows), [r for r in rows if r["error"]]
