@@ -149,7 +149,7 @@ def _fwd_tiles(
         if RAGGED:
             qk = tl.where((start_n + offs_n)[None, :] < S, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # log2 units
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        p = tl.math.exp2(tl.fma(qk, qk_scale, -m_new[:, None]))  # one FFMA per score, fusion setting or not
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(v_src, start_n, S, stride_vs, BLOCK_N, HEAD_DIM, TMA)
@@ -268,7 +268,7 @@ def _bwd_dkdv_kernel(
         do = _load_rows(do_src, start_m, S, stride_ds, BLOCK_M, HEAD_DIM, TMA)
         lse = tl.load(LSE + bh * S + rows, mask=rows < S, other=float("inf"))
         delta = tl.load(DELTA + bh * S + rows, mask=rows < S, other=0.0)
-        p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # P^T [BLOCK_N, BLOCK_M]
+        p_t = tl.math.exp2(tl.fma(tl.dot(k, tl.trans(q)), qk_scale, -lse[None, :]))  # P^T [BLOCK_N, BLOCK_M]
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
@@ -318,7 +318,7 @@ def _bwd_dq_kernel(
         start_n = kv_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_N
         k = _load_rows(k_src, start_n, S, stride_ks, BLOCK_N, HEAD_DIM, TMA)
         v = _load_rows(v_src, start_n, S, stride_vs, BLOCK_N, HEAD_DIM, TMA)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        p = tl.math.exp2(tl.fma(tl.dot(q, tl.trans(k)), qk_scale, -lse[:, None]))
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
@@ -366,6 +366,7 @@ def _tma_ok(kernel: str, *tensors: torch.Tensor) -> bool:
 
 @functools.cache
 def _has_tma(device: torch.device) -> bool:
+    """Whether the device has Hopper's tensor memory accelerator (compute capability 9.0 or later)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
