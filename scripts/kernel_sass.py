@@ -10,7 +10,10 @@ tensor-core products), `UTMALDG` (tensor-memory-accelerator loads), `LDGSTS` (cp
 (mbarrier operations), `STL`/`LDL` (register spills to local memory), registers per thread and
 shared memory per program. Arguments are given
 the divisibility-by-16 hints an aligned launch gets. The Triton installed here compiles, which may
-be newer than the GPU image's: say which when quoting the numbers.
+be newer than the GPU image's: say which when quoting the numbers. Another Triton compiles the same
+way without touching the environment, e.g. the GPU image's:
+    pip install --no-deps --target /tmp/t36 triton==3.6.0
+    PYTHONPATH=/tmp/t36:. python scripts/kernel_sass.py
 """
 
 from __future__ import annotations
