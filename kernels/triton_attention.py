@@ -32,6 +32,7 @@ their own dK/dV rows are never stored). A query block with no kept key block out
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -362,6 +363,18 @@ def _tma_ok(kernel: str, *tensors: torch.Tensor) -> bool:
     # variable store), not once per process.
     triton.set_allocator(_tma_scratch)
     return True
+
+
+@contextlib.contextmanager
+def tma_loads(choice: str):
+    """Inside, the kernels load as RADIAL_TRITON_TMA=choice would make them ("all", "backward" or
+    "none"): for benchmarks that compare the load paths in one process."""
+    global TMA_KERNELS
+    previous, TMA_KERNELS = TMA_KERNELS, TMA_CHOICES[choice]
+    try:
+        yield
+    finally:
+        TMA_KERNELS = previous
 
 
 @functools.cache

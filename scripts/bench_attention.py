@@ -14,7 +14,6 @@ Effective TFLOP/s count computed blocks only: forward 4*S^2*D*H*density, backwar
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import platform
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import block_density, block_sparse_attention, radial_block_mask  # noqa: E402
 from kernels.flex import block_sparse_attention_flex  # noqa: E402
+from kernels.triton_attention import tma_loads  # noqa: E402
 from scripts.report import write_report  # noqa: E402
 
 MODELS = {"Wan2.1-1.3B": 12, "Wan2.1-14B": 40}
@@ -95,19 +95,6 @@ def bench_shape(model, heads, shape_name, frames, tokens_per_frame):
                 times = time_fwd_bwd(lambda q, k, v: fn(q, k, v, mask, block_size=BLOCK), q, k, v, d_out)
             record(name, decay, density, *times)
     return rows
-
-
-@contextlib.contextmanager
-def tma_loads(choice: str):
-    """Our kernels' TMA tile loads as RADIAL_TRITON_TMA=choice ("backward" is the default) inside."""
-    from kernels import triton_attention
-
-    previous = triton_attention.TMA_KERNELS
-    triton_attention.TMA_KERNELS = triton_attention.TMA_CHOICES[choice]
-    try:
-        yield
-    finally:
-        triton_attention.TMA_KERNELS = previous
 
 
 def markdown(rows, meta):

@@ -78,22 +78,22 @@ def main():
             for tma in (False, True):
                 for other, fixed in FIXED.items():
                     use(other, tile if other == name else fixed)
-                ta.TMA_KERNELS = ta.TMA_CHOICES["all" if tma else "none"]
-                try:
-                    out = block_sparse_attention(q, k, v, mask)
-                    if name == "fwd":
-                        ms = triton.testing.do_bench(lambda: block_sparse_attention(q, k, v, mask),
-                                                     warmup=25, rep=250, return_mode="median")  # fmt: skip
-                        tflops = flops / ms / 1e9
-                    else:
-                        ms = triton.testing.do_bench(
-                            lambda: torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True),
-                            warmup=25, rep=250, return_mode="median",
-                        )  # fmt: skip
-                        tflops = 2.5 * flops / ms / 1e9
-                    error = ""
-                except Exception as e:  # a tile that fails to compile or launch is a result too
-                    ms, tflops, error = float("nan"), float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                with ta.tma_loads("all" if tma else "none"):
+                    try:
+                        out = block_sparse_attention(q, k, v, mask)
+                        if name == "fwd":
+                            ms = triton.testing.do_bench(lambda: block_sparse_attention(q, k, v, mask),
+                                                         warmup=25, rep=250, return_mode="median")  # fmt: skip
+                            tflops = flops / ms / 1e9
+                        else:
+                            ms = triton.testing.do_bench(
+                                lambda: torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True),
+                                warmup=25, rep=250, return_mode="median",
+                            )  # fmt: skip
+                            tflops = 2.5 * flops / ms / 1e9
+                        error = ""
+                    except Exception as e:  # a tile that fails to compile or launch is a result too
+                        ms, tflops, error = float("nan"), float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
                 row = dict(kernel=name, block_m=tile[0], block_n=tile[1], warps=tile[2], stages=tile[3],
                            loads="TMA" if tma else "pointer", ms=round(ms, 3), tflops=round(tflops, 1), error=error)  # fmt: skip
                 rows.append(row)
