@@ -10,15 +10,11 @@ The mask reaches the kernels in a compact form, built once and cached with the m
 
 Forward (FlashAttention-2 style): one program per (BLOCK_M query rows, batch*head) walks the kept
 key blocks of its mask row in BLOCK_N tiles with an online softmax, and saves the base-2
-log-sum-exp. Backward: one program per key tile walks the transposed index, so each dK/dV tile
-is owned by one program (no atomics on dK/dV). Two ways to get dQ (RADIAL_TRITON_BACKWARD):
-  fused (default): the same program adds each query tile's dS·K into an fp32 dQ buffer, through
-    the tensor memory accelerator's reduce-add on sm_90+ (FlashAttention-3's way), per-element
-    atomics elsewhere: 5 matrix products per block pair. Sums arrive in a varying order.
-  split: a second kernel walks the forward index, recomputing P and dP: 7 products per block
-    pair, bit-reproducible; what torch.use_deterministic_algorithms(True) gets.
-Per-element atomics made the fused kernel 8-10% slower than split on an H100
-(docs/benchmarks/attention.md); whole-tile reduce-adds are what the fused default rests on.
+log-sum-exp. Backward: a dK/dV kernel, one program per key tile, walks the transposed index (so
+each dK/dV tile is owned by one program: no atomics on dK/dV); a dQ kernel walks the forward
+index, recomputing P and dP: 7 matrix products per block pair, deterministic. (A fused variant,
+dS·K added into an fp32 dQ buffer with atomics inside the dK/dV kernel, 5 products, measured 8%
+slower on an H100 and was removed: docs/benchmarks/attention.md.)
 
 Loads of the streamed tiles (K/V in the forward and dQ kernels, Q/dO in the dK/dV kernel) are
 masked pointer loads (`cp.async`) or tensor-descriptor loads through Hopper's tensor memory
@@ -54,21 +50,13 @@ _tma_choice = os.environ.get("RADIAL_TRITON_TMA", "backward")
 if _tma_choice not in TMA_CHOICES:
     raise ValueError(f"RADIAL_TRITON_TMA={_tma_choice!r}: expected one of {', '.join(TMA_CHOICES)}")
 TMA_KERNELS = TMA_CHOICES[_tma_choice]
-# The backward: "fused" (one kernel, dQ summed in fp32 by TMA reduce-adds; the order of those sums
-# varies from run to run) or "split" (a second kernel recomputes P for dQ; bit-reproducible). Under
-# torch.use_deterministic_algorithms(True) the split one always runs.
-BACKWARD_CHOICES = ("fused", "split")
-BACKWARD = os.environ.get("RADIAL_TRITON_BACKWARD", "fused")
-if BACKWARD not in BACKWARD_CHOICES:
-    raise ValueError(f"RADIAL_TRITON_BACKWARD={BACKWARD!r}: expected one of {', '.join(BACKWARD_CHOICES)}")
 
 
 # ----------------------------------------------------------------------------------------------
 # Launch configurations. On a GPU they are autotuned per (S, head dim, mask block); the choice
 # changes only tile order, never which products are computed, and every kernel writes each
-# output element exactly once (no accumulation across launches), except the fused backward's dQ
-# buffer, which its autotuner zeroes before every timing run (reset_to_zero): so tuning runs
-# cannot change results.
+# output element exactly once (no accumulation across launches), so tuning runs cannot change
+# results.
 # The CPU interpreter runs one small fixed configuration.
 # ----------------------------------------------------------------------------------------------
 
@@ -104,10 +92,6 @@ else:
     _FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), *_SMALL])
     _DKDV_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), *_SMALL])
     _DQ_CONFIGS = _configs([(128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2), *_SMALL])
-# The fused backward holds a dQ tile besides dK/dV: wider key tiles over two warpgroups.
-_FUSED_CONFIGS = _DKDV_CONFIGS if INTERPRET else _configs(
-    [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 2), (64, 64, 8, 2), (128, 128, 8, 2), (128, 64, 8, 2), *_SMALL]
-)
 
 
 def _autotune(configs):
@@ -298,81 +282,6 @@ def _bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=keys)  # fmt: skip
 
 
-@triton.autotune(
-    configs=_FUSED_CONFIGS,
-    key=["S", "HEAD_DIM", "MASK_BLOCK", "TMA", "TMA_DQ"],
-    prune_configs_by={"early_config_prune": _fits_mask_block},
-    reset_to_zero=["DQ_ACC"],  # every timing run adds into it; inductor's autotuning honours this too
-)
-@triton.jit
-def _bwd_fused_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX,
-    stride_qb, stride_qh, stride_qs,
-    stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs,
-    stride_db, stride_dh, stride_ds,
-    stride_dkb, stride_dkh, stride_dks,
-    stride_dvb, stride_dvh, stride_dvs,
-    stride_index,
-    H, S, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr, TMA_DQ: tl.constexpr,
-):  # fmt: skip
-    """One key tile: dK and dV as in `_bwd_dkdv_kernel`, and each query tile's share of dQ,
-    dS·K (unscaled), added into the fp32 [B*H, S, D] buffer DQ_ACC: 5 matrix products per block
-    pair instead of the split backward's 7. TMA_DQ adds whole tiles through the tensor memory
-    accelerator's reduce-add (`cp.reduce.async.bulk`, FlashAttention-3's way; rows past S are
-    dropped by the hardware); otherwise per-element atomics, which measured slower on an H100."""
-    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
-    col = start_n // MASK_BLOCK
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    keys = offs_n[:, None] < S
-    k = _load_rows(K + b * stride_kb + h * stride_kh, start_n, S, stride_ks, BLOCK_N, HEAD_DIM, False)
-    v = _load_rows(V + b * stride_vb + h * stride_vh, start_n, S, stride_vs, BLOCK_N, HEAD_DIM, False)
-    q_src = _rows_source(Q + b * stride_qb + h * stride_qh, S, stride_qs, BLOCK_M, HEAD_DIM, TMA)
-    do_src = _rows_source(DO + b * stride_db + h * stride_dh, S, stride_ds, BLOCK_M, HEAD_DIM, TMA)
-    dq_base = DQ_ACC + bh.to(tl.int64) * S * HEAD_DIM
-    if TMA_DQ:
-        dq_desc = tl.make_tensor_descriptor(dq_base, shape=[S, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                            block_shape=[BLOCK_M, HEAD_DIM])  # fmt: skip
-
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    tiles_per_block: tl.constexpr = MASK_BLOCK // BLOCK_M
-    num_tiles = tl.load(Q_COUNT + col) * tiles_per_block
-    for t in range(num_tiles):
-        q_block = tl.load(Q_INDEX + col * stride_index + t // tiles_per_block)
-        start_m = q_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_M
-        rows = start_m + offs_m
-        q = _load_rows(q_src, start_m, S, stride_qs, BLOCK_M, HEAD_DIM, TMA)
-        do = _load_rows(do_src, start_m, S, stride_ds, BLOCK_M, HEAD_DIM, TMA)
-        lse = tl.load(LSE + bh * S + rows, mask=rows < S, other=float("inf"))
-        delta = tl.load(DELTA + bh * S + rows, mask=rows < S, other=0.0)
-        p_t = tl.math.exp2(tl.fma(tl.dot(k, tl.trans(q)), qk_scale, -lse[None, :]))  # P^T [BLOCK_N, BLOCK_M]
-        dv += tl.dot(p_t.to(do.dtype), do)
-        dp_t = tl.dot(v, tl.trans(do))
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk += tl.dot(ds_t, q)
-        dq = tl.dot(tl.trans(ds_t), k)  # [BLOCK_M, HEAD_DIM]; keys past S are zero rows of k
-        if TMA_DQ:
-            dq_desc.atomic_add([start_m, 0], dq)
-        else:
-            # Relaxed: the sums need no ordering until the kernel ends.
-            tl.atomic_add(dq_base + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=rows[:, None] < S,
-                          sem="relaxed")  # fmt: skip
-
-    dk *= sm_scale
-    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=keys)  # fmt: skip
-    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=keys)  # fmt: skip
-
-
 @_autotune(_DQ_CONFIGS)
 @triton.jit
 def _bwd_dq_kernel(
@@ -454,20 +363,6 @@ def _tma_ok(kernel: str, *tensors: torch.Tensor) -> bool:
     # variable store), not once per process.
     triton.set_allocator(_tma_scratch)
     return True
-
-
-@contextlib.contextmanager
-def backward_kernels(choice: str):
-    """Inside, the backward runs as RADIAL_TRITON_BACKWARD=choice would make it ("fused" or
-    "split"): for benchmarks and tests that compare the two in one process."""
-    global BACKWARD
-    if choice not in BACKWARD_CHOICES:
-        raise ValueError(f"backward {choice!r}: expected one of {', '.join(BACKWARD_CHOICES)}")
-    previous, BACKWARD = BACKWARD, choice
-    try:
-        yield
-    finally:
-        BACKWARD = previous
 
 
 @contextlib.contextmanager
@@ -564,7 +459,7 @@ def _bwd_op(
     d_out = _unit_last_stride(d_out)
     batch, heads, seq, head_dim = q.shape
     delta = torch.empty_like(lse)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta_rows = 64
     _launch(
         _bwd_delta_kernel,
@@ -578,20 +473,6 @@ def _bwd_op(
     def query_grid(meta):
         return (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)
 
-    if BACKWARD == "fused" and not torch.are_deterministic_algorithms_enabled():
-        dq_acc = torch.zeros((batch * heads, seq, head_dim), device=q.device, dtype=torch.float32)
-        tma = _tma_ok("dkdv", q, d_out)
-        _launch(
-            _bwd_fused_kernel,
-            key_grid,
-            q, k, v, d_out, lse, delta, dk, dv, dq_acc, q_count, q_index,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dk), *_strides(dv),
-            q_index.stride(0),
-            heads, seq, scale * LOG2E, scale,
-            HEAD_DIM=head_dim, MASK_BLOCK=block_size, TMA=tma,
-            TMA_DQ=tma and not INTERPRET,  # the interpreter has no descriptor reduce-add
-        )  # fmt: skip
-        return (dq_acc * scale).to(q.dtype).view(q.shape), dk, dv
     _launch(
         _bwd_dkdv_kernel,
         key_grid,
@@ -601,7 +482,6 @@ def _bwd_op(
         heads, seq, scale * LOG2E, scale,
         HEAD_DIM=head_dim, MASK_BLOCK=block_size, TMA=_tma_ok("dkdv", q, d_out),
     )  # fmt: skip
-    dq = torch.empty_like(q)
     _launch(
         _bwd_dq_kernel,
         query_grid,
@@ -666,8 +546,7 @@ def block_sparse_attention(
 
     q, k, v [B, H, S, D] (SDPA's layout, any strides with a unit last dim); block_mask bool
     [ceil(S/block_size)]^2 shared by batch and heads. Non-causal. The last block may be partial.
-    The forward is deterministic; the default (fused) backward sums dQ with atomics, so dQ may
-    differ in its last bits between runs, except under torch.use_deterministic_algorithms(True).
+    Deterministic: every output element is written once, no atomics.
     """
     if not (q.is_cuda or INTERPRET):
         raise RuntimeError("the triton attention backend needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU)")

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import block_density, block_sparse_attention, radial_block_mask  # noqa: E402
 from kernels.flex import block_sparse_attention_flex  # noqa: E402
-from kernels.triton_attention import backward_kernels  # noqa: E402
+from kernels.triton_attention import tma_loads  # noqa: E402
 from scripts.report import write_report  # noqa: E402
 
 MODELS = {"Wan2.1-1.3B": 12, "Wan2.1-14B": 40}
@@ -88,10 +88,10 @@ def bench_shape(model, heads, shape_name, frames, tokens_per_frame):
     for decay in DECAYS:
         mask = radial_block_mask(frames, tokens_per_frame, block_size=BLOCK, decay=decay, device="cuda")
         density = block_density(mask)
-        for name, fn, backward in (("triton (ours)", block_sparse_attention, "fused"),
-                                   ("triton (ours), split backward", block_sparse_attention, "split"),
-                                   ("flex", block_sparse_attention_flex, "fused")):  # fmt: skip
-            with backward_kernels(backward):
+        for name, fn, tma in (("triton (ours)", block_sparse_attention, "backward"),
+                              ("triton (ours), pointer loads only", block_sparse_attention, "none"),
+                              ("flex", block_sparse_attention_flex, "none")):  # fmt: skip
+            with tma_loads(tma):
                 times = time_fwd_bwd(lambda q, k, v: fn(q, k, v, mask, block_size=BLOCK), q, k, v, d_out)
             record(name, decay, density, *times)
     return rows

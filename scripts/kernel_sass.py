@@ -34,21 +34,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import triton_attention as ta  # noqa: E402
 
-KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel, "fused": ta._bwd_fused_kernel}
+KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel}
 # The tiles the H100 autotuning picked (kernels/triton_attention.py): (BLOCK_M, BLOCK_N, warps, stages).
-TUNED = {"fwd": (128, 128, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2), "fused": (64, 128, 8, 2)}
+TUNED = {"fwd": (128, 128, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2)}
 COUNTED = {"HGMMA": r"HGMMA", "UTMALDG": r"UTMALDG", "LDGSTS": r"LDGSTS", "MUFU.EX2": r"MUFU\.EX2",
-           "WARPGROUP.DEPBAR": r"WARPGROUP\.DEPBAR", "SYNCS": r"SYNCS", "spill STL/LDL": r"\b(?:STL|LDL)\b",
-           "UTMAREDG": r"UTMAREDG", "RED": r"\bREDG?\."}  # fmt: skip
+           "WARPGROUP.DEPBAR": r"WARPGROUP\.DEPBAR", "SYNCS": r"SYNCS", "spill STL/LDL": r"\b(?:STL|LDL)\b"}  # fmt: skip
 
 
 def signature(fn) -> tuple[dict, list[int]]:
     """Triton types of the kernel's arguments, and the positions that get the alignment hint."""
     types, aligned = {}, []
     for i, name in enumerate(fn.arg_names):
-        if name in ("HEAD_DIM", "MASK_BLOCK", "BLOCK_M", "BLOCK_N", "TMA", "TMA_DQ"):
+        if name in ("HEAD_DIM", "MASK_BLOCK", "BLOCK_M", "BLOCK_N", "TMA"):
             types[name] = "constexpr"
-        elif name in ("LSE", "DELTA", "DQ_ACC"):
+        elif name in ("LSE", "DELTA"):
             types[name] = "*fp32"
         elif name.endswith(("_COUNT", "_INDEX")):
             types[name] = "*i32"
@@ -67,8 +66,6 @@ def compile_sass(kernel: str, block, warps: int, stages: int, tma: bool) -> tupl
     fn = KERNELS[kernel].fn
     types, aligned = signature(fn)
     constants = {"HEAD_DIM": 128, "MASK_BLOCK": 128, "BLOCK_M": block[0], "BLOCK_N": block[1], "TMA": tma}
-    if "TMA_DQ" in fn.arg_names:  # the fused backward adds dQ by TMA reduce whenever it loads by TMA
-        constants["TMA_DQ"] = tma
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     compiled = triton.compile(ASTSource(fn, types, constants, attrs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps, "num_stages": stages})  # fmt: skip

@@ -8,8 +8,7 @@ The autotuner keeps only its winner; this shows the whole field, which is what t
 config lists (`kernels/triton_attention.py`) are cut from, and what to rerun on a new card.
 Each kernel gets each candidate tile alone while the other kernels keep one fixed tile, so a
 forward row is the forward kernel's time and a backward row is the whole backward (delta, dK/dV
-and dQ kernels for the split backward; delta, the fused kernel and dQ's cast for the fused one)
-with only the named kernel's tile changed. Both load modes (pointer and TMA)
+and dQ kernels) with only the named kernel's tile changed. Both load modes (pointer and TMA)
 are timed. Radial mask, bf16, batch 1, head dim 128; times are medians of CUDA-event runs.
 """
 
@@ -38,12 +37,10 @@ CANDIDATES = {
              (32, 64, 4, 4), (64, 128, 8, 2), (16, 128, 8, 4)],
     "dq": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3),
            (64, 64, 4, 2), (64, 128, 4, 2)],
-    "fused": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2),
-              (128, 64, 8, 2), (64, 32, 4, 2)],
 }  # fmt: skip
-KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel, "fused": ta._bwd_fused_kernel}
+KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel}
 # While one kernel is swept the others run these (the 2026-11-26 H100 winners).
-FIXED = {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2), "fused": (64, 64, 8, 2)}
+FIXED = {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2)}
 
 
 def use(kernel_name: str, tile) -> None:
@@ -81,9 +78,7 @@ def main():
             for tma in (False, True):
                 for other, fixed in FIXED.items():
                     use(other, tile if other == name else fixed)
-                # dkdv and dq are the split backward's kernels; "fused" replaces both.
-                backward = "fused" if name == "fused" else "split"
-                with ta.tma_loads("all" if tma else "none"), ta.backward_kernels(backward):
+                with ta.tma_loads("all" if tma else "none"):
                     try:
                         out = block_sparse_attention(q, k, v, mask)
                         if name == "fwd":
@@ -113,7 +108,7 @@ def main():
         "",
         f"torch {meta['torch']}, triton {meta['triton']}; {seq:,} tokens x {args.heads} heads x 128, bf16, radial "
         f"decay {args.decay} (density {density:.3f}). Command: `{meta['command']}`. fwd rows: the forward kernel; "
-        f"dkdv/dq/fused rows: the whole backward (split: dkdv and dq kernels; fused: one kernel) with that kernel's tile changed (others: {FIXED}).",
+        f"dkdv/dq rows: the whole backward with that kernel's tile changed (others: {FIXED}).",
         "",
         "| kernel | tile (M x N) | warps | stages | loads | ms | effective TFLOP/s | error |",
         "|---|---|---|---|---|---|---|---|",

@@ -62,25 +62,16 @@ CPU_CASES = [  # (frames, tokens per frame, block size, head dim): S with a part
 ]
 
 
-@pytest.fixture(params=["fused", "split"])
-def backward(request):
-    """Each backward kernel set (kernels.triton_attention.BACKWARD_CHOICES) in turn."""
-    from kernels.triton_attention import backward_kernels
-
-    with backward_kernels(request.param):
-        yield request.param
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("frames, tokens_per_frame, block_size, head_dim", CPU_CASES)
-def test_radial_mask_forward_and_gradients(frames, tokens_per_frame, block_size, head_dim, dtype, backward):
+def test_radial_mask_forward_and_gradients(frames, tokens_per_frame, block_size, head_dim, dtype):
     mask = radial_block_mask(frames, tokens_per_frame, block_size=block_size)
     inputs = random_inputs((1, 2, frames * tokens_per_frame, head_dim), torch.float32, "cpu")
     check_against_reference(inputs, mask, block_size, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_random_mask_with_empty_rows(dtype, backward):
+def test_random_mask_with_empty_rows(dtype):
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     mask = torch.rand(7, 7, generator=g) < 0.4
     mask[2] = False  # a query block with nothing to attend
@@ -154,30 +145,13 @@ def test_tma_loads_equal_pointer_loads_and_odd_layouts_fall_back(monkeypatch):
     chosen, check = [], ta._tma_ok
     monkeypatch.setattr(ta, "_tma_ok", lambda *args: chosen.append((args[0], check(*args))) or chosen[-1][1])
     tma = run(block_sparse_attention, inputs, torch.float32, block_mask=mask, block_size=32)
-    assert chosen == [("fwd", True), ("dkdv", True)]  # the fused backward: one kernel
+    assert chosen == [("fwd", True), ("dkdv", True), ("dq", True)]
     for name, a, b in zip(["out", "dq", "dk", "dv"], plain, tma):
         assert torch.equal(a, b), name
     padded = torch.randn(1, 2, 120, 66)[..., :64]  # rows 66 floats apart: not a multiple of 16 bytes
     assert not check("fwd", padded, padded) and check("fwd", inputs[0], inputs[1])
     monkeypatch.setattr(ta, "TMA_KERNELS", ta.TMA_CHOICES["backward"])  # the default
     assert not check("fwd", inputs[0], inputs[1]) and check("dq", inputs[0], inputs[1])
-
-
-def test_deterministic_mode_runs_the_split_backward(monkeypatch):
-    """The fused backward's dQ sums arrive in a varying order; torch.use_deterministic_algorithms
-    gets the split one, which is bit-reproducible."""
-    import kernels.triton_attention as ta
-
-    launched, launch = [], ta._launch
-    monkeypatch.setattr(ta, "_launch", lambda kernel, *a, **kw: launched.append(kernel) or launch(kernel, *a, **kw))
-    q, k, v = (torch.randn(1, 2, 100, 32, requires_grad=True) for _ in range(3))
-    mask = radial_block_mask(5, 20, block_size=32)
-    block_sparse_attention(q, k, v, mask, block_size=32).sum().backward()
-    assert ta._bwd_fused_kernel in launched and ta._bwd_dq_kernel not in launched
-    launched.clear()
-    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    block_sparse_attention(q, k, v, mask, block_size=32).sum().backward()
-    assert ta._bwd_dq_kernel in launched and ta._bwd_fused_kernel not in launched
 
 
 def test_tma_choice_is_checked():
@@ -210,7 +184,7 @@ def test_opcheck_schema_autograd_and_fake():
     [(21, 1560, 2, 128, 1.0), (11, 1560, 2, 64, 0.2), (9, 3600, 2, 128, 1.0), (5, 777, 3, 128, 1.0)],
 )
 @pytest.mark.parametrize("tma", ["none", "all"], ids=["pointer-loads", "tma-loads"])
-def test_gpu_bf16_real_shapes(frames, tokens_per_frame, heads, head_dim, decay, tma, backward, monkeypatch):
+def test_gpu_bf16_real_shapes(frames, tokens_per_frame, heads, head_dim, decay, tma, monkeypatch):
     import kernels.triton_attention as ta
 
     monkeypatch.setattr(ta, "TMA_KERNELS", ta.TMA_CHOICES[tma])  # each load path in every kernel
@@ -242,7 +216,7 @@ def test_gpu_tma_backward_in_a_fresh_process():
 
 
 @pytest.mark.gpu
-def test_gpu_empty_rows_and_full_mask(backward):
+def test_gpu_empty_rows_and_full_mask():
     mask = torch.rand(9, 9, device="cuda") < 0.5
     mask[3] = False
     inputs = random_inputs((2, 2, 9 * 128 - 77, 128), torch.float32, "cuda")
@@ -254,7 +228,7 @@ def test_gpu_empty_rows_and_full_mask(backward):
 
 
 @pytest.mark.gpu
-def test_gpu_torch_compile_and_checkpointing(backward):
+def test_gpu_torch_compile_and_checkpointing():
     from torch.utils.checkpoint import checkpoint
 
     mask = radial_block_mask(6, 1560, device="cuda")
@@ -266,9 +240,6 @@ def test_gpu_torch_compile_and_checkpointing(backward):
     expected = run(layer, (q, k, v, d_out), torch.bfloat16)
     compiled = run(torch.compile(layer, fullgraph=True), (q, k, v, d_out), torch.bfloat16)
     ckpt = run(lambda q, k, v: checkpoint(layer, q, k, v, use_reentrant=False), (q, k, v, d_out), torch.bfloat16)
-    # The split backward is bit-reproducible; the fused one's dQ sums in a varying order (fp32, then
-    # rounded to bf16), so its rerun may differ in the last bf16 bit.
-    exact = dict(atol=0, rtol=0) if backward == "split" else dict(atol=1e-2, rtol=1e-2)
     for a, b, c in zip(expected, compiled, ckpt):
         torch.testing.assert_close(b, a, atol=1e-2, rtol=1e-2)
-        torch.testing.assert_close(c, a, **exact)
+        torch.testing.assert_close(c, a, atol=0, rtol=0)
