@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import gluon_attention
 from kernels.mask_cache import derived
 
 LOG2E = 1.4426950408889634
@@ -50,6 +51,13 @@ _tma_choice = os.environ.get("RADIAL_TRITON_TMA", "backward")
 if _tma_choice not in TMA_CHOICES:
     raise ValueError(f"RADIAL_TRITON_TMA={_tma_choice!r}: expected one of {', '.join(TMA_CHOICES)}")
 TMA_KERNELS = TMA_CHOICES[_tma_choice]
+# Which forward runs: "gluon" (kernels/gluon_attention.py: warp-specialized, Hopper only), "triton"
+# (the kernel below), or "auto": gluon where it can run (sm_90, bf16/fp16, mask block 128,
+# TMA-readable layouts), else triton. A requested gluon forward that cannot run raises.
+FORWARD_CHOICES = ("auto", "gluon", "triton")
+FORWARD = os.environ.get("RADIAL_FORWARD", "auto")
+if FORWARD not in FORWARD_CHOICES:
+    raise ValueError(f"RADIAL_FORWARD={FORWARD!r}: expected one of {', '.join(FORWARD_CHOICES)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,6 +374,20 @@ def _tma_ok(kernel: str, *tensors: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
+def forward_kernel(choice: str):
+    """Inside, the forward runs as RADIAL_FORWARD=choice would make it ("auto", "gluon" or
+    "triton"): for benchmarks and tests that compare the two in one process."""
+    global FORWARD
+    if choice not in FORWARD_CHOICES:
+        raise ValueError(f"forward {choice!r}: expected one of {', '.join(FORWARD_CHOICES)}")
+    previous, FORWARD = FORWARD, choice
+    try:
+        yield
+    finally:
+        FORWARD = previous
+
+
+@contextlib.contextmanager
 def tma_loads(choice: str):
     """Inside, the kernels load as RADIAL_TRITON_TMA=choice would make them ("all", "backward" or
     "none"): for benchmarks that compare the load paths in one process."""
@@ -421,6 +443,12 @@ def _fwd_op(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    if FORWARD == "gluon" or (FORWARD == "auto" and not INTERPRET):
+        if not INTERPRET and gluon_attention.supported(q, k, v, block_size):
+            return gluon_attention.hopper_forward(q, k, v, kv_count, kv_index, block_size, scale * LOG2E)
+        if FORWARD == "gluon":
+            raise RuntimeError("RADIAL_FORWARD=gluon needs an sm_90 GPU, bf16/fp16 q/k/v with head dim 64 or 128 "
+                               "in TMA-readable layouts, and mask block 128")  # fmt: skip
     batch, heads, seq, head_dim = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads, seq), device=q.device, dtype=torch.float32)

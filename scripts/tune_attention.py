@@ -25,6 +25,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import block_density, block_sparse_attention, radial_block_mask  # noqa: E402
+from kernels import gluon_attention  # noqa: E402
 from kernels import triton_attention as ta  # noqa: E402
 from scripts.report import write_report  # noqa: E402
 
@@ -38,7 +39,8 @@ CANDIDATES = {
     "dq": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3),
            (64, 64, 4, 2), (64, 128, 4, 2)],
 }  # fmt: skip
-KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel}
+CANDIDATES["gluon"] = [(128, 128, 12, 2), (128, 64, 12, 2), (128, 64, 12, 3), (128, 64, 12, 4)]
+KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel, "gluon": None}
 # While one kernel is swept the others run these (the 2026-11-26 H100 winners).
 FIXED = {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2)}
 
@@ -46,6 +48,9 @@ FIXED = {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2)}
 def use(kernel_name: str, tile) -> None:
     """Make the named kernel's autotuner run exactly this tile."""
     m, n, warps, stages = tile
+    if kernel_name == "gluon":  # the Hopper forward: a fixed tile (128 query rows, 3 warpgroups)
+        gluon_attention.TILE.update(BLOCK_N=n, STAGES=stages)
+        return
     KERNELS[kernel_name].configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)]
     KERNELS[kernel_name].cache.clear()
 
@@ -78,10 +83,15 @@ def main():
             for tma in (False, True):
                 for other, fixed in FIXED.items():
                     use(other, tile if other == name else fixed)
-                with ta.tma_loads("all" if tma else "none"):
+                if name == "gluon":
+                    use(name, tile)
+                if name == "gluon" and not tma:  # it loads through TMA only
+                    continue
+                forward = "gluon" if name == "gluon" else "triton"
+                with ta.tma_loads("all" if tma else "none"), ta.forward_kernel(forward):
                     try:
                         out = block_sparse_attention(q, k, v, mask)
-                        if name == "fwd":
+                        if name in ("fwd", "gluon"):
                             ms = triton.testing.do_bench(lambda: block_sparse_attention(q, k, v, mask),
                                                          warmup=25, rep=250, return_mode="median")  # fmt: skip
                             tflops = flops / ms / 1e9
@@ -108,7 +118,8 @@ def main():
         "",
         f"torch {meta['torch']}, triton {meta['triton']}; {seq:,} tokens x {args.heads} heads x 128, bf16, radial "
         f"decay {args.decay} (density {density:.3f}). Command: `{meta['command']}`. fwd rows: the forward kernel; "
-        f"dkdv/dq rows: the whole backward with that kernel's tile changed (others: {FIXED}).",
+        f"dkdv/dq rows: the whole backward with that kernel's tile changed (others: {FIXED}); gluon rows: the "
+        f"warp-specialized Hopper forward (12 warps: a loading warpgroup and two computing ones).",
         "",
         "| kernel | tile (M x N) | warps | stages | loads | ms | effective TFLOP/s | error |",
         "|---|---|---|---|---|---|---|---|",

@@ -1,0 +1,90 @@
+"""The warp-specialized Hopper forward (kernels/gluon_attention.py) against the reference.
+
+Gluon has no CPU interpreter: apart from the dispatch checks, these run on the lent GPU
+(`pytest -m gpu`), in bf16 and fp16 at real shapes, under flash-attention's tolerance rule (via
+tests/test_triton_attention.py's helpers; the backward there is the Triton one, fed this kernel's
+log-sum-exp, so the gradients check that too). The same file's real-shape test runs this kernel
+as the default forward on an H100.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import block_sparse_attention, block_sparse_attention_reference, radial_block_mask
+from kernels import triton_attention as ta
+from kernels.triton_attention import compact_mask
+from tests.test_triton_attention import check_against_reference, random_inputs, run
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward needs an sm_90 GPU")
+
+
+def test_requested_gluon_forward_that_cannot_run_raises():
+    q = torch.randn(1, 2, 100, 32)
+    mask = radial_block_mask(5, 20, block_size=32)
+    with ta.forward_kernel("gluon"), pytest.raises(RuntimeError, match="RADIAL_FORWARD=gluon needs an sm_90 GPU"):
+        block_sparse_attention(q, q, q, mask, block_size=32)
+    with pytest.raises(ValueError, match="forward 'fast'"):
+        with ta.forward_kernel("fast"):
+            pass
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "batch, frames, tokens_per_frame, heads, head_dim, decay",  # the reference holds S x S scores: batch 1 at 32k
+    [(1, 21, 1560, 2, 128, 1.0), (1, 11, 1560, 2, 64, 0.2), (2, 5, 777, 3, 128, 1.0), (2, 4, 1024, 1, 128, 1.0)],
+)
+def test_gpu_gluon_forward_and_gradients(batch, frames, tokens_per_frame, heads, head_dim, decay, dtype):
+    mask = radial_block_mask(frames, tokens_per_frame, decay=decay, device="cuda")
+    inputs = random_inputs((batch, heads, frames * tokens_per_frame, head_dim), torch.float32, "cuda")
+    with ta.forward_kernel("gluon"):
+        check_against_reference(inputs, mask, 128, dtype)
+
+
+@pytest.mark.gpu
+@hopper
+def test_gpu_gluon_empty_rows_full_mask_and_strided_inputs():
+    mask = torch.rand(9, 9, device="cuda") < 0.5
+    mask[3] = False  # a query block with nothing to attend: zeros out, zero gradients
+    inputs = random_inputs((2, 2, 9 * 128 - 77, 128), torch.float32, "cuda")
+    with ta.forward_kernel("gluon"):
+        out, dq, _, _ = check_against_reference(inputs, mask, 128, torch.bfloat16)
+        assert (out[:, :, 384:512] == 0).all() and (dq[:, :, 384:512] == 0).all()
+        q, k, v, _ = (t.bfloat16() for t in inputs)
+        full = block_sparse_attention(q, k, v, torch.ones(9, 9, dtype=torch.bool, device="cuda"))
+        torch.testing.assert_close(full, F.scaled_dot_product_attention(q, k, v), atol=2e-2, rtol=2e-2)
+        # The attention processor hands [B, S, H, D] tensors transposed to [B, H, S, D].
+        qt, kt, vt = (torch.randn(1, 6 * 1560, 4, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+                      for _ in range(3))  # fmt: skip
+        radial = radial_block_mask(6, 1560, device="cuda")
+        out = block_sparse_attention(qt, kt, vt, radial)
+    ref = block_sparse_attention_reference(qt, kt, vt, radial)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@hopper
+def test_gpu_gluon_forward_under_compile_checkpointing_and_opcheck():
+    from torch.utils.checkpoint import checkpoint
+
+    mask = radial_block_mask(6, 1560, device="cuda")
+    q, k, v, d_out = (t.bfloat16() for t in random_inputs((1, 2, 6 * 1560, 128), torch.float32, "cuda"))
+
+    def layer(q, k, v):
+        return block_sparse_attention(q * 1.0, k, v, mask, block_size=128) * 2.0
+
+    with ta.forward_kernel("gluon"):
+        expected = run(layer, (q, k, v, d_out), torch.bfloat16)
+        compiled = run(torch.compile(layer, fullgraph=True), (q, k, v, d_out), torch.bfloat16)
+        ckpt = run(lambda q, k, v: checkpoint(layer, q, k, v, use_reentrant=False), (q, k, v, d_out), torch.bfloat16)
+    for a, b, c in zip(expected, compiled, ckpt):
+        torch.testing.assert_close(b, a, atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(c, a, atol=0, rtol=0)
+    from kernels.gluon_attention import hopper_forward
+
+    torch.library.opcheck(hopper_forward, (q, k, v, *compact_mask(mask)[:2], 128, 0.125))
