@@ -8,7 +8,8 @@ The mask reaches the kernels in a compact form, built once and cached with the m
   kv_count [NB] int32, kv_index [NB, W] int32   kept key blocks of each query block, ascending
   q_count  [NB] int32, q_index  [NB, W'] int32  query blocks that keep each key block (the transpose)
 
-Forward (FlashAttention-2 style): one program per (BLOCK_M query rows, batch*head) walks the kept
+Forward (FlashAttention-2 style; on Hopper the op runs the warp-specialized Gluon kernel of
+kernels/gluon_attention.py instead, see RADIAL_FORWARD): one program per (BLOCK_M query rows, batch*head) walks the kept
 key blocks of its mask row in BLOCK_N tiles with an online softmax, and saves the base-2
 log-sum-exp. Backward: a dK/dV kernel, one program per key tile, walks the transposed index (so
 each dK/dV tile is owned by one program: no atomics on dK/dV); a dQ kernel walks the forward
