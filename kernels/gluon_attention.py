@@ -34,6 +34,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
+# Triton 3.6 (the GPU image) names the TMA load async_copy_global_to_shared; newer ones async_load.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
 ROWS = 64  # query rows per consumer warpgroup (wgmma's M per warpgroup)
 CONSUMERS = 2
 BLOCK_M = ROWS * CONSUMERS  # query rows per program: one mask block of 128
@@ -63,7 +66,7 @@ def _producer(
                                         strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM],
                                         layout=v_smem.type.layout)  # fmt: skip
     mbarrier.expect(q_ready, MASK_BLOCK * HEAD_DIM * Q.dtype.element_ty.primitive_bitwidth // 8)
-    tma.async_copy_global_to_shared(q_desc, [start_m, 0], q_ready, q_smem)
+    _tma_load(q_desc, [start_m, 0], q_ready, q_smem)
 
     tiles_per_block: gl.constexpr = MASK_BLOCK // BLOCK_N
     tile_bytes: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * K.dtype.element_ty.primitive_bitwidth // 8
@@ -76,8 +79,8 @@ def _producer(
         start_n = kv_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_N
         ready = kv_ready.index(stage)
         mbarrier.expect(ready, tile_bytes)
-        tma.async_copy_global_to_shared(k_desc, [start_n, 0], ready, k_smem.index(stage))
-        tma.async_copy_global_to_shared(v_desc, [start_n, 0], ready, v_smem.index(stage))
+        _tma_load(k_desc, [start_n, 0], ready, k_smem.index(stage))
+        _tma_load(v_desc, [start_n, 0], ready, v_smem.index(stage))
 
 
 @gluon.jit

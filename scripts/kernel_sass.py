@@ -1,6 +1,6 @@
 """Compile our attention kernels for Hopper (sm_90) offline and count what their SASS does.
 
-    python scripts/kernel_sass.py                        # the three kernels, pointer and TMA loads
+    python scripts/kernel_sass.py                        # every kernel, pointer and TMA loads
     python scripts/kernel_sass.py --kernel fwd --block 128 64 --warps 8 --stages 3 --dump /tmp/fwd.sass
 
 No GPU needed: Triton compiles for a `GPUTarget("cuda", 90, 32)` and its bundled `cuobjdump`
@@ -29,23 +29,27 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernels import gluon_attention as ga  # noqa: E402
 from kernels import triton_attention as ta  # noqa: E402
 
-KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel}
+KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel, "gluon": ga._fwd_kernel}
 # The tiles the H100 autotuning picked (kernels/triton_attention.py): (BLOCK_M, BLOCK_N, warps, stages).
-TUNED = {"fwd": (128, 128, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2)}
+TUNED = {"fwd": (128, 128, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2),
+         "gluon": (128, ga.TILE["BLOCK_N"], 4, ga.TILE["STAGES"])}  # gluon: 4 warps + two 4-warp partitions
 COUNTED = {"HGMMA": r"HGMMA", "UTMALDG": r"UTMALDG", "LDGSTS": r"LDGSTS", "MUFU.EX2": r"MUFU\.EX2",
-           "WARPGROUP.DEPBAR": r"WARPGROUP\.DEPBAR", "SYNCS": r"SYNCS", "spill STL/LDL": r"\b(?:STL|LDL)\b"}  # fmt: skip
+           "WARPGROUP.DEPBAR": r"WARPGROUP\.DEPBAR", "SYNCS": r"SYNCS", "spill STL/LDL": r"\b(?:STL|LDL)\b",
+           "USETMAXREG": r"USETMAXREG"}  # fmt: skip  (register hand-over between warp-specialized partitions)
 
 
 def signature(fn) -> tuple[dict, list[int]]:
     """Triton types of the kernel's arguments, and the positions that get the alignment hint."""
     types, aligned = {}, []
     for i, name in enumerate(fn.arg_names):
-        if name in ("HEAD_DIM", "MASK_BLOCK", "BLOCK_M", "BLOCK_N", "TMA"):
+        if name in ("HEAD_DIM", "MASK_BLOCK", "BLOCK_M", "BLOCK_N", "TMA", "STAGES"):
             types[name] = "constexpr"
         elif name in ("LSE", "DELTA"):
             types[name] = "*fp32"
@@ -63,12 +67,17 @@ def signature(fn) -> tuple[dict, list[int]]:
 
 
 def compile_sass(kernel: str, block, warps: int, stages: int, tma: bool) -> tuple[str, dict]:
-    fn = KERNELS[kernel].fn
+    gluon = kernel == "gluon"  # the warp-specialized Hopper forward: TMA only, tile and stages fixed
+    fn = KERNELS[kernel] if gluon else KERNELS[kernel].fn
     types, aligned = signature(fn)
-    constants = {"HEAD_DIM": 128, "MASK_BLOCK": 128, "BLOCK_M": block[0], "BLOCK_N": block[1], "TMA": tma}
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-    compiled = triton.compile(ASTSource(fn, types, constants, attrs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "num_stages": stages})  # fmt: skip
+    if gluon:
+        constants = {"HEAD_DIM": 128, "MASK_BLOCK": 128, "BLOCK_N": block[1], "STAGES": stages}
+        source, options = GluonASTSource(fn, types, constants, attrs), {"num_warps": warps}
+    else:
+        constants = {"HEAD_DIM": 128, "MASK_BLOCK": 128, "BLOCK_M": block[0], "BLOCK_N": block[1], "TMA": tma}
+        source, options = ASTSource(fn, types, constants, attrs), {"num_warps": warps, "num_stages": stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     tools = Path(triton.__file__).parent / "backends/nvidia/bin"
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
@@ -100,7 +109,7 @@ def main():
     for kernel in args.kernel:
         m, n, warps, stages = TUNED[kernel]
         block, warps, stages = args.block or (m, n), args.warps or warps, args.stages or stages
-        for tma in (False, True):
+        for tma in (True,) if kernel == "gluon" else (False, True):
             sass, counts = compile_sass(kernel, block, warps, stages, tma)
             cells = " | ".join(str(counts[k]) for k in [*COUNTED, "registers", "shared_kb"])
             print(f"| {kernel} | {block[0]}x{block[1]}, {warps}, {stages} | {'TMA' if tma else 'pointer'} | {cells} |")

@@ -37,6 +37,8 @@ def test_wan_experiments():
     assert (wan4x.model.id, wan4x.trainer.strategy.value, wan4x.attention.backend.value) == (
         "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "zero2", "triton")
     assert wan4x.data.frames[0] == 321 and wan4x.lora.rank == 128 and wan4x.data.demo is False
+    assert wan4x.model.compile_blocks and wan4x.model.gradient_checkpointing
+    validate(wan4x)
     wan14b = typed_config(compose_cfg("+experiment=wan14b_4x", "data.root=/videos"))
     assert (wan14b.model.id, wan14b.trainer.strategy.value, wan14b.data.sizes[0]) == (
         "Wan-AI/Wan2.1-T2V-14B-Diffusers", "zero3", [720, 1280])

@@ -104,8 +104,8 @@ class ModelConfig:
     """torch.compile the transformer blocks (diffusers' `compile_repeated_blocks`: one graph serves
     every block), fusing the elementwise work around the matrix products (norms, rotary embedding,
     modulation). The first steps are slower while it compiles. Attention backends work inside the
-    compiled blocks on GPU; on CPU the triton backend (interpreter) cannot be compiled. Measured,
-    and why it is off by default (one unexplained stall on GPU): docs/recipes.md."""
+    compiled blocks on GPU; on CPU the triton backend (interpreter) cannot be compiled. On in the
+    wan_4x experiment, where it was measured (1.25x a step); why not everywhere: docs/recipes.md."""
     compile_backend: str = "inductor"
     """torch.compile backend for compile_blocks (`aot_eager` traces the same graphs without
     generating code: the tests use it)."""
