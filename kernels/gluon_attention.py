@@ -1,4 +1,5 @@
-"""Hopper (sm_90) forward of the block-sparse attention, warp-specialized, in Gluon.
+"""Hopper (sm_90) kernels of the block-sparse attention, warp-specialized, in Gluon: the forward
+and the backward's dK/dV (dQ stays with the Triton kernel).
 
 Shapes as in kernels/triton_attention.py (B batch, H heads, S tokens, D head dim 64 or 128):
   q, k, v, out  [B, H, S, D] bf16 / fp16, any strides TMA accepts (16-byte aligned rows)
@@ -20,7 +21,10 @@ layout:
 One program per (mask block of 128 query rows, batch*head), as in the Triton kernel. Numerics are
 the Triton kernel's: fp32 scores, one fp32 factor (scale * log2 e) applied in the FMA with the max,
 exp2, keys past S masked only in the tiles past S, a row with no kept block outputs zeros and lse
-+inf. The backward stays the Triton one (it reads this lse).
++inf. The dK/dV kernel is the same arrangement turned around: one program per mask block of 128
+keys, each consumer warpgroup owning 64 keys, the producer streaming the Q and dO tiles of the
+query blocks that keep them (the transposed index); 4 products per block pair, no atomics, as the
+Triton dK/dV kernel it replaces. The Triton dQ kernel reads the same lse and delta.
 
 GPU only (Gluon has no CPU interpreter): tests/test_gluon_attention.py runs on the lent GPU.
 """
@@ -196,15 +200,178 @@ def _fwd_kernel(
     )  # fmt: skip
 
 
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
-    """Whether this kernel can run these [B, H, S, D] tensors: an sm_90 GPU (wgmma is Hopper's),
+# ----------------------------------------------------------------------------------------------
+# Backward: dK and dV (dQ stays with the Triton kernel). One program per mask block of 128 keys;
+# each consumer warpgroup owns 64 of them (their K and V rows stay in shared memory) and walks the
+# query blocks that keep its key block in tiles of 64 queries, which the producer streams in.
+# ----------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _dkdv_producer(
+    Q, K, V, DO, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, kv_ready, tile_ready, tile_empty,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_db, stride_dh, stride_ds, stride_index, H, S,
+    HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+):  # fmt: skip
+    """Load the program's K and V rows once, then Q and dO of every query tile that keeps them."""
+    start_n = gl.program_id(0) * MASK_BLOCK
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    col = start_n // MASK_BLOCK
+    k_desc = tma.make_tensor_descriptor(K + b * stride_kb + h * stride_kh, shape=[S, HEAD_DIM],
+                                        strides=[stride_ks, 1], block_shape=[MASK_BLOCK, HEAD_DIM],
+                                        layout=k_smem.type.layout)  # fmt: skip
+    v_desc = tma.make_tensor_descriptor(V + b * stride_vb + h * stride_vh, shape=[S, HEAD_DIM],
+                                        strides=[stride_vs, 1], block_shape=[MASK_BLOCK, HEAD_DIM],
+                                        layout=v_smem.type.layout)  # fmt: skip
+    q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[S, HEAD_DIM],
+                                        strides=[stride_qs, 1], block_shape=[BLOCK_M, HEAD_DIM],
+                                        layout=q_smem.type.layout)  # fmt: skip
+    do_desc = tma.make_tensor_descriptor(DO + b * stride_db + h * stride_dh, shape=[S, HEAD_DIM],
+                                         strides=[stride_ds, 1], block_shape=[BLOCK_M, HEAD_DIM],
+                                         layout=do_smem.type.layout)  # fmt: skip
+    element_bytes: gl.constexpr = K.dtype.element_ty.primitive_bitwidth // 8
+    mbarrier.expect(kv_ready, 2 * MASK_BLOCK * HEAD_DIM * element_bytes)
+    _tma_load(k_desc, [start_n, 0], kv_ready, k_smem)
+    _tma_load(v_desc, [start_n, 0], kv_ready, v_smem)
+
+    tiles_per_block: gl.constexpr = MASK_BLOCK // BLOCK_M
+    num_tiles = gl.load(Q_COUNT + col) * tiles_per_block
+    for t in range(num_tiles):
+        stage = t % STAGES
+        mbarrier.wait(tile_empty.index(stage), ((t // STAGES) & 1) ^ 1)
+        q_block = gl.load(Q_INDEX + col * stride_index + t // tiles_per_block)
+        start_m = q_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_M
+        ready = tile_ready.index(stage)
+        mbarrier.expect(ready, 2 * BLOCK_M * HEAD_DIM * element_bytes)
+        _tma_load(q_desc, [start_m, 0], ready, q_smem.index(stage))
+        _tma_load(do_desc, [start_m, 0], ready, do_smem.index(stage))
+
+
+@gluon.jit
+def _dkdv_consumer(
+    LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, kv_ready, tile_ready, tile_empty,
+    stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, stride_index, H, S, qk_scale, sm_scale,
+    HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+    KEYS: gl.constexpr, CONSUMER: gl.constexpr,
+):  # fmt: skip
+    """dK and dV of this warpgroup's KEYS keys, over the streamed query tiles (transposed products:
+    Sᵀ = K Qᵀ, Pᵀ, dPᵀ = V dOᵀ, dV += Pᵀ dO, dSᵀ = Pᵀ (dPᵀ - delta), dK += dSᵀ Q)."""
+    dtype: gl.constexpr = DK.dtype.element_ty
+    k_width: gl.constexpr = 32 // dtype.primitive_bitwidth
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])  # fmt: skip
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=k_width)
+    s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+    start_n = gl.program_id(0) * MASK_BLOCK
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    col = start_n // MASK_BLOCK
+    tiles_per_block: gl.constexpr = MASK_BLOCK // BLOCK_M
+    num_tiles = gl.load(Q_COUNT + col) * tiles_per_block
+    offs_m = gl.arange(0, BLOCK_M, layout=s_cols)
+
+    dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, layout=acc_layout)
+    dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, layout=acc_layout)
+    s_init = gl.zeros([KEYS, BLOCK_M], gl.float32, layout=s_layout)
+    mbarrier.wait(kv_ready, 0)
+    k = k_smem.slice(CONSUMER * KEYS, KEYS, dim=0)
+    v = v_smem.slice(CONSUMER * KEYS, KEYS, dim=0)
+    for t in range(num_tiles):
+        stage = t % STAGES
+        q_block = gl.load(Q_INDEX + col * stride_index + t // tiles_per_block)
+        rows = q_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_M + offs_m
+        lse = gl.load(LSE + bh * S + rows, mask=rows < S, other=float("inf"))  # +inf: rows past S get p = 0
+        delta = gl.load(DELTA + bh * S + rows, mask=rows < S, other=0.0)
+        mbarrier.wait(tile_ready.index(stage), (t // STAGES) & 1)
+        q = q_smem.index(stage)
+        do = do_smem.index(stage)
+        s_t = warpgroup_mma(k, q.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        s_t = warpgroup_mma_wait(num_outstanding=0, deps=(s_t,))
+        p_t = gl.exp2(gl.fma(s_t, qk_scale, -lse[None, :]))  # Pᵀ [KEYS, BLOCK_M]
+        dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do, dv, is_async=True)
+        dp_t = warpgroup_mma(v, do.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        dp_t = warpgroup_mma_wait(num_outstanding=0, deps=(dp_t,))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_layout), q, dk, is_async=True)
+        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+        mbarrier.arrive(tile_empty.index(stage), count=1)
+
+    dk = dk * sm_scale
+    offs_n = start_n + CONSUMER * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(1, acc_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+    keys = offs_n[:, None] < S
+    gl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(dtype),
+             mask=keys)  # fmt: skip
+    gl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(dtype),
+             mask=keys)  # fmt: skip
+
+
+@gluon.jit
+def _dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_db, stride_dh, stride_ds,
+    stride_dkb, stride_dkh, stride_dks,
+    stride_dvb, stride_dvh, stride_dvs,
+    stride_index,
+    H, S, qk_scale, sm_scale,
+    HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+):  # fmt: skip
+    dtype: gl.constexpr = Q.dtype.element_ty
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=dtype.primitive_bitwidth,
+                                                     rank=2)  # fmt: skip
+    k_smem = gl.allocate_shared_memory(dtype, [MASK_BLOCK, HEAD_DIM], smem_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [MASK_BLOCK, HEAD_DIM], smem_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], smem_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], smem_layout)
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    tile_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    tile_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_ready, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(tile_ready.index(i), count=1)
+        mbarrier.init(tile_empty.index(i), count=2)  # one arrival per consumer warpgroup
+    fence_async_shared()
+
+    gl.warp_specialize(
+        [
+            (_dkdv_producer, (Q, K, V, DO, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, kv_ready, tile_ready,
+                              tile_empty, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb,
+                              stride_vh, stride_vs, stride_db, stride_dh, stride_ds, stride_index, H, S,
+                              HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES)),
+            (_dkdv_consumer, (LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, kv_ready,
+                              tile_ready, tile_empty, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
+                              stride_dvs, stride_index, H, S, qk_scale, sm_scale,
+                              HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 0)),
+            (_dkdv_consumer, (LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, kv_ready,
+                              tile_ready, tile_empty, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
+                              stride_dvs, stride_index, H, S, qk_scale, sm_scale,
+                              HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 1)),
+        ],
+        [4, 4],
+        [240, 240],
+    )  # fmt: skip
+
+
+def supported(block_size: int, *tensors: torch.Tensor) -> bool:
+    """Whether these kernels can run these [B, H, S, D] tensors: an sm_90 GPU (wgmma is Hopper's),
     bf16/fp16, head dim 64 or 128, mask block 128, and layouts TMA reads (16-byte aligned (b, h)
     matrices and row strides)."""
+    q = tensors[0]
     if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in (64, 128) or block_size != 128:
         return False
-    for t in (q, k, v):
+    for t in tensors:
         if t.stride(-1) != 1 or t.storage_offset() % 8 or any(s % 8 for s in t.stride()[:3]):
             return False
     return True
@@ -250,3 +417,49 @@ def hopper_forward(
 @hopper_forward.register_fake
 def _(q, k, v, kv_count, kv_index, block_size, qk_scale):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+# Query rows per streamed tile in the dK/dV kernel, and its ring depth.
+DKDV_TILE = {"BLOCK_M": 64, "STAGES": 2}
+
+
+@torch.library.custom_op("radial_lora::block_sparse_attn_dkdv_hopper", mutates_args=())
+def hopper_dkdv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    d_out: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    q_count: torch.Tensor,
+    q_index: torch.Tensor,
+    block_size: int,
+    qk_scale: float,
+    sm_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dk, dv) [B, H, S, D] of tensors that `supported` accepts (d_out too), given the forward's
+    base-2 lse and delta = rowsum(dO * O); qk_scale is sm_scale times log2 e."""
+    from kernels.triton_attention import _tma_scratch
+
+    batch, heads, seq, head_dim = q.shape
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    triton.set_allocator(_tma_scratch)
+    grid = (triton.cdiv(seq, block_size), batch * heads)
+    _dkdv_kernel[grid](
+        q, k, v, d_out, lse, delta, dk, dv, q_count, q_index,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        d_out.stride(0), d_out.stride(1), d_out.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        q_index.stride(0),
+        heads, seq, qk_scale, sm_scale,
+        HEAD_DIM=head_dim, MASK_BLOCK=block_size, **DKDV_TILE, num_warps=4,
+    )  # fmt: skip
+    return dk, dv
+
+
+@hopper_dkdv.register_fake
+def _(q, k, v, d_out, lse, delta, q_count, q_index, block_size, qk_scale, sm_scale):
+    return torch.empty_like(k), torch.empty_like(v)

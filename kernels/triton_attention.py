@@ -9,7 +9,7 @@ The mask reaches the kernels in a compact form, built once and cached with the m
   q_count  [NB] int32, q_index  [NB, W'] int32  query blocks that keep each key block (the transpose)
 
 Forward (FlashAttention-2 style; on Hopper the op runs the warp-specialized Gluon kernel of
-kernels/gluon_attention.py instead, see RADIAL_FORWARD): one program per (BLOCK_M query rows, batch*head) walks the kept
+kernels/gluon_attention.py instead, see RADIAL_GLUON): one program per (BLOCK_M query rows, batch*head) walks the kept
 key blocks of its mask row in BLOCK_N tiles with an online softmax, and saves the base-2
 log-sum-exp. Backward: a dK/dV kernel, one program per key tile, walks the transposed index (so
 each dK/dV tile is owned by one program: no atomics on dK/dV); a dQ kernel walks the forward
@@ -52,13 +52,15 @@ _tma_choice = os.environ.get("RADIAL_TRITON_TMA", "backward")
 if _tma_choice not in TMA_CHOICES:
     raise ValueError(f"RADIAL_TRITON_TMA={_tma_choice!r}: expected one of {', '.join(TMA_CHOICES)}")
 TMA_KERNELS = TMA_CHOICES[_tma_choice]
-# Which forward runs: "gluon" (kernels/gluon_attention.py: warp-specialized, Hopper only), "triton"
-# (the kernel below), or "auto": gluon where it can run (sm_90, bf16/fp16, mask block 128,
-# TMA-readable layouts), else triton. A requested gluon forward that cannot run raises.
-FORWARD_CHOICES = ("auto", "gluon", "triton")
-FORWARD = os.environ.get("RADIAL_FORWARD", "auto")
-if FORWARD not in FORWARD_CHOICES:
-    raise ValueError(f"RADIAL_FORWARD={FORWARD!r}: expected one of {', '.join(FORWARD_CHOICES)}")
+# Which kernels run in Gluon (kernels/gluon_attention.py: warp-specialized, Hopper only) instead of
+# Triton: "auto" the forward and dK/dV wherever they can run (sm_90, bf16/fp16, head dim 64 or 128,
+# mask block 128, TMA-readable layouts) and Triton elsewhere; "all" both, raising where they
+# cannot run; "fwd" the forward only (raising likewise); "none" Triton throughout.
+GLUON_CHOICES = {"auto": frozenset({"fwd", "dkdv"}), "all": frozenset({"fwd", "dkdv"}),
+                 "fwd": frozenset({"fwd"}), "none": frozenset()}  # fmt: skip
+GLUON = os.environ.get("RADIAL_GLUON", "auto")
+if GLUON not in GLUON_CHOICES:
+    raise ValueError(f"RADIAL_GLUON={GLUON!r}: expected one of {', '.join(GLUON_CHOICES)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,17 +377,30 @@ def _tma_ok(kernel: str, *tensors: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def forward_kernel(choice: str):
-    """Inside, the forward runs as RADIAL_FORWARD=choice would make it ("auto", "gluon" or
-    "triton"): for benchmarks and tests that compare the two in one process."""
-    global FORWARD
-    if choice not in FORWARD_CHOICES:
-        raise ValueError(f"forward {choice!r}: expected one of {', '.join(FORWARD_CHOICES)}")
-    previous, FORWARD = FORWARD, choice
+def gluon_kernels(choice: str):
+    """Inside, the op picks its kernels as RADIAL_GLUON=choice would ("auto", "all", "fwd" or
+    "none"): for benchmarks and tests that compare them in one process."""
+    global GLUON
+    if choice not in GLUON_CHOICES:
+        raise ValueError(f"gluon kernels {choice!r}: expected one of {', '.join(GLUON_CHOICES)}")
+    previous, GLUON = GLUON, choice
     try:
         yield
     finally:
-        FORWARD = previous
+        GLUON = previous
+
+
+def _use_gluon(kernel: str, block_size: int, *tensors: torch.Tensor) -> bool:
+    """Whether `kernel` ("fwd" or "dkdv") runs in Gluon here (RADIAL_GLUON); a Gluon kernel that was
+    required ("all", "fwd") but cannot run raises."""
+    if kernel not in GLUON_CHOICES[GLUON] or (GLUON == "auto" and INTERPRET):
+        return False
+    if not INTERPRET and gluon_attention.supported(block_size, *tensors):
+        return True
+    if GLUON == "auto":
+        return False
+    raise RuntimeError(f"RADIAL_GLUON={GLUON} needs an sm_90 GPU, bf16/fp16 q/k/v with head dim 64 or 128 in "
+                       "TMA-readable layouts, and mask block 128")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -444,12 +459,8 @@ def _fwd_op(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    if FORWARD == "gluon" or (FORWARD == "auto" and not INTERPRET):
-        if not INTERPRET and gluon_attention.supported(q, k, v, block_size):
-            return gluon_attention.hopper_forward(q, k, v, kv_count, kv_index, block_size, scale * LOG2E)
-        if FORWARD == "gluon":
-            raise RuntimeError("RADIAL_FORWARD=gluon needs an sm_90 GPU, bf16/fp16 q/k/v with head dim 64 or 128 "
-                               "in TMA-readable layouts, and mask block 128")  # fmt: skip
+    if _use_gluon("fwd", block_size, q, k, v):
+        return gluon_attention.hopper_forward(q, k, v, kv_count, kv_index, block_size, scale * LOG2E)
     batch, heads, seq, head_dim = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads, seq), device=q.device, dtype=torch.float32)
@@ -488,7 +499,6 @@ def _bwd_op(
     d_out = _unit_last_stride(d_out)
     batch, heads, seq, head_dim = q.shape
     delta = torch.empty_like(lse)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta_rows = 64
     _launch(
         _bwd_delta_kernel,
@@ -496,21 +506,29 @@ def _bwd_op(
         out, d_out, delta, *_strides(out), *_strides(d_out), heads, seq, HEAD_DIM=head_dim, BLOCK_M=delta_rows
     )
 
-    def key_grid(meta):
-        return (triton.cdiv(seq, meta["BLOCK_N"]), batch * heads)
+    if _use_gluon("dkdv", block_size, q, k, v, d_out):
+        dk, dv = gluon_attention.hopper_dkdv(q, k, v, d_out, lse, delta, q_count, q_index, block_size,
+                                             scale * LOG2E, scale)  # fmt: skip
+    else:
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+
+        def key_grid(meta):
+            return (triton.cdiv(seq, meta["BLOCK_N"]), batch * heads)
+
+        _launch(
+            _bwd_dkdv_kernel,
+            key_grid,
+            q, k, v, d_out, lse, delta, dk, dv, q_count, q_index,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dk), *_strides(dv),
+            q_index.stride(0),
+            heads, seq, scale * LOG2E, scale,
+            HEAD_DIM=head_dim, MASK_BLOCK=block_size, TMA=_tma_ok("dkdv", q, d_out),
+        )  # fmt: skip
 
     def query_grid(meta):
         return (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)
 
-    _launch(
-        _bwd_dkdv_kernel,
-        key_grid,
-        q, k, v, d_out, lse, delta, dk, dv, q_count, q_index,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dk), *_strides(dv),
-        q_index.stride(0),
-        heads, seq, scale * LOG2E, scale,
-        HEAD_DIM=head_dim, MASK_BLOCK=block_size, TMA=_tma_ok("dkdv", q, d_out),
-    )  # fmt: skip
+    dq = torch.empty_like(q)
     _launch(
         _bwd_dq_kernel,
         query_grid,

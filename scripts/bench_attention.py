@@ -1,8 +1,8 @@
 """Attention benchmark on one GPU: our radial kernels vs FlexAttention vs dense SDPA.
 
-"ours" is what the op runs by default: on an H100 the warp-specialized Gluon forward
-(kernels/gluon_attention.py) and the Triton backward; "ours, triton forward" swaps in the Triton
-forward. The backward is the same kernel in both rows.
+"ours" is what the op runs by default: on an H100 the warp-specialized Gluon forward and dK/dV
+(kernels/gluon_attention.py) and the Triton dQ kernel; "ours, gluon forward only" has the Triton
+dK/dV, "ours, triton only" Triton kernels throughout.
 
     python scripts/bench_attention.py                      # all shapes, writes docs/benchmarks/
     python scripts/bench_attention.py --quick --out /tmp   # Wan2.1-1.3B at 321 frames only
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import block_density, block_sparse_attention, radial_block_mask  # noqa: E402
 from kernels.flex import block_sparse_attention_flex  # noqa: E402
-from kernels.triton_attention import forward_kernel  # noqa: E402
+from kernels.triton_attention import gluon_kernels  # noqa: E402
 from scripts.report import write_report  # noqa: E402
 
 MODELS = {"Wan2.1-1.3B": 12, "Wan2.1-14B": 40}
@@ -92,12 +92,13 @@ def bench_shape(model, heads, shape_name, frames, tokens_per_frame):
     for decay in DECAYS:
         mask = radial_block_mask(frames, tokens_per_frame, block_size=BLOCK, decay=decay, device="cuda")
         density = block_density(mask)
-        # "ours": the default forward (on an H100 the warp-specialized Gluon kernel) and the Triton
-        # backward; the second row has the Triton forward, for the comparison.
-        for name, fn, forward in (("ours", block_sparse_attention, "auto"),
-                                  ("ours, triton forward", block_sparse_attention, "triton"),
-                                  ("flex", block_sparse_attention_flex, "auto")):  # fmt: skip
-            with forward_kernel(forward):
+        # "ours": the op's default (on an H100 the warp-specialized Gluon forward and dK/dV, the
+        # Triton dQ); the next rows swap Triton kernels back in, for the comparison.
+        for name, fn, gluon in (("ours", block_sparse_attention, "auto"),
+                                ("ours, gluon forward only", block_sparse_attention, "fwd"),
+                                ("ours, triton only", block_sparse_attention, "none"),
+                                ("flex", block_sparse_attention_flex, "auto")):  # fmt: skip
+            with gluon_kernels(gluon):
                 times = time_fwd_bwd(lambda q, k, v: fn(q, k, v, mask, block_size=BLOCK), q, k, v, d_out)
             record(name, decay, density, *times)
     return rows
@@ -179,6 +180,7 @@ def main():
     from kernels import gluon_attention
 
     tuned["gluon fwd"] = dict(gluon_attention.TILE)  # fixed, not autotuned
+    tuned["gluon dkdv"] = dict(gluon_attention.DKDV_TILE)
     (out / f"{stem}_tuned.json").write_text(json.dumps(tuned, indent=1))
     print(json.dumps(tuned, indent=1))
     print(markdown(rows, meta))

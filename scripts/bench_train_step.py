@@ -149,9 +149,9 @@ def main():
         return
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     # Settings that change what fits or how fast (the 14B at 4x on 2 GPUs needed expandable
-    # segments; RADIAL_TRITON_TMA and RADIAL_FORWARD pick the kernels), written into the command.
+    # segments; RADIAL_TRITON_TMA and RADIAL_GLUON pick the kernels), written into the command.
     env = "".join(f"{name}={os.environ[name]} " for name in ("PYTORCH_CUDA_ALLOC_CONF", "RADIAL_TRITON_TMA",
-                                                             "RADIAL_FORWARD") if name in os.environ)  # fmt: skip
+                                                             "RADIAL_GLUON") if name in os.environ)  # fmt: skip
     meta = {"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "command": env + "python " + " ".join(sys.argv)}  # fmt: skip
     spread = f", each clip over {args.sequence_parallel} GPUs (peak memory: the busiest)" if args.sequence_parallel > 1 else ""

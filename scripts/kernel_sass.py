@@ -36,10 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import gluon_attention as ga  # noqa: E402
 from kernels import triton_attention as ta  # noqa: E402
 
-KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel, "gluon": ga._fwd_kernel}
+KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel, "gluon": ga._fwd_kernel,
+           "gluon_dkdv": ga._dkdv_kernel}
 # The tiles the H100 autotuning picked (kernels/triton_attention.py): (BLOCK_M, BLOCK_N, warps, stages).
 TUNED = {"fwd": (128, 128, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2),
-         "gluon": (128, ga.TILE["BLOCK_N"], 4, ga.TILE["STAGES"])}  # gluon: 4 warps + two 4-warp partitions
+         "gluon": (128, ga.TILE["BLOCK_N"], 4, ga.TILE["STAGES"]),  # gluon: 4 warps + two 4-warp partitions
+         "gluon_dkdv": (ga.DKDV_TILE["BLOCK_M"], 128, 4, ga.DKDV_TILE["STAGES"])}
 COUNTED = {"HGMMA": r"HGMMA", "UTMALDG": r"UTMALDG", "LDGSTS": r"LDGSTS", "MUFU.EX2": r"MUFU\.EX2",
            "WARPGROUP.DEPBAR": r"WARPGROUP\.DEPBAR", "SYNCS": r"SYNCS", "spill STL/LDL": r"\b(?:STL|LDL)\b",
            "USETMAXREG": r"USETMAXREG"}  # fmt: skip  (register hand-over between warp-specialized partitions)
@@ -67,12 +69,13 @@ def signature(fn) -> tuple[dict, list[int]]:
 
 
 def compile_sass(kernel: str, block, warps: int, stages: int, tma: bool) -> tuple[str, dict]:
-    gluon = kernel == "gluon"  # the warp-specialized Hopper forward: TMA only, tile and stages fixed
+    gluon = kernel.startswith("gluon")  # the warp-specialized Hopper kernels: TMA only, fixed tiles
     fn = KERNELS[kernel] if gluon else KERNELS[kernel].fn
     types, aligned = signature(fn)
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     if gluon:
-        constants = {"HEAD_DIM": 128, "MASK_BLOCK": 128, "BLOCK_N": block[1], "STAGES": stages}
+        constants = {"HEAD_DIM": 128, "MASK_BLOCK": 128, "STAGES": stages}
+        constants |= {"BLOCK_M": block[0]} if kernel == "gluon_dkdv" else {"BLOCK_N": block[1]}
         source, options = GluonASTSource(fn, types, constants, attrs), {"num_warps": warps}
     else:
         constants = {"HEAD_DIM": 128, "MASK_BLOCK": 128, "BLOCK_M": block[0], "BLOCK_N": block[1], "TMA": tma}
@@ -109,7 +112,7 @@ def main():
     for kernel in args.kernel:
         m, n, warps, stages = TUNED[kernel]
         block, warps, stages = args.block or (m, n), args.warps or warps, args.stages or stages
-        for tma in (True,) if kernel == "gluon" else (False, True):
+        for tma in (True,) if kernel.startswith("gluon") else (False, True):
             sass, counts = compile_sass(kernel, block, warps, stages, tma)
             cells = " | ".join(str(counts[k]) for k in [*COUNTED, "registers", "shared_kb"])
             print(f"| {kernel} | {block[0]}x{block[1]}, {warps}, {stages} | {'TMA' if tma else 'pointer'} | {cells} |")

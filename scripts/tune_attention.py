@@ -39,8 +39,12 @@ CANDIDATES = {
     "dq": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3),
            (64, 64, 4, 2), (64, 128, 4, 2)],
 }  # fmt: skip
+# The Gluon kernels (12 warps: a loading warpgroup and two computing ones): forward (128 query rows,
+# key tile, stages) and dK/dV (query tile, 128 keys, stages).
 CANDIDATES["gluon"] = [(128, 128, 12, 2), (128, 64, 12, 2), (128, 64, 12, 3), (128, 64, 12, 4)]
-KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel, "gluon": None}
+CANDIDATES["gluon_dkdv"] = [(64, 128, 12, 2), (64, 128, 12, 3), (32, 128, 12, 2), (32, 128, 12, 3), (32, 128, 12, 4)]
+KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel, "gluon": None,
+           "gluon_dkdv": None}
 # While one kernel is swept the others run these (the 2026-11-26 H100 winners).
 FIXED = {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2)}
 
@@ -48,8 +52,11 @@ FIXED = {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2)}
 def use(kernel_name: str, tile) -> None:
     """Make the named kernel's autotuner run exactly this tile."""
     m, n, warps, stages = tile
-    if kernel_name == "gluon":  # the Hopper forward: a fixed tile (128 query rows, 3 warpgroups)
+    if kernel_name == "gluon":  # the Hopper kernels: fixed tiles (3 warpgroups), no autotuner
         gluon_attention.TILE.update(BLOCK_N=n, STAGES=stages)
+        return
+    if kernel_name == "gluon_dkdv":
+        gluon_attention.DKDV_TILE.update(BLOCK_M=m, STAGES=stages)
         return
     KERNELS[kernel_name].configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)]
     KERNELS[kernel_name].cache.clear()
@@ -83,15 +90,16 @@ def main():
             for tma in (False, True):
                 for other, fixed in FIXED.items():
                     use(other, tile if other == name else fixed)
-                if name == "gluon":
+                if name.startswith("gluon"):
+                    if not tma:  # they load through TMA only
+                        continue
                     use(name, tile)
-                if name == "gluon" and not tma:  # it loads through TMA only
-                    continue
-                forward = "gluon" if name == "gluon" else "triton"
-                with ta.tma_loads("all" if tma else "none"), ta.forward_kernel(forward):
+                # Gluon rows run that Gluon kernel only; the others Triton throughout.
+                gluon = {"gluon": "fwd", "gluon_dkdv": "all"}.get(name, "none")
+                with ta.tma_loads("all" if tma else "none"), ta.gluon_kernels(gluon):
                     try:
                         out = block_sparse_attention(q, k, v, mask)
-                        if name in ("fwd", "gluon"):
+                        if name in ("fwd", "gluon"):  # the forward alone; other rows the whole backward
                             ms = triton.testing.do_bench(lambda: block_sparse_attention(q, k, v, mask),
                                                          warmup=25, rep=250, return_mode="median")  # fmt: skip
                             tflops = flops / ms / 1e9
@@ -119,7 +127,8 @@ def main():
         f"torch {meta['torch']}, triton {meta['triton']}; {seq:,} tokens x {args.heads} heads x 128, bf16, radial "
         f"decay {args.decay} (density {density:.3f}). Command: `{meta['command']}`. fwd rows: the forward kernel; "
         f"dkdv/dq rows: the whole backward with that kernel's tile changed (others: {FIXED}); gluon rows: the "
-        f"warp-specialized Hopper forward (12 warps: a loading warpgroup and two computing ones).",
+        f"warp-specialized Hopper forward alone (12 warps: a loading warpgroup and two computing ones); gluon_dkdv "
+        f"rows: the whole backward with the Gluon dK/dV kernel at that tile (query rows x 128 keys) and the Triton dQ.",
         "",
         "| kernel | tile (M x N) | warps | stages | loads | ms | effective TFLOP/s | error |",
         "|---|---|---|---|---|---|---|---|",

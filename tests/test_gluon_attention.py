@@ -1,10 +1,10 @@
-"""The warp-specialized Hopper forward (kernels/gluon_attention.py) against the reference.
+"""The warp-specialized Hopper kernels (kernels/gluon_attention.py) against the reference.
 
 Gluon has no CPU interpreter: apart from the dispatch checks, these run on the lent GPU
 (`pytest -m gpu`), in bf16 and fp16 at real shapes, under flash-attention's tolerance rule (via
-tests/test_triton_attention.py's helpers; the backward there is the Triton one, fed this kernel's
-log-sum-exp, so the gradients check that too). The same file's real-shape test runs this kernel
-as the default forward on an H100.
+tests/test_triton_attention.py's helpers): the Gluon forward with the Triton backward (fed its
+log-sum-exp), and the Gluon forward and dK/dV with the Triton dQ. The same file's real-shape test
+runs them as the defaults on an H100.
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward needs an sm_90 GPU")
 
 
-def test_requested_gluon_forward_that_cannot_run_raises():
+def test_required_gluon_kernels_that_cannot_run_raise():
     q = torch.randn(1, 2, 100, 32)
     mask = radial_block_mask(5, 20, block_size=32)
-    with ta.forward_kernel("gluon"), pytest.raises(RuntimeError, match="RADIAL_FORWARD=gluon needs an sm_90 GPU"):
-        block_sparse_attention(q, q, q, mask, block_size=32)
-    with pytest.raises(ValueError, match="forward 'fast'"):
-        with ta.forward_kernel("fast"):
+    for choice in ("all", "fwd"):
+        with ta.gluon_kernels(choice), pytest.raises(RuntimeError, match=f"RADIAL_GLUON={choice} needs an sm_90 GPU"):
+            block_sparse_attention(q, q, q, mask, block_size=32)
+    with pytest.raises(ValueError, match="gluon kernels 'fast'"):
+        with ta.gluon_kernels("fast"):
             pass
 
 
@@ -39,10 +40,11 @@ def test_requested_gluon_forward_that_cannot_run_raises():
     "batch, frames, tokens_per_frame, heads, head_dim, decay",  # the reference holds S x S scores: batch 1 at 32k
     [(1, 21, 1560, 2, 128, 1.0), (1, 11, 1560, 2, 64, 0.2), (2, 5, 777, 3, 128, 1.0), (2, 4, 1024, 1, 128, 1.0)],
 )
-def test_gpu_gluon_forward_and_gradients(batch, frames, tokens_per_frame, heads, head_dim, decay, dtype):
+@pytest.mark.parametrize("gluon", ["fwd", "all"], ids=["gluon-forward", "gluon-forward-and-dkdv"])
+def test_gpu_gluon_forward_and_gradients(batch, frames, tokens_per_frame, heads, head_dim, decay, dtype, gluon):
     mask = radial_block_mask(frames, tokens_per_frame, decay=decay, device="cuda")
     inputs = random_inputs((batch, heads, frames * tokens_per_frame, head_dim), torch.float32, "cuda")
-    with ta.forward_kernel("gluon"):
+    with ta.gluon_kernels(gluon):
         check_against_reference(inputs, mask, 128, dtype)
 
 
@@ -52,7 +54,7 @@ def test_gpu_gluon_empty_rows_full_mask_and_strided_inputs():
     mask = torch.rand(9, 9, device="cuda") < 0.5
     mask[3] = False  # a query block with nothing to attend: zeros out, zero gradients
     inputs = random_inputs((2, 2, 9 * 128 - 77, 128), torch.float32, "cuda")
-    with ta.forward_kernel("gluon"):
+    with ta.gluon_kernels("all"):
         out, dq, _, _ = check_against_reference(inputs, mask, 128, torch.bfloat16)
         assert (out[:, :, 384:512] == 0).all() and (dq[:, :, 384:512] == 0).all()
         q, k, v, _ = (t.bfloat16() for t in inputs)
@@ -78,13 +80,15 @@ def test_gpu_gluon_forward_under_compile_checkpointing_and_opcheck():
     def layer(q, k, v):
         return block_sparse_attention(q * 1.0, k, v, mask, block_size=128) * 2.0
 
-    with ta.forward_kernel("gluon"):
+    with ta.gluon_kernels("all"):
         expected = run(layer, (q, k, v, d_out), torch.bfloat16)
         compiled = run(torch.compile(layer, fullgraph=True), (q, k, v, d_out), torch.bfloat16)
         ckpt = run(lambda q, k, v: checkpoint(layer, q, k, v, use_reentrant=False), (q, k, v, d_out), torch.bfloat16)
     for a, b, c in zip(expected, compiled, ckpt):
         torch.testing.assert_close(b, a, atol=1e-2, rtol=1e-2)
         torch.testing.assert_close(c, a, atol=0, rtol=0)
-    from kernels.gluon_attention import hopper_forward
+    from kernels.gluon_attention import hopper_dkdv, hopper_forward
 
     torch.library.opcheck(hopper_forward, (q, k, v, *compact_mask(mask)[:2], 128, 0.125))
+    lse = torch.randn(q.shape[:3], device="cuda")
+    torch.library.opcheck(hopper_dkdv, (q, k, v, d_out, lse, lse.clone(), *compact_mask(mask)[2:], 128, 0.18, 0.125))

@@ -184,14 +184,14 @@ def test_opcheck_schema_autograd_and_fake():
     [(21, 1560, 2, 128, 1.0), (11, 1560, 2, 64, 0.2), (9, 3600, 2, 128, 1.0), (5, 777, 3, 128, 1.0)],
 )
 @pytest.mark.parametrize("tma", ["none", "all"], ids=["pointer-loads", "tma-loads"])
-@pytest.mark.parametrize("forward", ["triton", "auto"])  # auto: the Gluon forward on an H100
-def test_gpu_bf16_real_shapes(frames, tokens_per_frame, heads, head_dim, decay, tma, forward, monkeypatch):
+@pytest.mark.parametrize("gluon", ["none", "auto"])  # auto: the Gluon forward and dK/dV on an H100
+def test_gpu_bf16_real_shapes(frames, tokens_per_frame, heads, head_dim, decay, tma, gluon, monkeypatch):
     import kernels.triton_attention as ta
 
     monkeypatch.setattr(ta, "TMA_KERNELS", ta.TMA_CHOICES[tma])  # each load path in every kernel
     mask = radial_block_mask(frames, tokens_per_frame, decay=decay, device="cuda")
     inputs = random_inputs((1, heads, frames * tokens_per_frame, head_dim), torch.float32, "cuda")
-    with ta.forward_kernel(forward):
+    with ta.gluon_kernels(gluon):
         check_against_reference(inputs, mask, 128, torch.bfloat16)
 
 
