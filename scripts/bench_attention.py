@@ -1,8 +1,8 @@
 """Attention benchmark on one GPU: our radial kernels vs FlexAttention vs dense SDPA.
 
-"ours" is what the op runs by default: on an H100 the warp-specialized Gluon forward and dK/dV
-(kernels/gluon_attention.py) and the Triton dQ kernel; "ours, gluon forward only" has the Triton
-dK/dV, "ours, triton only" Triton kernels throughout.
+"ours" is what the op runs by default: on an H100 the warp-specialized Gluon forward
+(kernels/gluon_attention.py) and the Triton backward; "ours, gluon dK/dV too" adds the Gluon dK/dV
+kernel (RADIAL_GLUON=auto_all), "ours, triton only" has Triton kernels throughout.
 
     python scripts/bench_attention.py                      # all shapes, writes docs/benchmarks/
     python scripts/bench_attention.py --quick --out /tmp   # Wan2.1-1.3B at 321 frames only
@@ -92,10 +92,10 @@ def bench_shape(model, heads, shape_name, frames, tokens_per_frame):
     for decay in DECAYS:
         mask = radial_block_mask(frames, tokens_per_frame, block_size=BLOCK, decay=decay, device="cuda")
         density = block_density(mask)
-        # "ours": the op's default (on an H100 the warp-specialized Gluon forward and dK/dV, the
-        # Triton dQ); the next rows swap Triton kernels back in, for the comparison.
+        # "ours": the op's default (on an H100 the warp-specialized Gluon forward, the Triton
+        # backward); the next rows add the Gluon dK/dV, or have Triton kernels throughout.
         for name, fn, gluon in (("ours", block_sparse_attention, "auto"),
-                                ("ours, gluon forward only", block_sparse_attention, "fwd"),
+                                ("ours, gluon dK/dV too", block_sparse_attention, "auto_all"),
                                 ("ours, triton only", block_sparse_attention, "none"),
                                 ("flex", block_sparse_attention_flex, "auto")):  # fmt: skip
             with gluon_kernels(gluon):

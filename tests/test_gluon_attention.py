@@ -3,8 +3,8 @@
 Gluon has no CPU interpreter: apart from the dispatch checks, these run on the lent GPU
 (`pytest -m gpu`), in bf16 and fp16 at real shapes, under flash-attention's tolerance rule (via
 tests/test_triton_attention.py's helpers): the Gluon forward with the Triton backward (fed its
-log-sum-exp), and the Gluon forward and dK/dV with the Triton dQ. The same file's real-shape test
-runs them as the defaults on an H100.
+log-sum-exp), and the Gluon forward and dK/dV with the Triton dQ. test_triton_attention.py's
+real-shape test runs them too (RADIAL_GLUON=auto_all).
 """
 
 from __future__ import annotations
@@ -20,6 +20,15 @@ from tests.test_triton_attention import check_against_reference, random_inputs, 
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward needs an sm_90 GPU")
+
+
+def test_default_is_the_gluon_forward_where_it_runs_and_triton_elsewhere(monkeypatch):
+    """The default (auto) asks for the Gluon forward only, and on CPU falls back to Triton."""
+    assert ta.GLUON == "auto" and ta.GLUON_CHOICES["auto"] == (frozenset({"fwd"}), False)
+    q = torch.randn(1, 2, 100, 32)
+    mask = radial_block_mask(5, 20, block_size=32)
+    torch.testing.assert_close(block_sparse_attention(q, q, q, mask, block_size=32),
+                               block_sparse_attention_reference(q, q, q, mask, block_size=32), atol=1e-5, rtol=1e-5)
 
 
 def test_required_gluon_kernels_that_cannot_run_raise():
