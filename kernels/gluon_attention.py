@@ -38,12 +38,30 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
+from kernels.launch import set_tma_allocator, strides
+
 # Triton 3.6 (the GPU image) names the TMA load async_copy_global_to_shared; newer ones async_load.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 ROWS = 64  # query rows per consumer warpgroup (wgmma's M per warpgroup)
 CONSUMERS = 2
 BLOCK_M = ROWS * CONSUMERS  # query rows per program: one mask block of 128
+
+
+@gluon.jit
+def _program_block(MASK_BLOCK: gl.constexpr, H):
+    """(first row of this program's mask block, b*H + h, b, h, the block's index)."""
+    start = gl.program_id(0) * MASK_BLOCK
+    bh = gl.program_id(1)
+    return start, bh, bh // H, bh % H, start // MASK_BLOCK
+
+
+@gluon.jit
+def _rows_desc(base, S, stride_s, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, smem):
+    """TMA descriptor of one [S, HEAD_DIM] matrix (batch and head applied to `base`) in ROWS-row
+    tiles, in the shared-memory layout of `smem` (where they land); rows past S read as zeros."""
+    return tma.make_tensor_descriptor(base, shape=[S, HEAD_DIM], strides=[stride_s, 1], block_shape=[ROWS, HEAD_DIM],
+                                      layout=smem.type.layout)  # fmt: skip
 
 
 @gluon.jit
@@ -54,21 +72,11 @@ def _producer(
     HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
 ):  # fmt: skip
     """Load the query tile once, then every kept key/value tile of this row into the ring."""
-    start_m = gl.program_id(0) * MASK_BLOCK
-    bh = gl.program_id(1)
-    b = bh // H
-    h = bh % H
-    row = start_m // MASK_BLOCK
+    start_m, bh, b, h, row = _program_block(MASK_BLOCK, H)
     # Descriptors over this (b, h) matrix: rows past S read as zeros.
-    q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[S, HEAD_DIM],
-                                        strides=[stride_qs, 1], block_shape=[MASK_BLOCK, HEAD_DIM],
-                                        layout=q_smem.type.layout)  # fmt: skip
-    k_desc = tma.make_tensor_descriptor(K + b * stride_kb + h * stride_kh, shape=[S, HEAD_DIM],
-                                        strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM],
-                                        layout=k_smem.type.layout)  # fmt: skip
-    v_desc = tma.make_tensor_descriptor(V + b * stride_vb + h * stride_vh, shape=[S, HEAD_DIM],
-                                        strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM],
-                                        layout=v_smem.type.layout)  # fmt: skip
+    q_desc = _rows_desc(Q + b * stride_qb + h * stride_qh, S, stride_qs, MASK_BLOCK, HEAD_DIM, q_smem)
+    k_desc = _rows_desc(K + b * stride_kb + h * stride_kh, S, stride_ks, BLOCK_N, HEAD_DIM, k_smem)
+    v_desc = _rows_desc(V + b * stride_vb + h * stride_vh, S, stride_vs, BLOCK_N, HEAD_DIM, v_smem)
     mbarrier.expect(q_ready, MASK_BLOCK * HEAD_DIM * Q.dtype.element_ty.primitive_bitwidth // 8)
     _tma_load(q_desc, [start_m, 0], q_ready, q_smem)
 
@@ -105,11 +113,7 @@ def _consumer(
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
 
-    start_m = gl.program_id(0) * MASK_BLOCK
-    bh = gl.program_id(1)
-    b = bh // H
-    h = bh % H
-    row = start_m // MASK_BLOCK
+    start_m, bh, b, h, row = _program_block(MASK_BLOCK, H)
     tiles_per_block: gl.constexpr = MASK_BLOCK // BLOCK_N
     count = gl.load(KV_COUNT + row)
     num_tiles = count * tiles_per_block
@@ -215,23 +219,11 @@ def _dkdv_producer(
     HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
 ):  # fmt: skip
     """Load the program's K and V rows once, then Q and dO of every query tile that keeps them."""
-    start_n = gl.program_id(0) * MASK_BLOCK
-    bh = gl.program_id(1)
-    b = bh // H
-    h = bh % H
-    col = start_n // MASK_BLOCK
-    k_desc = tma.make_tensor_descriptor(K + b * stride_kb + h * stride_kh, shape=[S, HEAD_DIM],
-                                        strides=[stride_ks, 1], block_shape=[MASK_BLOCK, HEAD_DIM],
-                                        layout=k_smem.type.layout)  # fmt: skip
-    v_desc = tma.make_tensor_descriptor(V + b * stride_vb + h * stride_vh, shape=[S, HEAD_DIM],
-                                        strides=[stride_vs, 1], block_shape=[MASK_BLOCK, HEAD_DIM],
-                                        layout=v_smem.type.layout)  # fmt: skip
-    q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[S, HEAD_DIM],
-                                        strides=[stride_qs, 1], block_shape=[BLOCK_M, HEAD_DIM],
-                                        layout=q_smem.type.layout)  # fmt: skip
-    do_desc = tma.make_tensor_descriptor(DO + b * stride_db + h * stride_dh, shape=[S, HEAD_DIM],
-                                         strides=[stride_ds, 1], block_shape=[BLOCK_M, HEAD_DIM],
-                                         layout=do_smem.type.layout)  # fmt: skip
+    start_n, bh, b, h, col = _program_block(MASK_BLOCK, H)
+    k_desc = _rows_desc(K + b * stride_kb + h * stride_kh, S, stride_ks, MASK_BLOCK, HEAD_DIM, k_smem)
+    v_desc = _rows_desc(V + b * stride_vb + h * stride_vh, S, stride_vs, MASK_BLOCK, HEAD_DIM, v_smem)
+    q_desc = _rows_desc(Q + b * stride_qb + h * stride_qh, S, stride_qs, BLOCK_M, HEAD_DIM, q_smem)
+    do_desc = _rows_desc(DO + b * stride_db + h * stride_dh, S, stride_ds, BLOCK_M, HEAD_DIM, do_smem)
     element_bytes: gl.constexpr = K.dtype.element_ty.primitive_bitwidth // 8
     mbarrier.expect(kv_ready, 2 * MASK_BLOCK * HEAD_DIM * element_bytes)
     _tma_load(k_desc, [start_n, 0], kv_ready, k_smem)
@@ -268,11 +260,7 @@ def _dkdv_consumer(
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=k_width)
     s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
 
-    start_n = gl.program_id(0) * MASK_BLOCK
-    bh = gl.program_id(1)
-    b = bh // H
-    h = bh % H
-    col = start_n // MASK_BLOCK
+    start_n, bh, b, h, col = _program_block(MASK_BLOCK, H)
     tiles_per_block: gl.constexpr = MASK_BLOCK // BLOCK_M
     num_tiles = gl.load(Q_COUNT + col) * tiles_per_block
     offs_m = gl.arange(0, BLOCK_M, layout=s_cols)
@@ -394,19 +382,14 @@ def hopper_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, S, D], lse [B, H, S] base 2) of q, k, v that `supported` accepts; qk_scale is the
     softmax scale times log2 e. A custom op (not a triton_op): torch.compile calls it as it is."""
-    from kernels.triton_attention import _tma_scratch
-
     batch, heads, seq, head_dim = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads, seq), device=q.device, dtype=torch.float32)
-    triton.set_allocator(_tma_scratch)  # the in-kernel TMA descriptors live in scratch memory
+    set_tma_allocator()  # the in-kernel TMA descriptors live in scratch memory
     grid = (triton.cdiv(seq, block_size), batch * heads)
     _fwd_kernel[grid](
         q, k, v, out, lse, kv_count, kv_index,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        *strides(q), *strides(k), *strides(v), *strides(out),
         kv_index.stride(0),
         heads, seq, qk_scale,
         HEAD_DIM=head_dim, MASK_BLOCK=block_size, **TILE, num_warps=4,
@@ -439,20 +422,13 @@ def hopper_dkdv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dk, dv) [B, H, S, D] of tensors that `supported` accepts (d_out too), given the forward's
     base-2 lse and delta = rowsum(dO * O); qk_scale is sm_scale times log2 e."""
-    from kernels.triton_attention import _tma_scratch
-
     batch, heads, seq, head_dim = q.shape
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    triton.set_allocator(_tma_scratch)
+    set_tma_allocator()
     grid = (triton.cdiv(seq, block_size), batch * heads)
     _dkdv_kernel[grid](
         q, k, v, d_out, lse, delta, dk, dv, q_count, q_index,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        d_out.stride(0), d_out.stride(1), d_out.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
+        *strides(q), *strides(k), *strides(v), *strides(d_out), *strides(dk), *strides(dv),
         q_index.stride(0),
         heads, seq, qk_scale, sm_scale,
         HEAD_DIM=head_dim, MASK_BLOCK=block_size, **DKDV_TILE, num_warps=4,

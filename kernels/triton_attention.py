@@ -42,10 +42,10 @@ import triton
 import triton.language as tl
 
 from kernels import gluon_attention
+from kernels.launch import INTERPRET, set_tma_allocator, strides
 from kernels.mask_cache import derived
 
 LOG2E = 1.4426950408889634
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Which kernels load their streamed tiles through TMA descriptors (see above).
 TMA_CHOICES = {"all": frozenset({"fwd", "dkdv", "dq"}), "backward": frozenset({"dkdv", "dq"}), "none": frozenset()}
 _tma_choice = os.environ.get("RADIAL_TRITON_TMA", "backward")
@@ -350,10 +350,6 @@ def _bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """The kernels index the head dim with stride 1 and other dims by their strides."""
     return t if t.stride(-1) == 1 and 0 not in t.stride() else t.contiguous()
@@ -373,10 +369,7 @@ def _tma_ok(kernel: str, *tensors: torch.Tensor) -> bool:
         unit = 16 // t.element_size()
         if t.storage_offset() % unit or any(stride % unit for stride in t.stride()[:3]):
             return False
-    # Triton keeps its allocator in a context variable, which a new thread starts without, and
-    # autograd runs the backward on a thread of its own: so it is set by every caller (a cheap
-    # variable store), not once per process.
-    triton.set_allocator(_tma_scratch)
+    set_tma_allocator()
     return True
 
 
@@ -426,10 +419,6 @@ def _has_tma(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Scratch memory for the descriptors the kernels make (Triton asks its allocator for it)."""
-    return torch.empty(size, device="cpu" if INTERPRET else "cuda", dtype=torch.int8)
-
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
     """Launch through `wrap_triton` (what lets torch.compile trace the kernel into its graph).
@@ -477,7 +466,7 @@ def _fwd_op(
         _fwd_kernel,
         grid,
         q, k, v, out, lse, kv_count, kv_index,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        *strides(q), *strides(k), *strides(v), *strides(out),
         kv_index.stride(0),
         heads, seq, scale * LOG2E,
         HEAD_DIM=head_dim, MASK_BLOCK=block_size, TMA=_tma_ok("fwd", k, v),
@@ -508,7 +497,7 @@ def _bwd_op(
     _launch(
         _bwd_delta_kernel,
         (triton.cdiv(seq, delta_rows), batch * heads),
-        out, d_out, delta, *_strides(out), *_strides(d_out), heads, seq, HEAD_DIM=head_dim, BLOCK_M=delta_rows
+        out, d_out, delta, *strides(out), *strides(d_out), heads, seq, HEAD_DIM=head_dim, BLOCK_M=delta_rows
     )
 
     if _use_gluon("dkdv", block_size, q, k, v, d_out):
@@ -524,7 +513,7 @@ def _bwd_op(
             _bwd_dkdv_kernel,
             key_grid,
             q, k, v, d_out, lse, delta, dk, dv, q_count, q_index,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dk), *_strides(dv),
+            *strides(q), *strides(k), *strides(v), *strides(d_out), *strides(dk), *strides(dv),
             q_index.stride(0),
             heads, seq, scale * LOG2E, scale,
             HEAD_DIM=head_dim, MASK_BLOCK=block_size, TMA=_tma_ok("dkdv", q, d_out),
@@ -538,7 +527,7 @@ def _bwd_op(
         _bwd_dq_kernel,
         query_grid,
         q, k, v, d_out, lse, delta, dq, kv_count, kv_index,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dq),
+        *strides(q), *strides(k), *strides(v), *strides(d_out), *strides(dq),
         kv_index.stride(0),
         heads, seq, scale * LOG2E, scale,
         HEAD_DIM=head_dim, MASK_BLOCK=block_size, TMA=_tma_ok("dq", k, v),
