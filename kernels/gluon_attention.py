@@ -26,7 +26,9 @@ keys, each consumer warpgroup owning 64 keys, the producer streaming the Q and d
 query blocks that keep them (the transposed index); 4 products per block pair, no atomics, as the
 Triton dK/dV kernel it replaces. The Triton dQ kernel reads the same lse and delta.
 
-GPU only (Gluon has no CPU interpreter): tests/test_gluon_attention.py runs on the lent GPU.
+GPU only (Gluon has no CPU interpreter): tests/test_gluon_attention.py runs them on the lent GPU;
+on CPU, tests/test_scripts.py compiles them for sm_90 (scripts/kernel_sass.py) with the installed
+Triton, which is newer than the GPU image's 3.6.
 """
 
 from __future__ import annotations
@@ -42,10 +44,6 @@ from kernels.launch import set_tma_allocator, strides
 
 # Triton 3.6 (the GPU image) names the TMA load async_copy_global_to_shared; newer ones async_load.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-
-ROWS = 64  # query rows per consumer warpgroup (wgmma's M per warpgroup)
-CONSUMERS = 2
-BLOCK_M = ROWS * CONSUMERS  # query rows per program: one mask block of 128
 
 
 @gluon.jit

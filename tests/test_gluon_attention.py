@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from kernels import block_sparse_attention, block_sparse_attention_reference, radial_block_mask
 from kernels import triton_attention as ta
 from kernels.triton_attention import compact_mask
-from tests.test_triton_attention import check_against_reference, random_inputs
+from test_triton_attention import check_against_reference, random_inputs  # tests/ is on the path under pytest
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward needs an sm_90 GPU")
