@@ -63,6 +63,14 @@ def _rows_desc(base, S, stride_s, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, sm
 
 
 @gluon.jit
+def _tile_start(index_row, t, MASK_BLOCK: gl.constexpr, TILE: gl.constexpr):
+    """First token of the t-th TILE-row tile of the kept blocks listed (ascending) at index_row
+    (the Gluon twin of triton_attention._tile_start: Gluon calls only Gluon functions)."""
+    tiles_per_block: gl.constexpr = MASK_BLOCK // TILE
+    return gl.load(index_row + t // tiles_per_block) * MASK_BLOCK + (t % tiles_per_block) * TILE
+
+
+@gluon.jit
 def _producer(
     Q, K, V, KV_COUNT, KV_INDEX, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
@@ -85,8 +93,7 @@ def _producer(
         stage = t % STAGES
         # A fresh barrier counts as having completed the phase before its first: parity 1 passes.
         mbarrier.wait(kv_empty.index(stage), ((t // STAGES) & 1) ^ 1)
-        kv_block = gl.load(KV_INDEX + row * stride_index + t // tiles_per_block)
-        start_n = kv_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_N
+        start_n = _tile_start(KV_INDEX + row * stride_index, t, MASK_BLOCK, BLOCK_N)
         ready = kv_ready.index(stage)
         mbarrier.expect(ready, tile_bytes)
         _tma_load(k_desc, [start_n, 0], ready, k_smem.index(stage))
@@ -232,8 +239,7 @@ def _dkdv_producer(
     for t in range(num_tiles):
         stage = t % STAGES
         mbarrier.wait(tile_empty.index(stage), ((t // STAGES) & 1) ^ 1)
-        q_block = gl.load(Q_INDEX + col * stride_index + t // tiles_per_block)
-        start_m = q_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_M
+        start_m = _tile_start(Q_INDEX + col * stride_index, t, MASK_BLOCK, BLOCK_M)
         ready = tile_ready.index(stage)
         mbarrier.expect(ready, 2 * BLOCK_M * HEAD_DIM * element_bytes)
         _tma_load(q_desc, [start_m, 0], ready, q_smem.index(stage))
@@ -271,8 +277,7 @@ def _dkdv_consumer(
     v = v_smem.slice(CONSUMER * KEYS, KEYS, dim=0)
     for t in range(num_tiles):
         stage = t % STAGES
-        q_block = gl.load(Q_INDEX + col * stride_index + t // tiles_per_block)
-        rows = q_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_M + offs_m
+        rows = _tile_start(Q_INDEX + col * stride_index, t, MASK_BLOCK, BLOCK_M) + offs_m
         lse = gl.load(LSE + bh * S + rows, mask=rows < S, other=float("inf"))  # +inf: rows past S get p = 0
         delta = gl.load(DELTA + bh * S + rows, mask=rows < S, other=0.0)
         mbarrier.wait(tile_ready.index(stage), (t // STAGES) & 1)

@@ -144,6 +144,13 @@ def _load_rows(source, start, S, stride, ROWS: tl.constexpr, HEAD_DIM: tl.conste
 
 
 @triton.jit
+def _tile_start(index_row, t, MASK_BLOCK: tl.constexpr, TILE: tl.constexpr):
+    """First token of the t-th TILE-row tile of the kept blocks listed (ascending) at index_row."""
+    tiles_per_block: tl.constexpr = MASK_BLOCK // TILE
+    return tl.load(index_row + t // tiles_per_block) * MASK_BLOCK + (t % tiles_per_block) * TILE
+
+
+@triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, k_src, v_src, index_row, first, last, S, stride_ks, stride_vs, qk_scale,
     HEAD_DIM: tl.constexpr, MASK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
@@ -155,11 +162,9 @@ def _fwd_tiles(
     runs without the compare-and-select per score, and the scale is applied in the same fused
     multiply-add as the max subtraction (the max of raw scores times a positive scale is the max
     of scaled scores, exactly)."""
-    tiles_per_block: tl.constexpr = MASK_BLOCK // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     for t in range(first, last):
-        kv_block = tl.load(index_row + t // tiles_per_block)
-        start_n = kv_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_N
+        start_n = _tile_start(index_row, t, MASK_BLOCK, BLOCK_N)
         k = _load_rows(k_src, start_n, S, stride_ks, BLOCK_N, HEAD_DIM, TMA)
         qk = tl.dot(q, tl.trans(k))  # fp32 raw scores
         if RAGGED:
@@ -277,8 +282,7 @@ def _bwd_dkdv_kernel(
     tiles_per_block: tl.constexpr = MASK_BLOCK // BLOCK_M
     num_tiles = tl.load(Q_COUNT + col) * tiles_per_block
     for t in range(num_tiles):
-        q_block = tl.load(Q_INDEX + col * stride_index + t // tiles_per_block)
-        start_m = q_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_M
+        start_m = _tile_start(Q_INDEX + col * stride_index, t, MASK_BLOCK, BLOCK_M)
         rows = start_m + offs_m
         q = _load_rows(q_src, start_m, S, stride_qs, BLOCK_M, HEAD_DIM, TMA)
         do = _load_rows(do_src, start_m, S, stride_ds, BLOCK_M, HEAD_DIM, TMA)
@@ -330,8 +334,7 @@ def _bwd_dq_kernel(
     tiles_per_block: tl.constexpr = MASK_BLOCK // BLOCK_N
     num_tiles = tl.load(KV_COUNT + row) * tiles_per_block
     for t in range(num_tiles):
-        kv_block = tl.load(KV_INDEX + row * stride_index + t // tiles_per_block)
-        start_n = kv_block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_N
+        start_n = _tile_start(KV_INDEX + row * stride_index, t, MASK_BLOCK, BLOCK_N)
         k = _load_rows(k_src, start_n, S, stride_ks, BLOCK_N, HEAD_DIM, TMA)
         v = _load_rows(v_src, start_n, S, stride_vs, BLOCK_N, HEAD_DIM, TMA)
         p = tl.math.exp2(tl.fma(tl.dot(q, tl.trans(k)), qk_scale, -lse[:, None]))
