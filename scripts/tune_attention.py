@@ -9,7 +9,10 @@ config lists (`kernels/triton_attention.py`) are cut from, and what to rerun on 
 Each kernel gets each candidate tile alone while the other kernels keep one fixed tile, so a
 forward row is the forward kernel's time and a backward row is the whole backward (delta, dK/dV
 and dQ kernels) with only the named kernel's tile changed. Both load modes (pointer and TMA)
-are timed. Radial mask, bf16, batch 1, head dim 128; times are medians of CUDA-event runs.
+are timed. The Gluon kernels (kernels/gluon_attention.py, Hopper only, TMA only) have fixed tiles
+rather than an autotuner: `--kernels gluon gluon_dkdv` times their candidates the same way, the
+values to put in gluon_attention.TILE / DKDV_TILE. Radial mask, bf16, batch 1, head dim 128;
+times are medians of CUDA-event runs.
 """
 
 from __future__ import annotations
