@@ -40,7 +40,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-from kernels.launch import set_tma_allocator, strides
+from kernels.launch import set_tma_allocator, strides, tma_layout_ok
 
 # Triton 3.6 (the GPU image) names the TMA load async_copy_global_to_shared; newer ones async_load.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -60,6 +60,19 @@ def _rows_desc(base, S, stride_s, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, sm
     tiles, in the shared-memory layout of `smem` (where they land); rows past S read as zeros."""
     return tma.make_tensor_descriptor(base, shape=[S, HEAD_DIM], strides=[stride_s, 1], block_shape=[ROWS, HEAD_DIM],
                                       layout=smem.type.layout)  # fmt: skip
+
+
+@gluon.jit
+def _ring_barriers(STAGES: gl.constexpr):
+    """The mbarriers of a STAGES-deep ring of shared-memory tiles: ready (one arrival, the
+    producer's expected-bytes arrive; TMA completes it) and empty (one arrival per consumer
+    warpgroup, when both are done with the tile)."""
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    return ready, empty
 
 
 @gluon.jit
@@ -184,12 +197,8 @@ def _fwd_kernel(
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_ready, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(kv_ready.index(i), count=1)
-        mbarrier.init(kv_empty.index(i), count=2)  # one arrival per consumer warpgroup
+    kv_ready, kv_empty = _ring_barriers(STAGES)
     fence_async_shared()
 
     gl.warp_specialize(
@@ -325,12 +334,8 @@ def _dkdv_kernel(
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], smem_layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], smem_layout)
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    tile_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    tile_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_ready, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(tile_ready.index(i), count=1)
-        mbarrier.init(tile_empty.index(i), count=2)  # one arrival per consumer warpgroup
+    tile_ready, tile_empty = _ring_barriers(STAGES)
     fence_async_shared()
 
     gl.warp_specialize(
@@ -355,17 +360,13 @@ def _dkdv_kernel(
 
 def supported(block_size: int, *tensors: torch.Tensor) -> bool:
     """Whether these kernels can run these [B, H, S, D] tensors: an sm_90 GPU (wgmma is Hopper's),
-    bf16/fp16, head dim 64 or 128, mask block 128, and layouts TMA reads (16-byte aligned (b, h)
-    matrices and row strides)."""
+    bf16/fp16, head dim 64 or 128, mask block 128, and layouts TMA reads (launch.tma_layout_ok)."""
     q = tensors[0]
     if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in (64, 128) or block_size != 128:
         return False
-    for t in tensors:
-        if t.stride(-1) != 1 or t.storage_offset() % 8 or any(s % 8 for s in t.stride()[:3]):
-            return False
-    return True
+    return tma_layout_ok(*tensors)
 
 
 # The key tile and ring depth: BLOCK_N 128 with 2 stages fits Hopper's 227 KB of shared memory

@@ -15,6 +15,19 @@ def strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def tma_layout_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the tensor memory accelerator can read these [B, H, S, D] tensors: unit head-dim
+    stride, 16-byte aligned start of every (b, h) matrix, row strides a multiple of 16 bytes.
+
+    Judged from the storage offset, not the address: torch's allocators align every storage to at
+    least 64 bytes, and torch.compile traces with fake tensors, which have no address."""
+    for t in tensors:
+        unit = 16 // t.element_size()
+        if t.stride(-1) != 1 or t.storage_offset() % unit or any(stride % unit for stride in t.stride()[:3]):
+            return False
+    return True
+
+
 def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
     """Scratch memory for the descriptors the kernels make (Triton asks its allocator for it)."""
     return torch.empty(size, device="cpu" if INTERPRET else "cuda", dtype=torch.int8)

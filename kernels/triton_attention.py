@@ -9,8 +9,9 @@ The mask reaches the kernels in a compact form, built once and cached with the m
   q_count  [NB] int32, q_index  [NB, W'] int32  query blocks that keep each key block (the transpose)
 
 Forward (FlashAttention-2 style; on Hopper the op runs the warp-specialized Gluon kernel of
-kernels/gluon_attention.py instead, see RADIAL_GLUON): one program per (BLOCK_M query rows, batch*head) walks the kept
-key blocks of its mask row in BLOCK_N tiles with an online softmax, and saves the base-2
+kernels/gluon_attention.py instead, see RADIAL_GLUON): one program per (BLOCK_M query rows,
+batch*head) walks the kept key blocks of its mask row in BLOCK_N tiles with an online softmax,
+and saves the base-2
 log-sum-exp. Backward: a dK/dV kernel, one program per key tile, walks the transposed index (so
 each dK/dV tile is owned by one program: no atomics on dK/dV); a dQ kernel walks the forward
 index, recomputing P and dP: 7 matrix products per block pair, deterministic. (A fused variant,
@@ -42,7 +43,7 @@ import triton
 import triton.language as tl
 
 from kernels import gluon_attention
-from kernels.launch import INTERPRET, set_tma_allocator, strides
+from kernels.launch import INTERPRET, set_tma_allocator, strides, tma_layout_ok
 from kernels.mask_cache import derived
 
 LOG2E = 1.4426950408889634
@@ -361,17 +362,12 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 def _tma_ok(kernel: str, *tensors: torch.Tensor) -> bool:
     """Whether `kernel` ("fwd", "dkdv" or "dq") reads these [B, H, S, D] tensors through TMA: chosen
     for it (RADIAL_TRITON_TMA), a GPU that has TMA (sm_90+; the interpreter emulates it), and a
-    layout the tensor memory accelerator accepts (16-byte aligned start of every (b, h) matrix, row
-    strides a multiple of 16 bytes). Otherwise the kernel uses pointer loads.
-
-    Judged from the storage offset, not the address: torch's allocators align every storage to at
-    least 64 bytes, and torch.compile traces with fake tensors, which have no address."""
+    layout the tensor memory accelerator accepts (launch.tma_layout_ok). Otherwise the kernel uses
+    pointer loads."""
     if kernel not in TMA_KERNELS or not (INTERPRET or _has_tma(tensors[0].device)):
         return False
-    for t in tensors:
-        unit = 16 // t.element_size()
-        if t.storage_offset() % unit or any(stride % unit for stride in t.stride()[:3]):
-            return False
+    if not tma_layout_ok(*tensors):
+        return False
     set_tma_allocator()
     return True
 
