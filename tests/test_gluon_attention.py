@@ -22,7 +22,7 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward needs an sm_90 GPU")
 
 
-def test_default_is_the_gluon_forward_where_it_runs_and_triton_elsewhere(monkeypatch):
+def test_default_is_the_gluon_forward_where_it_runs_and_triton_elsewhere():
     """The default (auto) asks for the Gluon forward only, and on CPU falls back to Triton."""
     assert ta.GLUON == "auto" and ta.GLUON_CHOICES["auto"] == (frozenset({"fwd"}), False)
     q = torch.randn(1, 2, 100, 32)
