@@ -31,10 +31,11 @@ def prepare_transformer(
     params = add_lora(transformer, lora)
     if sp_group is not None:
         check_lora_inside_blocks(transformer)
-    if model.gradient_checkpointing:
-        enable_checkpointing(transformer, keep_attention_blocks=model.checkpoint_keep_attention)
-    if model.compile_blocks:
-        transformer.compile_repeated_blocks(backend=model.compile_backend)
+    compile_backend = model.compile_backend if model.compile_blocks else None
+    if model.gradient_checkpointing:  # compiles the checkpointed blocks (models/checkpointing.py)
+        enable_checkpointing(transformer, model.checkpoint_keep_attention, compile_backend)
+    elif compile_backend is not None:
+        transformer.compile_repeated_blocks(backend=compile_backend)
     return params
 
 

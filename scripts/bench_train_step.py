@@ -141,8 +141,6 @@ def main():
     parser.add_argument("--out", default="docs/benchmarks")
     args = parser.parse_args()
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as training sets it
-    if args.compile and args.keep_attention:
-        parser.error("--keep-attention has no effect with --compile (train.config refuses the pair)")
     group = sequence_parallel_group(args)
     rows = [one_config(args, b, f, group) for f in args.frames for b in args.backends]
     if group is not None and dist.get_rank() != 0:

@@ -98,14 +98,16 @@ class ModelConfig:
     """With gradient_checkpointing: the first N blocks (-1: all) keep their self-attention outputs
     rather than recompute attention in the backward (models/checkpointing.py): one attention
     forward less per block and step, for S x hidden x 2 bytes more memory per block (bf16). Kept
-    for the triton and dense backends. Not with compile_blocks (refused: it cannot see into a
-    compiled block). Measured at wan_4x's shape on an H100: docs/recipes.md."""
+    for the triton and dense backends, eager or with compile_blocks. Measured at wan_4x's shape on
+    an H100: docs/recipes.md."""
     compile_blocks: bool = False
-    """torch.compile the transformer blocks (diffusers' `compile_repeated_blocks`: one graph serves
-    every block), fusing the elementwise work around the matrix products (norms, rotary embedding,
-    modulation). The first steps are slower while it compiles. Attention backends work inside the
-    compiled blocks on GPU; on CPU the triton backend (interpreter) cannot be compiled. On in the
-    wan_4x experiment, where it was measured (1.25x a step); why not everywhere: docs/recipes.md."""
+    """torch.compile the transformer blocks (one graph serves the blocks alike), fusing the
+    elementwise work around the matrix products (norms, rotary embedding, modulation). With
+    gradient_checkpointing the checkpoint is compiled with each block (models/checkpointing.py),
+    else diffusers' `compile_repeated_blocks`. The first steps are slower while it compiles.
+    Attention backends work inside the compiled blocks on GPU; on CPU the triton backend
+    (interpreter) cannot be compiled. On in the wan experiments (at 4x on an H100, 10.2 to 8.0 s a
+    step); why not everywhere: docs/recipes.md."""
     compile_backend: str = "inductor"
     """torch.compile backend for compile_blocks (`aot_eager` traces the same graphs without
     generating code: the tests use it)."""
@@ -361,11 +363,6 @@ def validate(cfg: Config) -> None:
          "activation is kept anyway)"),
         (cfg.model.checkpoint_keep_attention >= -1,
          f"model.checkpoint_keep_attention={cfg.model.checkpoint_keep_attention} must be a block count or -1 (all)"),
-        # Selective checkpointing picks ops as they are dispatched; a compiled block runs as one
-        # graph it cannot see into, so the setting did nothing (measured on an H100: same step
-        # time and memory as compile alone, docs/recipes.md). Refused rather than silently ignored.
-        (not (cfg.model.compile_blocks and cfg.model.checkpoint_keep_attention),
-         "model.checkpoint_keep_attention has no effect with model.compile_blocks=true; set one of them"),
         (cfg.attention.block_size >= 16, f"attention.block_size={cfg.attention.block_size} must be >= 16"),
         (cfg.attention.decay > 0, f"attention.decay={cfg.attention.decay} must be > 0"),
         (cfg.attention.dense_layers >= 0, f"attention.dense_layers={cfg.attention.dense_layers} must be >= 0"),
