@@ -1,5 +1,5 @@
 """Hopper (sm_90) kernels of the block-sparse attention, warp-specialized, in Gluon: the forward
-and the backward's dK/dV (dQ stays with the Triton kernel).
+and the backward's dK/dV and dQ.
 
 Shapes as in kernels/triton_attention.py (B batch, H heads, S tokens, D head dim 64 or 128):
   q, k, v, out  [B, H, S, D] bf16 / fp16, any strides TMA accepts (16-byte aligned rows)
@@ -24,7 +24,8 @@ exp2, keys past S masked only in the tiles past S, a row with no kept block outp
 +inf. The dK/dV kernel is the same arrangement turned around: one program per mask block of 128
 keys, each consumer warpgroup owning 64 keys, the producer streaming the Q and dO tiles of the
 query blocks that keep them (the transposed index); 4 products per block pair, no atomics, as the
-Triton dK/dV kernel it replaces. The Triton dQ kernel reads the same lse and delta.
+Triton dK/dV kernel it replaces. The dQ kernel is the forward's arrangement again (a program per
+query block, K/V tiles streamed), with Q and dO resident and three products per tile.
 
 GPU only (Gluon has no CPU interpreter): tests/test_gluon_attention.py runs them on the lent GPU;
 on CPU, tests/test_scripts.py compiles them for sm_90 (scripts/kernel_sass.py) with the installed
@@ -98,17 +99,27 @@ def _producer(
     v_desc = _rows_desc(V + b * stride_vb + h * stride_vh, S, stride_vs, BLOCK_N, HEAD_DIM, v_smem)
     mbarrier.expect(q_ready, MASK_BLOCK * HEAD_DIM * Q.dtype.element_ty.primitive_bitwidth // 8)
     _tma_load(q_desc, [start_m, 0], q_ready, q_smem)
-
-    tiles_per_block: gl.constexpr = MASK_BLOCK // BLOCK_N
     tile_bytes: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * K.dtype.element_ty.primitive_bitwidth // 8
-    num_tiles = gl.load(KV_COUNT + row) * tiles_per_block
+    _kv_ring(k_desc, v_desc, KV_COUNT + row, KV_INDEX + row * stride_index, k_smem, v_smem, kv_ready, kv_empty,
+             MASK_BLOCK, BLOCK_N, STAGES, tile_bytes)  # fmt: skip
+
+
+@gluon.jit
+def _kv_ring(
+    k_desc, v_desc, count_ptr, index_row, k_smem, v_smem, kv_ready, kv_empty,
+    MASK_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TILE_BYTES: gl.constexpr,
+):  # fmt: skip
+    """Bring every kept key/value tile of one mask row (its count and index row given) into the
+    ring, each stage once both consumers have released it."""
+    tiles_per_block: gl.constexpr = MASK_BLOCK // BLOCK_N
+    num_tiles = gl.load(count_ptr) * tiles_per_block
     for t in range(num_tiles):
         stage = t % STAGES
         # A fresh barrier counts as having completed the phase before its first: parity 1 passes.
         mbarrier.wait(kv_empty.index(stage), ((t // STAGES) & 1) ^ 1)
-        start_n = _tile_start(KV_INDEX + row * stride_index, t, MASK_BLOCK, BLOCK_N)
+        start_n = _tile_start(index_row, t, MASK_BLOCK, BLOCK_N)
         ready = kv_ready.index(stage)
-        mbarrier.expect(ready, tile_bytes)
+        mbarrier.expect(ready, TILE_BYTES)
         _tma_load(k_desc, [start_n, 0], ready, k_smem.index(stage))
         _tma_load(v_desc, [start_n, 0], ready, v_smem.index(stage))
 
@@ -219,7 +230,7 @@ def _fwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Backward: dK and dV (dQ stays with the Triton kernel). One program per mask block of 128 keys;
+# Backward: dK and dV. One program per mask block of 128 keys;
 # each consumer warpgroup owns 64 of them (their K and V rows stay in shared memory) and walks the
 # query blocks that keep its key block in tiles of 64 queries, which the producer streams in.
 # ----------------------------------------------------------------------------------------------
@@ -358,6 +369,138 @@ def _dkdv_kernel(
     )  # fmt: skip
 
 
+# ----------------------------------------------------------------------------------------------
+# Backward: dQ. The forward's arrangement with one more product: one program per mask block of
+# 128 queries, the producer loads the Q and dO rows once and streams the kept K/V tiles through the
+# ring; each consumer warpgroup owns 64 query rows: S = Q Kᵀ and dP = dO Vᵀ (both on the tensor
+# cores at once), P from the forward's lse, dS = P (dP - delta), dQ += dS K.
+# ----------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _dq_producer(
+    Q, K, V, DO, KV_COUNT, KV_INDEX, q_smem, do_smem, k_smem, v_smem, rows_ready, kv_ready, kv_empty,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_db, stride_dh, stride_ds, stride_index, H, S,
+    HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+):  # fmt: skip
+    """Load the program's Q and dO rows once, then every kept key/value tile into the ring."""
+    start_m, bh, b, h, row = _program_block(MASK_BLOCK, H)
+    q_desc = _rows_desc(Q + b * stride_qb + h * stride_qh, S, stride_qs, MASK_BLOCK, HEAD_DIM, q_smem)
+    do_desc = _rows_desc(DO + b * stride_db + h * stride_dh, S, stride_ds, MASK_BLOCK, HEAD_DIM, do_smem)
+    k_desc = _rows_desc(K + b * stride_kb + h * stride_kh, S, stride_ks, BLOCK_N, HEAD_DIM, k_smem)
+    v_desc = _rows_desc(V + b * stride_vb + h * stride_vh, S, stride_vs, BLOCK_N, HEAD_DIM, v_smem)
+    element_bytes: gl.constexpr = Q.dtype.element_ty.primitive_bitwidth // 8
+    mbarrier.expect(rows_ready, 2 * MASK_BLOCK * HEAD_DIM * element_bytes)
+    _tma_load(q_desc, [start_m, 0], rows_ready, q_smem)
+    _tma_load(do_desc, [start_m, 0], rows_ready, do_smem)
+    _kv_ring(k_desc, v_desc, KV_COUNT + row, KV_INDEX + row * stride_index, k_smem, v_smem, kv_ready, kv_empty,
+             MASK_BLOCK, BLOCK_N, STAGES, 2 * BLOCK_N * HEAD_DIM * element_bytes)  # fmt: skip
+
+
+@gluon.jit
+def _dq_consumer(
+    LSE, DELTA, DQ, KV_COUNT, KV_INDEX, q_smem, do_smem, k_smem, v_smem, rows_ready, kv_ready, kv_empty,
+    stride_dqb, stride_dqh, stride_dqs, stride_index, H, S, qk_scale, sm_scale,
+    HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    ROWS: gl.constexpr, CONSUMER: gl.constexpr,
+):  # fmt: skip
+    """dQ of this warpgroup's ROWS query rows over the ring's tiles."""
+    dtype: gl.constexpr = DQ.dtype.element_ty
+    k_width: gl.constexpr = 32 // dtype.primitive_bitwidth
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=k_width)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    start_m, bh, b, h, row = _program_block(MASK_BLOCK, H)
+    tiles_per_block: gl.constexpr = MASK_BLOCK // BLOCK_N
+    count = gl.load(KV_COUNT + row)
+    num_tiles = count * tiles_per_block
+    # As in the forward: only the tiles of a kept partial last block are masked. Their keys past S
+    # are zeros (TMA), which would already add nothing to dQ, but P there is exp2(-lse), which can
+    # overflow; masked, it is 0.
+    last_block = gl.load(KV_INDEX + row * stride_index + gl.maximum(count - 1, 0))
+    ragged = (count > 0) & (S % MASK_BLOCK != 0) & (last_block == (S - 1) // MASK_BLOCK)
+    num_full = num_tiles - gl.where(ragged, tiles_per_block, 0)
+
+    offs_m = start_m + CONSUMER * ROWS + gl.arange(0, ROWS, layout=s_rows)
+    lse = gl.load(LSE + bh * S + offs_m, mask=offs_m < S, other=float("inf"))  # +inf: rows past S get p = 0
+    delta = gl.load(DELTA + bh * S + offs_m, mask=offs_m < S, other=0.0)
+    dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=acc_layout)
+    s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+
+    mbarrier.wait(rows_ready, 0)
+    q = q_smem.slice(CONSUMER * ROWS, ROWS, dim=0)
+    do = do_smem.slice(CONSUMER * ROWS, ROWS, dim=0)
+    for t in range(num_tiles):
+        stage = t % STAGES
+        mbarrier.wait(kv_ready.index(stage), (t // STAGES) & 1)
+        k = k_smem.index(stage)
+        s = warpgroup_mma(q, k.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        dp = warpgroup_mma(do, v_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+        s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
+        p = gl.exp2(gl.fma(s, qk_scale, -lse[:, None]))
+        if t >= num_full:
+            start_n = (S // MASK_BLOCK) * MASK_BLOCK + (t % tiles_per_block) * BLOCK_N
+            p = gl.where((start_n + offs_n)[None, :] < S, p, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), k, dq, is_async=True)
+        dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
+        mbarrier.arrive(kv_empty.index(stage), count=1)
+
+    dq = dq * sm_scale
+    offs_q = start_m + CONSUMER * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+    gl.store(DQ + b * stride_dqb + h * stride_dqh + offs_q[:, None] * stride_dqs + offs_d[None, :], dq.to(dtype),
+             mask=offs_q[:, None] < S)  # fmt: skip
+
+
+@gluon.jit
+def _dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, KV_COUNT, KV_INDEX,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_db, stride_dh, stride_ds,
+    stride_dqb, stride_dqh, stride_dqs,
+    stride_index,
+    H, S, qk_scale, sm_scale,
+    HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+):  # fmt: skip
+    dtype: gl.constexpr = Q.dtype.element_ty
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=dtype.primitive_bitwidth,
+                                                     rank=2)  # fmt: skip
+    q_smem = gl.allocate_shared_memory(dtype, [MASK_BLOCK, HEAD_DIM], smem_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [MASK_BLOCK, HEAD_DIM], smem_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
+    rows_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(rows_ready, count=1)
+    kv_ready, kv_empty = _ring_barriers(STAGES)
+    fence_async_shared()
+
+    gl.warp_specialize(
+        [
+            (_dq_producer, (Q, K, V, DO, KV_COUNT, KV_INDEX, q_smem, do_smem, k_smem, v_smem, rows_ready, kv_ready,
+                            kv_empty, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb,
+                            stride_vh, stride_vs, stride_db, stride_dh, stride_ds, stride_index, H, S,
+                            HEAD_DIM, MASK_BLOCK, BLOCK_N, STAGES)),
+            (_dq_consumer, (LSE, DELTA, DQ, KV_COUNT, KV_INDEX, q_smem, do_smem, k_smem, v_smem, rows_ready, kv_ready,
+                            kv_empty, stride_dqb, stride_dqh, stride_dqs, stride_index, H, S, qk_scale, sm_scale,
+                            HEAD_DIM, MASK_BLOCK, BLOCK_N, STAGES, MASK_BLOCK // 2, 0)),
+            (_dq_consumer, (LSE, DELTA, DQ, KV_COUNT, KV_INDEX, q_smem, do_smem, k_smem, v_smem, rows_ready, kv_ready,
+                            kv_empty, stride_dqb, stride_dqh, stride_dqs, stride_index, H, S, qk_scale, sm_scale,
+                            HEAD_DIM, MASK_BLOCK, BLOCK_N, STAGES, MASK_BLOCK // 2, 1)),
+        ],
+        [4, 4],
+        [240, 240],
+    )  # fmt: skip
+
+
 def supported(block_size: int, *tensors: torch.Tensor) -> bool:
     """Whether these kernels can run these [B, H, S, D] tensors: an sm_90 GPU (wgmma is Hopper's),
     bf16/fp16, head dim 64 or 128, mask block 128, and layouts TMA reads (launch.tma_layout_ok)."""
@@ -371,7 +514,7 @@ def supported(block_size: int, *tensors: torch.Tensor) -> bool:
 
 # The key tile and ring depth, the fastest in the H100 sweep (scripts/tune_attention.py): 128-key
 # tiles, 2 stages, 160 KB of shared memory with the 128-row query tile (3 stages: 224 KB of the
-# 227 KB, not timed yet).
+# 227 KB, 1.5% slower).
 TILE = {"BLOCK_N": 128, "STAGES": 2}
 
 
@@ -444,3 +587,43 @@ def hopper_dkdv(
 @hopper_dkdv.register_fake
 def _(q, k, v, d_out, lse, delta, q_count, q_index, block_size, qk_scale, sm_scale):
     return torch.empty_like(k), torch.empty_like(v)
+
+
+# Keys per streamed tile in the dQ kernel, and its ring depth: the fastest in the H200 sweep (64-key
+# tiles 1-3% slower), 192 KB of shared memory.
+DQ_TILE = {"BLOCK_N": 128, "STAGES": 2}
+
+
+@torch.library.custom_op("radial_lora::block_sparse_attn_dq_hopper", mutates_args=())
+def hopper_dq(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    d_out: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    kv_count: torch.Tensor,
+    kv_index: torch.Tensor,
+    block_size: int,
+    qk_scale: float,
+    sm_scale: float,
+) -> torch.Tensor:
+    """dq [B, H, S, D] of tensors that `supported` accepts (d_out too), given the forward's base-2
+    lse and delta = rowsum(dO * O); qk_scale is sm_scale times log2 e."""
+    batch, heads, seq, head_dim = q.shape
+    dq = torch.empty_like(q)
+    set_tma_allocator()
+    grid = (triton.cdiv(seq, block_size), batch * heads)
+    _dq_kernel[grid](
+        q, k, v, d_out, lse, delta, dq, kv_count, kv_index,
+        *strides(q), *strides(k), *strides(v), *strides(d_out), *strides(dq),
+        kv_index.stride(0),
+        heads, seq, qk_scale, sm_scale,
+        HEAD_DIM=head_dim, MASK_BLOCK=block_size, **DQ_TILE, num_warps=4,
+    )  # fmt: skip
+    return dq
+
+
+@hopper_dq.register_fake
+def _(q, k, v, d_out, lse, delta, kv_count, kv_index, block_size, qk_scale, sm_scale):
+    return torch.empty_like(q)

@@ -54,14 +54,15 @@ if _tma_choice not in TMA_CHOICES:
     raise ValueError(f"RADIAL_TRITON_TMA={_tma_choice!r}: expected one of {', '.join(TMA_CHOICES)}")
 TMA_KERNELS = TMA_CHOICES[_tma_choice]
 # Which kernels run in Gluon (kernels/gluon_attention.py: warp-specialized, Hopper only) instead of
-# Triton, and whether they must: "auto" (the default) the forward wherever it can run (sm_90,
-# bf16/fp16, head dim 64 or 128, mask block 128, TMA-readable layouts), Triton elsewhere;
-# "auto_all" the forward and dK/dV likewise; "all" and "fwd" those kernels, raising where they
-# cannot run; "none" Triton throughout. The Gluon dK/dV is not in the default: on an H100 it
-# measured on par with the Triton one (docs/benchmarks/attention.md), and its GPU tests do not
-# yet cover every layout the forward's do.
-GLUON_CHOICES = {"auto": (frozenset({"fwd"}), False), "auto_all": (frozenset({"fwd", "dkdv"}), False),
-                 "all": (frozenset({"fwd", "dkdv"}), True), "fwd": (frozenset({"fwd"}), True),
+# Triton, and whether they must: "auto" (the default) the forward, dK/dV and dQ wherever they can
+# run (sm_90, bf16/fp16, head dim 64 or 128, mask block 128, TMA-readable layouts), Triton
+# elsewhere; "auto_fwd" the forward only, likewise (the default before the Gluon dQ); "all",
+# "fwd", "fwd_dkdv" and "fwd_dq" those kernels, raising where they cannot run; "none" Triton
+# throughout. On an H200 the Gluon backward (dK/dV and dQ) measured 9-11% faster than Triton's
+# (docs/benchmarks/attention.md).
+GLUON_CHOICES = {"auto": (frozenset({"fwd", "dkdv", "dq"}), False), "auto_fwd": (frozenset({"fwd"}), False),
+                 "all": (frozenset({"fwd", "dkdv", "dq"}), True), "fwd": (frozenset({"fwd"}), True),
+                 "fwd_dkdv": (frozenset({"fwd", "dkdv"}), True), "fwd_dq": (frozenset({"fwd", "dq"}), True),
                  "none": (frozenset(), False)}  # fmt: skip
 GLUON = os.environ.get("RADIAL_GLUON", "auto")
 if GLUON not in GLUON_CHOICES:
@@ -374,8 +375,8 @@ def _tma_ok(kernel: str, *tensors: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def gluon_kernels(choice: str):
-    """Inside, the op picks its kernels as RADIAL_GLUON=choice would ("auto", "auto_all", "all",
-    "fwd" or "none"): for benchmarks and tests that compare them in one process."""
+    """Inside, the op picks its kernels as RADIAL_GLUON=choice would (a key of GLUON_CHOICES): for
+    benchmarks and tests that compare them in one process."""
     global GLUON
     if choice not in GLUON_CHOICES:
         raise ValueError(f"gluon kernels {choice!r}: expected one of {', '.join(GLUON_CHOICES)}")
@@ -387,8 +388,8 @@ def gluon_kernels(choice: str):
 
 
 def _use_gluon(kernel: str, block_size: int, *tensors: torch.Tensor) -> bool:
-    """Whether `kernel` ("fwd" or "dkdv") runs in Gluon here (RADIAL_GLUON); a Gluon kernel that was
-    required ("all", "fwd") but cannot run raises."""
+    """Whether `kernel` ("fwd", "dkdv" or "dq") runs in Gluon here (RADIAL_GLUON); a Gluon kernel
+    that was required ("all", "fwd", ...) but cannot run raises."""
     kernels, required = GLUON_CHOICES[GLUON]
     if kernel not in kernels or (INTERPRET and not required):
         return False
@@ -517,6 +518,10 @@ def _bwd_op(
             heads, seq, scale * LOG2E, scale,
             HEAD_DIM=head_dim, MASK_BLOCK=block_size, TMA=_tma_ok("dkdv", q, d_out),
         )  # fmt: skip
+
+    if _use_gluon("dq", block_size, q, k, v, d_out):
+        dq = gluon_attention.hopper_dq(q, k, v, d_out, lse, delta, kv_count, kv_index, block_size, scale * LOG2E, scale)
+        return dq, dk, dv
 
     def query_grid(meta):
         return (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)

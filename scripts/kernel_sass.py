@@ -37,11 +37,12 @@ from kernels import gluon_attention as ga  # noqa: E402
 from kernels import triton_attention as ta  # noqa: E402
 
 KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel, "gluon": ga._fwd_kernel,
-           "gluon_dkdv": ga._dkdv_kernel}
+           "gluon_dkdv": ga._dkdv_kernel, "gluon_dq": ga._dq_kernel}
 # The tiles the H100 autotuning picked (kernels/triton_attention.py): (BLOCK_M, BLOCK_N, warps, stages).
 TUNED = {"fwd": (128, 128, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2),
          "gluon": (128, ga.TILE["BLOCK_N"], 4, ga.TILE["STAGES"]),  # gluon: 4 warps + two 4-warp partitions
-         "gluon_dkdv": (ga.DKDV_TILE["BLOCK_M"], 128, 4, ga.DKDV_TILE["STAGES"])}
+         "gluon_dkdv": (ga.DKDV_TILE["BLOCK_M"], 128, 4, ga.DKDV_TILE["STAGES"]),
+         "gluon_dq": (128, ga.DQ_TILE["BLOCK_N"], 4, ga.DQ_TILE["STAGES"])}
 COUNTED = {"HGMMA": r"HGMMA", "UTMALDG": r"UTMALDG", "LDGSTS": r"LDGSTS", "MUFU.EX2": r"MUFU\.EX2",
            "WARPGROUP.DEPBAR": r"WARPGROUP\.DEPBAR", "SYNCS": r"SYNCS", "spill STL/LDL": r"\b(?:STL|LDL)\b",
            "USETMAXREG": r"USETMAXREG"}  # fmt: skip  (register hand-over between warp-specialized partitions)

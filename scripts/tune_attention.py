@@ -42,12 +42,13 @@ CANDIDATES = {
     "dq": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3),
            (64, 64, 4, 2), (64, 128, 4, 2)],
 }  # fmt: skip
-# The Gluon kernels (12 warps: a loading warpgroup and two computing ones): forward (128 query rows,
-# key tile, stages) and dK/dV (query tile, 128 keys, stages).
-CANDIDATES["gluon"] = [(128, 128, 12, 2), (128, 64, 12, 2), (128, 64, 12, 3), (128, 64, 12, 4)]
+# The Gluon kernels (12 warps: a loading warpgroup and two computing ones): forward and dQ (128
+# query rows, key tile, stages) and dK/dV (query tile, 128 keys, stages).
+CANDIDATES["gluon"] = [(128, 128, 12, 2), (128, 128, 12, 3), (128, 64, 12, 2), (128, 64, 12, 3), (128, 64, 12, 4)]
+CANDIDATES["gluon_dq"] = [(128, 128, 12, 2), (128, 64, 12, 2), (128, 64, 12, 3), (128, 64, 12, 4)]
 CANDIDATES["gluon_dkdv"] = [(64, 128, 12, 2), (64, 128, 12, 3), (32, 128, 12, 2), (32, 128, 12, 3), (32, 128, 12, 4)]
 KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel, "gluon": None,
-           "gluon_dkdv": None}
+           "gluon_dkdv": None, "gluon_dq": None}
 # While one kernel is swept the others run these (the 2026-11-26 H100 winners).
 FIXED = {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2)}
 
@@ -60,6 +61,9 @@ def use(kernel_name: str, tile) -> None:
         return
     if kernel_name == "gluon_dkdv":
         gluon_attention.DKDV_TILE.update(BLOCK_M=m, STAGES=stages)
+        return
+    if kernel_name == "gluon_dq":
+        gluon_attention.DQ_TILE.update(BLOCK_N=n, STAGES=stages)
         return
     KERNELS[kernel_name].configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)]
     KERNELS[kernel_name].cache.clear()
@@ -96,7 +100,7 @@ def main():
                 if name.startswith("gluon"):
                     use(name, tile)
                 # Gluon rows run that Gluon kernel only; the others Triton throughout.
-                gluon = {"gluon": "fwd", "gluon_dkdv": "all"}.get(name, "none")
+                gluon = {"gluon": "fwd", "gluon_dkdv": "fwd_dkdv", "gluon_dq": "fwd_dq"}.get(name, "none")
                 with ta.tma_loads("all" if tma else "none"), ta.gluon_kernels(gluon):
                     try:
                         out = block_sparse_attention(q, k, v, mask)

@@ -3,8 +3,8 @@
 Gluon has no CPU interpreter: apart from the dispatch checks, these run on the lent GPU
 (`pytest -m gpu`), in bf16 and fp16 at real shapes, under flash-attention's tolerance rule (via
 tests/test_triton_attention.py's helpers): the Gluon forward with the Triton backward (fed its
-log-sum-exp), and the Gluon forward and dK/dV with the Triton dQ. test_triton_attention.py's
-real-shape test runs them too (RADIAL_GLUON=auto_all).
+log-sum-exp), with the Gluon dQ, and with both Gluon backward kernels. test_triton_attention.py's
+real-shape test runs them too (RADIAL_GLUON=auto, the default).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward needs an sm_90 GPU")
 
 
-def test_default_is_the_gluon_forward_where_it_runs_and_triton_elsewhere():
-    """The default (auto) asks for the Gluon forward only, and on CPU falls back to Triton."""
-    assert ta.GLUON == "auto" and ta.GLUON_CHOICES["auto"] == (frozenset({"fwd"}), False)
+def test_default_is_gluon_where_it_runs_and_triton_elsewhere():
+    """The default (auto) asks for every Gluon kernel, and on CPU falls back to Triton."""
+    assert ta.GLUON == "auto" and ta.GLUON_CHOICES["auto"] == (frozenset({"fwd", "dkdv", "dq"}), False)
     q = torch.randn(1, 2, 100, 32)
     mask = radial_block_mask(5, 20, block_size=32)
     torch.testing.assert_close(block_sparse_attention(q, q, q, mask, block_size=32),
@@ -34,7 +34,7 @@ def test_default_is_the_gluon_forward_where_it_runs_and_triton_elsewhere():
 def test_required_gluon_kernels_that_cannot_run_raise():
     q = torch.randn(1, 2, 100, 32)
     mask = radial_block_mask(5, 20, block_size=32)
-    for choice in ("all", "fwd"):
+    for choice in ("all", "fwd", "fwd_dkdv", "fwd_dq"):
         with ta.gluon_kernels(choice), pytest.raises(RuntimeError, match=f"RADIAL_GLUON={choice} needs an sm_90 GPU"):
             block_sparse_attention(q, q, q, mask, block_size=32)
     with pytest.raises(ValueError, match="gluon kernels 'fast'"):
@@ -49,7 +49,7 @@ def test_required_gluon_kernels_that_cannot_run_raise():
     "batch, frames, tokens_per_frame, heads, head_dim, decay",  # the reference holds S x S scores: batch 1 at 32k
     [(1, 21, 1560, 2, 128, 1.0), (1, 11, 1560, 2, 64, 0.2), (2, 5, 777, 3, 128, 1.0), (2, 4, 1024, 1, 128, 1.0)],
 )
-@pytest.mark.parametrize("gluon", ["fwd", "all"], ids=["gluon-forward", "gluon-forward-and-dkdv"])
+@pytest.mark.parametrize("gluon", ["fwd", "fwd_dq", "all"], ids=["gluon-forward", "gluon-forward-and-dq", "gluon-all"])
 def test_gpu_gluon_forward_and_gradients(batch, frames, tokens_per_frame, heads, head_dim, decay, dtype, gluon):
     mask = radial_block_mask(frames, tokens_per_frame, decay=decay, device="cuda")
     inputs = random_inputs((batch, heads, frames * tokens_per_frame, head_dim), torch.float32, "cuda")
@@ -81,12 +81,13 @@ def test_gpu_gluon_empty_rows_full_mask_and_strided_inputs():
 @pytest.mark.gpu
 @hopper
 def test_gpu_gluon_ops_opcheck():
-    """Schema, fake tensors and autograd registration of both Gluon ops. (torch.compile and
+    """Schema, fake tensors and autograd registration of the Gluon ops. (torch.compile and
     checkpointing with them: test_triton_attention.py's test_gpu_torch_compile_and_checkpointing.)"""
-    from kernels.gluon_attention import hopper_dkdv, hopper_forward
+    from kernels.gluon_attention import hopper_dkdv, hopper_dq, hopper_forward
 
     mask = radial_block_mask(6, 1560, device="cuda")
     q, k, v, d_out = (t.bfloat16() for t in random_inputs((1, 2, 6 * 1560, 128), torch.float32, "cuda"))
     torch.library.opcheck(hopper_forward, (q, k, v, *compact_mask(mask)[:2], 128, 0.125))
     lse = torch.randn(q.shape[:3], device="cuda")
     torch.library.opcheck(hopper_dkdv, (q, k, v, d_out, lse, lse.clone(), *compact_mask(mask)[2:], 128, 0.18, 0.125))
+    torch.library.opcheck(hopper_dq, (q, k, v, d_out, lse, lse.clone(), *compact_mask(mask)[:2], 128, 0.18, 0.125))

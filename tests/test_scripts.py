@@ -71,10 +71,11 @@ def test_generate_with_a_trained_lora(train_cli):
 def test_kernel_sass_report_shows_tma_loads_on_hopper():
     """scripts/kernel_sass.py compiles the real forward kernels for sm_90 without a GPU: pointer loads
     become cp.async (LDGSTS), the TMA path real tensor-memory-accelerator loads; the Gluon forward
-    and dK/dV compile with the installed Triton (the CPU machine's is newer than the GPU image's)
+    and backward kernels compile with the installed Triton (the CPU machine's is newer than the GPU image's)
     into warp-specialized partitions that hand registers over (USETMAXREG), without spills."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
-    command = [sys.executable, str(REPO / "scripts/kernel_sass.py"), "--kernel", "fwd", "gluon", "gluon_dkdv"]
+    command = [sys.executable, str(REPO / "scripts/kernel_sass.py"), "--kernel", "fwd", "gluon", "gluon_dkdv",
+               "gluon_dq"]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     header = next(line for line in proc.stdout.splitlines() if line.startswith("| kernel"))
@@ -82,13 +83,13 @@ def test_kernel_sass_report_shows_tma_loads_on_hopper():
     rows = {}
     for line in proc.stdout.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[0] in ("fwd", "gluon", "gluon_dkdv"):
+        if cells[0] in ("fwd", "gluon", "gluon_dkdv", "gluon_dq"):
             rows[cells[0], cells[2]] = dict(zip(names, cells))
     pointer, tma, gluon = rows["fwd", "pointer"], rows["fwd", "TMA"], rows["gluon", "TMA"]
     assert int(pointer["LDGSTS"]) > 0 and int(pointer["UTMALDG"]) == 0
     assert int(tma["UTMALDG"]) > 0 and int(tma["HGMMA"]) == int(pointer["HGMMA"]) > 0
     assert int(gluon["USETMAXREG"]) > 0 and int(tma["USETMAXREG"]) == 0
-    for row in (gluon, rows["gluon_dkdv", "TMA"]):
+    for row in (gluon, rows["gluon_dkdv", "TMA"], rows["gluon_dq", "TMA"]):
         assert int(row["USETMAXREG"]) > 0 and int(row["UTMALDG"]) > 0 and int(row["HGMMA"]) > 0
         assert int(row["spill STL/LDL"]) == 0
 
