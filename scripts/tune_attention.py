@@ -133,7 +133,9 @@ def main():
         f"decay {args.decay} (density {density:.3f}). Command: `{meta['command']}`. fwd rows: the forward kernel; "
         f"dkdv/dq rows: the whole backward with that kernel's tile changed (others: {FIXED}); gluon rows: the "
         f"warp-specialized Hopper forward alone (12 warps: a loading warpgroup and two computing ones); gluon_dkdv "
-        f"rows: the whole backward with the Gluon dK/dV kernel at that tile (query rows x 128 keys) and the Triton dQ.",
+        f"rows: the whole backward with the Gluon dK/dV kernel at that tile (query rows x 128 keys) and the Triton dQ; "
+        f"gluon_dq rows: the whole backward with the Gluon dQ kernel at that tile (128 queries x key tile) and the "
+        f"Triton dK/dV.",
         "",
         "| kernel | tile (M x N) | warps | stages | loads | ms | effective TFLOP/s | error |",
         "|---|---|---|---|---|---|---|---|",
