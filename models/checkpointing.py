@@ -57,8 +57,9 @@ def enable_checkpointing(transformer, keep_attention_blocks: int = 0, compile_ba
     keep their self-attention outputs instead of recomputing self-attention in the backward.
 
     With `compile_backend` each block runs as a torch.compile graph of the checkpointed block:
-    one graph for the blocks that keep attention and one for the rest, each shared by all the
-    blocks it serves (dynamo treats the block as an input, not a constant)."""
+    one graph for the blocks that keep attention and one for the rest, each shared by the blocks
+    it serves (dynamo treats the block as an input, not a constant), except that the first block
+    compiles apart (its input needs no gradient)."""
     blocks = list(transformer.blocks)
     count = len(blocks) if keep_attention_blocks < 0 else min(keep_attention_blocks, len(blocks))
     keep = {id(b) for b in blocks[:count]}
