@@ -105,11 +105,12 @@ SP_ARGS = ("data.sizes=[[48,48]]", "data.batch_size=1", "model.gradient_checkpoi
 @pytest.mark.parametrize("strategy", [
     ("trainer=zero3",),
     ("trainer=ddp", "model.compile_blocks=true", "model.compile_backend=aot_eager"),
-], ids=["zero3", "ddp-compiled"])  # fmt: skip
+    ("trainer=zero3", "model.compile_blocks=true", "model.compile_backend=aot_eager"),  # as wan14b_4x runs
+], ids=["zero3", "ddp-compiled", "zero3-compiled"])  # fmt: skip
 def test_sequence_parallel_matches_one_process(one_process_48, tmp_path, tiny_model_dir, demo_videos_dir, strategy):
     """trainer.sequence_parallel=2: both processes share each clip, its tokens split between them
-    (all-to-all around attention), with gradient checkpointing, under ZeRO-3 or with compiled
-    blocks. 48x48 clips give 45 tokens, so the split pads one; the LoRA equals one process's."""
+    (all-to-all around attention), with gradient checkpointing, under ZeRO-3 or DDP, eager or with
+    compiled blocks. 48x48 clips give 45 tokens, so the split pads one; the LoRA equals one process's."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     proc = launch(torchrun, tmp_path, "name=sp", *strategy, "trainer.mixed_precision=no", "trainer.sequence_parallel=2",
                   *SP_ARGS, model_dir=tiny_model_dir, videos_dir=demo_videos_dir)  # fmt: skip
