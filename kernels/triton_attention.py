@@ -401,6 +401,26 @@ def _use_gluon(kernel: str, block_size: int, *tensors: torch.Tensor) -> bool:
                        "TMA-readable layouts, and mask block 128")  # fmt: skip
 
 
+NEEDS_GPU = "the triton attention backend needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU)"
+
+
+def kernel_plan(device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int) -> str:
+    """Which kernels the op runs for [B, H, S, head_dim] inputs of this device and dtype (in layouts
+    TMA reads), in words, for a run's log: RADIAL_GLUON's automatic choice said once at the start,
+    and kernels that cannot run here (no GPU, a required Gluon kernel) refused there rather than in
+    the first step."""
+    if device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(NEEDS_GPU)
+    probe = torch.empty(1, 1, block_size, head_dim, device=device, dtype=dtype)
+    names = {"fwd": "forward", "dkdv": "dK/dV", "dq": "dQ"}
+    gluon = [name for kernel, name in names.items() if _use_gluon(kernel, block_size, probe)]
+    triton_side = [name for name in names.values() if name not in gluon]
+    where = " (Triton's CPU interpreter)" if INTERPRET else ""
+    parts = ([f"Gluon {', '.join(gluon)}"] if gluon else []) + ([f"Triton {', '.join(triton_side)}{where}"]
+                                                               if triton_side else [])  # fmt: skip
+    return f"{'; '.join(parts)} (RADIAL_GLUON={GLUON})"
+
+
 @contextlib.contextmanager
 def tma_loads(choice: str):
     """Inside, the kernels load as RADIAL_TRITON_TMA=choice would make them ("all", "backward" or
@@ -594,7 +614,7 @@ def block_sparse_attention(
     Deterministic: every output element is written once, no atomics.
     """
     if not (q.is_cuda or INTERPRET):
-        raise RuntimeError("the triton attention backend needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU)")
+        raise RuntimeError(NEEDS_GPU)
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must be [B, H, S, D] of one shape; got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")  # fmt: skip

@@ -22,7 +22,7 @@ import torch
 
 from kernels import attention, radial_block_mask
 from kernels.dispatch import prepare_mask
-from train.config import AttentionBackend, AttentionConfig
+from train.config import AttentionBackend, AttentionConfig, ConfigError
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -208,6 +208,22 @@ def set_self_attention(transformer, cfg: AttentionConfig, mode: str = "train") -
         transformer._radial_hook.remove()  # a second swap replaces the first
     transformer._radial_hook = transformer.register_forward_pre_hook(read_shape_and_timestep, with_kwargs=True)
     return routing
+
+
+def triton_kernels(transformer, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Which of our kernels the radial layers will run for inputs of this device and dtype
+    (kernels.triton_attention.kernel_plan), or None when no layer is radial on the triton backend.
+    A ConfigError if they cannot run here (no GPU; Gluon kernels RADIAL_GLUON requires)."""
+    radial = [b.attn1.processor for b in transformer.blocks
+              if isinstance(b.attn1.processor, WanSelfAttnProcessor) and b.attn1.processor.radial]  # fmt: skip
+    if not radial or radial[0].routing.cfg.backend != AttentionBackend.triton:
+        return None
+    from kernels.triton_attention import kernel_plan
+
+    try:
+        return kernel_plan(device, dtype, transformer.config.attention_head_dim, radial[0].routing.cfg.block_size)
+    except RuntimeError as e:
+        raise ConfigError(f"attention.backend=triton: {e}") from None
 
 
 def describe(transformer) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.attention import describe, set_self_attention
-from train.config import AttentionConfig
+from models.attention import describe, set_self_attention, triton_kernels
+from train.config import AttentionConfig, ConfigError
 
 RADIAL = dict(block_size=16, decay=1.0, sink=True)
 
@@ -54,6 +54,26 @@ def test_describe_counts_layers(transformer):
     assert describe(transformer).startswith("self-attention: 1 layers dense, 1 layers radial on reference")
     set_self_attention(transformer, AttentionConfig(backend="dense"))
     assert describe(transformer) == "self-attention: 2 layers dense"
+
+
+def test_the_run_says_which_triton_kernels_it_runs(transformer, monkeypatch):
+    """The log line of the triton backend's kernels (on CPU: Triton in the interpreter); a Gluon
+    kernel that RADIAL_GLUON requires but cannot run is refused at start; other backends: no line."""
+    from kernels import triton_attention as ta
+
+    set_self_attention(transformer, AttentionConfig(backend="triton", **RADIAL))
+    cpu = torch.device("cpu")
+    assert triton_kernels(transformer, cpu, torch.float32) == (
+        "Triton forward, dK/dV, dQ (Triton's CPU interpreter) (RADIAL_GLUON=auto)")
+    refused = "attention.backend=triton: RADIAL_GLUON=fwd_dq needs an sm_90 GPU"
+    with ta.gluon_kernels("fwd_dq"), pytest.raises(ConfigError, match=refused):
+        triton_kernels(transformer, cpu, torch.float32)
+    monkeypatch.setattr(ta, "INTERPRET", False)  # a CPU run without Triton's interpreter
+    with pytest.raises(ConfigError, match=r"attention.backend=triton: the triton attention backend needs a CUDA GPU"):
+        triton_kernels(transformer, cpu, torch.float32)
+    monkeypatch.undo()
+    set_self_attention(transformer, AttentionConfig(backend="reference", **RADIAL))
+    assert triton_kernels(transformer, cpu, torch.float32) is None
 
 
 def test_mask_follows_each_calls_video_shape(transformer):

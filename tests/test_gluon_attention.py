@@ -91,3 +91,15 @@ def test_gpu_gluon_ops_opcheck():
     lse = torch.randn(q.shape[:3], device="cuda")
     torch.library.opcheck(hopper_dkdv, (q, k, v, d_out, lse, lse.clone(), *compact_mask(mask)[2:], 128, 0.18, 0.125))
     torch.library.opcheck(hopper_dq, (q, k, v, d_out, lse, lse.clone(), *compact_mask(mask)[:2], 128, 0.18, 0.125))
+
+
+@pytest.mark.gpu
+@hopper
+def test_gpu_kernel_plan_names_the_kernels_that_run():
+    """The run's log line (kernels.triton_attention.kernel_plan) on an H100/H200."""
+    cuda = torch.device("cuda")
+    assert ta.kernel_plan(cuda, torch.bfloat16, 128, 128) == "Gluon forward, dK/dV, dQ (RADIAL_GLUON=auto)"
+    with ta.gluon_kernels("auto_fwd"):
+        plan = ta.kernel_plan(cuda, torch.bfloat16, 128, 128)
+    assert plan == "Gluon forward; Triton dK/dV, dQ (RADIAL_GLUON=auto_fwd)"
+    assert ta.kernel_plan(cuda, torch.float32, 128, 128) == "Triton forward, dK/dV, dQ (RADIAL_GLUON=auto)"

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from data.dataset import BucketBatchSampler, ClipDataset, collate
 from data.policy import REASONS, RejectCounts
 from data.setup import catalog_for, usable_clips
-from models.attention import describe
+from models.attention import describe, triton_kernels
 from models.loading import check_model_available, load_pipeline, torch_dtype
 from models.lora import export_lora
 from models.setup import check_rotary_covers, prepare_transformer
@@ -103,6 +103,11 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     transformer = pipe.transformer
     params = prepare_transformer(transformer, cfg.model, cfg.attention, cfg.lora, sp_group)
     say(describe(transformer))
+    # What the attention inputs will be: the autocast dtype under mixed precision, else the weights'.
+    attention_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.mixed_precision.value,
+                                                                          torch_dtype(cfg.model.transformer_dtype))
+    if (kernels := triton_kernels(transformer, device, attention_dtype)) is not None:
+        say(f"triton kernels: {kernels}")
     if sp_group is not None:
         say(f"sequence parallel: tokens of each clip split over {sp} processes, {data_ranks} clips per step")
     if cfg.model.compile_blocks:
