@@ -100,28 +100,29 @@ def _producer(
     mbarrier.expect(q_ready, MASK_BLOCK * HEAD_DIM * Q.dtype.element_ty.primitive_bitwidth // 8)
     _tma_load(q_desc, [start_m, 0], q_ready, q_smem)
     tile_bytes: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * K.dtype.element_ty.primitive_bitwidth // 8
-    _kv_ring(k_desc, v_desc, KV_COUNT + row, KV_INDEX + row * stride_index, k_smem, v_smem, kv_ready, kv_empty,
+    _tile_ring(k_desc, v_desc, KV_COUNT + row, KV_INDEX + row * stride_index, k_smem, v_smem, kv_ready, kv_empty,
              MASK_BLOCK, BLOCK_N, STAGES, tile_bytes)  # fmt: skip
 
 
 @gluon.jit
-def _kv_ring(
-    k_desc, v_desc, count_ptr, index_row, k_smem, v_smem, kv_ready, kv_empty,
-    MASK_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TILE_BYTES: gl.constexpr,
+def _tile_ring(
+    a_desc, b_desc, count_ptr, index_row, a_smem, b_smem, ready, empty,
+    MASK_BLOCK: gl.constexpr, TILE: gl.constexpr, STAGES: gl.constexpr, TILE_BYTES: gl.constexpr,
 ):  # fmt: skip
-    """Bring every kept key/value tile of one mask row (its count and index row given) into the
-    ring, each stage once both consumers have released it."""
-    tiles_per_block: gl.constexpr = MASK_BLOCK // BLOCK_N
+    """Bring the TILE-row tiles of two matrices (K and V, or Q and dO) at every block one mask row
+    or column keeps (its count and index row given) into a ring, each stage once both consumers
+    have released it."""
+    tiles_per_block: gl.constexpr = MASK_BLOCK // TILE
     num_tiles = gl.load(count_ptr) * tiles_per_block
     for t in range(num_tiles):
         stage = t % STAGES
         # A fresh barrier counts as having completed the phase before its first: parity 1 passes.
-        mbarrier.wait(kv_empty.index(stage), ((t // STAGES) & 1) ^ 1)
-        start_n = _tile_start(index_row, t, MASK_BLOCK, BLOCK_N)
-        ready = kv_ready.index(stage)
-        mbarrier.expect(ready, TILE_BYTES)
-        _tma_load(k_desc, [start_n, 0], ready, k_smem.index(stage))
-        _tma_load(v_desc, [start_n, 0], ready, v_smem.index(stage))
+        mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1)
+        start = _tile_start(index_row, t, MASK_BLOCK, TILE)
+        arrived = ready.index(stage)
+        mbarrier.expect(arrived, TILE_BYTES)
+        _tma_load(a_desc, [start, 0], arrived, a_smem.index(stage))
+        _tma_load(b_desc, [start, 0], arrived, b_smem.index(stage))
 
 
 @gluon.jit
@@ -253,17 +254,8 @@ def _dkdv_producer(
     mbarrier.expect(kv_ready, 2 * MASK_BLOCK * HEAD_DIM * element_bytes)
     _tma_load(k_desc, [start_n, 0], kv_ready, k_smem)
     _tma_load(v_desc, [start_n, 0], kv_ready, v_smem)
-
-    tiles_per_block: gl.constexpr = MASK_BLOCK // BLOCK_M
-    num_tiles = gl.load(Q_COUNT + col) * tiles_per_block
-    for t in range(num_tiles):
-        stage = t % STAGES
-        mbarrier.wait(tile_empty.index(stage), ((t // STAGES) & 1) ^ 1)
-        start_m = _tile_start(Q_INDEX + col * stride_index, t, MASK_BLOCK, BLOCK_M)
-        ready = tile_ready.index(stage)
-        mbarrier.expect(ready, 2 * BLOCK_M * HEAD_DIM * element_bytes)
-        _tma_load(q_desc, [start_m, 0], ready, q_smem.index(stage))
-        _tma_load(do_desc, [start_m, 0], ready, do_smem.index(stage))
+    _tile_ring(q_desc, do_desc, Q_COUNT + col, Q_INDEX + col * stride_index, q_smem, do_smem, tile_ready, tile_empty,
+               MASK_BLOCK, BLOCK_M, STAGES, 2 * BLOCK_M * HEAD_DIM * element_bytes)  # fmt: skip
 
 
 @gluon.jit
@@ -394,7 +386,7 @@ def _dq_producer(
     mbarrier.expect(rows_ready, 2 * MASK_BLOCK * HEAD_DIM * element_bytes)
     _tma_load(q_desc, [start_m, 0], rows_ready, q_smem)
     _tma_load(do_desc, [start_m, 0], rows_ready, do_smem)
-    _kv_ring(k_desc, v_desc, KV_COUNT + row, KV_INDEX + row * stride_index, k_smem, v_smem, kv_ready, kv_empty,
+    _tile_ring(k_desc, v_desc, KV_COUNT + row, KV_INDEX + row * stride_index, k_smem, v_smem, kv_ready, kv_empty,
              MASK_BLOCK, BLOCK_N, STAGES, 2 * BLOCK_N * HEAD_DIM * element_bytes)  # fmt: skip
 
 
