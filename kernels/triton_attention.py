@@ -8,15 +8,14 @@ The mask reaches the kernels in a compact form, built once and cached with the m
   kv_count [NB] int32, kv_index [NB, W] int32   kept key blocks of each query block, ascending
   q_count  [NB] int32, q_index  [NB, W'] int32  query blocks that keep each key block (the transpose)
 
-Forward (FlashAttention-2 style; on Hopper the op runs the warp-specialized Gluon kernel of
+Forward (FlashAttention-2 style; on Hopper the op runs the warp-specialized Gluon kernels of
 kernels/gluon_attention.py instead, see RADIAL_GLUON): one program per (BLOCK_M query rows,
 batch*head) walks the kept key blocks of its mask row in BLOCK_N tiles with an online softmax,
-and saves the base-2
-log-sum-exp. Backward: a dK/dV kernel, one program per key tile, walks the transposed index (so
-each dK/dV tile is owned by one program: no atomics on dK/dV); a dQ kernel walks the forward
-index, recomputing P and dP: 7 matrix products per block pair, deterministic. (A fused variant,
-dS·K added into an fp32 dQ buffer with atomics inside the dK/dV kernel, 5 products, measured 8%
-slower on an H100 and was removed: docs/benchmarks/attention.md.)
+and saves the base-2 log-sum-exp. Backward: a dK/dV kernel, one program per key tile, walks the
+transposed index (so each dK/dV tile is owned by one program: no atomics on dK/dV); a dQ kernel
+walks the forward index, recomputing P and dP: 7 matrix products per block pair, deterministic.
+(A fused variant, dS·K added into an fp32 dQ buffer with atomics inside the dK/dV kernel, 5
+products, measured 8% slower on an H100 and was removed: docs/benchmarks/attention.md.)
 
 Loads of the streamed tiles (K/V in the forward and dQ kernels, Q/dO in the dK/dV kernel) are
 masked pointer loads (`cp.async`) or tensor-descriptor loads through Hopper's tensor memory
@@ -439,7 +438,6 @@ def _has_tma(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-
 def _launch(kernel, grid, *args, **kwargs) -> None:
     """Launch through `wrap_triton` (what lets torch.compile trace the kernel into its graph).
 
@@ -541,21 +539,21 @@ def _bwd_op(
 
     if _use_gluon("dq", block_size, q, k, v, d_out):
         dq = gluon_attention.hopper_dq(q, k, v, d_out, lse, delta, kv_count, kv_index, block_size, scale * LOG2E, scale)
-        return dq, dk, dv
+    else:
+        dq = torch.empty_like(q)
 
-    def query_grid(meta):
-        return (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)
+        def query_grid(meta):
+            return (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)
 
-    dq = torch.empty_like(q)
-    _launch(
-        _bwd_dq_kernel,
-        query_grid,
-        q, k, v, d_out, lse, delta, dq, kv_count, kv_index,
-        *strides(q), *strides(k), *strides(v), *strides(d_out), *strides(dq),
-        kv_index.stride(0),
-        heads, seq, scale * LOG2E, scale,
-        HEAD_DIM=head_dim, MASK_BLOCK=block_size, TMA=_tma_ok("dq", k, v),
-    )  # fmt: skip
+        _launch(
+            _bwd_dq_kernel,
+            query_grid,
+            q, k, v, d_out, lse, delta, dq, kv_count, kv_index,
+            *strides(q), *strides(k), *strides(v), *strides(d_out), *strides(dq),
+            kv_index.stride(0),
+            heads, seq, scale * LOG2E, scale,
+            HEAD_DIM=head_dim, MASK_BLOCK=block_size, TMA=_tma_ok("dq", k, v),
+        )  # fmt: skip
     return dq, dk, dv
 
 
