@@ -210,12 +210,17 @@ def set_self_attention(transformer, cfg: AttentionConfig, mode: str = "train") -
     return routing
 
 
+def _radial_processors(transformer) -> list:
+    """The self-attention processors of `transformer` that run the radial mask."""
+    processors = (block.attn1.processor for block in transformer.blocks)
+    return [p for p in processors if isinstance(p, WanSelfAttnProcessor) and p.radial]
+
+
 def triton_kernels(transformer, device: torch.device, dtype: torch.dtype) -> str | None:
     """Which of our kernels the radial layers will run for inputs of this device and dtype
     (kernels.triton_attention.kernel_plan), or None when no layer is radial on the triton backend.
     A ConfigError if they cannot run here (no GPU; Gluon kernels RADIAL_GLUON requires)."""
-    radial = [b.attn1.processor for b in transformer.blocks
-              if isinstance(b.attn1.processor, WanSelfAttnProcessor) and b.attn1.processor.radial]  # fmt: skip
+    radial = _radial_processors(transformer)
     if not radial or radial[0].routing.cfg.backend != AttentionBackend.triton:
         return None
     from kernels.triton_attention import kernel_plan
@@ -228,12 +233,11 @@ def triton_kernels(transformer, device: torch.device, dtype: torch.dtype) -> str
 
 def describe(transformer) -> str:
     """One line: how many self-attention layers got which backend."""
-    processors = [b.attn1.processor for b in transformer.blocks]
-    radial = [p for p in processors if isinstance(p, WanSelfAttnProcessor) and p.radial]
+    layers, radial = len(transformer.blocks), _radial_processors(transformer)
     if not radial:
-        return f"self-attention: {len(processors)} layers dense"
+        return f"self-attention: {layers} layers dense"
     cfg = radial[0].routing.cfg
     return (
-        f"self-attention: {len(processors) - len(radial)} layers dense, {len(radial)} layers radial on "
+        f"self-attention: {layers - len(radial)} layers dense, {len(radial)} layers radial on "
         f"{cfg.backend.value} (block {cfg.block_size}, decay {cfg.decay}, sink {cfg.sink})"
     )

@@ -118,12 +118,16 @@ def uses_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def autocast_dtype(cfg: Config) -> torch.dtype | None:
+    """The dtype the forward and backward compute in under mixed precision; None without it."""
+    return {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}.get(cfg.trainer.mixed_precision)
+
+
 def model_input_dtype(cfg: Config, accelerator, storage: torch.dtype) -> torch.dtype:
     """The dtype the transformer's inputs must have: DeepSpeed's bf16 / fp16 modes cast the whole
     module (our fp32 LoRA weights included, with fp32 master copies in the optimizer)."""
-    if uses_deepspeed(accelerator) and cfg.trainer.mixed_precision != Precision.no:
-        return torch.bfloat16 if cfg.trainer.mixed_precision == Precision.bf16 else torch.float16
-    return storage
+    compute = autocast_dtype(cfg)
+    return compute if uses_deepspeed(accelerator) and compute is not None else storage
 
 
 def gathered(accelerator, params):

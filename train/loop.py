@@ -24,6 +24,7 @@ from models.setup import check_rotary_covers, prepare_transformer
 from train.checkpoint import TrainState, install_hooks, resolve_resume, save_checkpoint
 from train.config import Config
 from train.distributed import (
+    autocast_dtype,
     checkpoint_kwargs,
     gathered,
     make_accelerator,
@@ -104,8 +105,7 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     params = prepare_transformer(transformer, cfg.model, cfg.attention, cfg.lora, sp_group)
     say(describe(transformer))
     # What the attention inputs will be: the autocast dtype under mixed precision, else the weights'.
-    attention_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.mixed_precision.value,
-                                                                          torch_dtype(cfg.model.transformer_dtype))
+    attention_dtype = autocast_dtype(cfg) or torch_dtype(cfg.model.transformer_dtype)
     if (kernels := triton_kernels(transformer, device, attention_dtype)) is not None:
         say(f"triton kernels: {kernels}")
     if sp_group is not None:
