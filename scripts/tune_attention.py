@@ -10,9 +10,9 @@ Each kernel gets each candidate tile alone while the other kernels keep one fixe
 forward row is the forward kernel's time and a backward row is the whole backward (delta, dK/dV
 and dQ kernels) with only the named kernel's tile changed. Both load modes (pointer and TMA)
 are timed. The Gluon kernels (kernels/gluon_attention.py, Hopper only, TMA only) have fixed tiles
-rather than an autotuner: `--kernels gluon gluon_dkdv` times their candidates the same way, the
-values to put in gluon_attention.TILE / DKDV_TILE. Radial mask, bf16, batch 1, head dim 128;
-times are medians of CUDA-event runs.
+rather than an autotuner: `--kernels gluon gluon_dkdv gluon_dq` times their candidates the same
+way, the values to put in gluon_attention.TILE / DKDV_TILE / DQ_TILE. Radial mask, bf16, batch 1,
+head dim 128; times are medians of CUDA-event runs.
 """
 
 from __future__ import annotations
@@ -47,8 +47,12 @@ CANDIDATES = {
 CANDIDATES["gluon"] = [(128, 128, 12, 2), (128, 128, 12, 3), (128, 64, 12, 2), (128, 64, 12, 3), (128, 64, 12, 4)]
 CANDIDATES["gluon_dq"] = [(128, 128, 12, 2), (128, 64, 12, 2), (128, 64, 12, 3), (128, 64, 12, 4)]
 CANDIDATES["gluon_dkdv"] = [(64, 128, 12, 2), (64, 128, 12, 3), (32, 128, 12, 2), (32, 128, 12, 3), (32, 128, 12, 4)]
-KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel, "gluon": None,
-           "gluon_dkdv": None, "gluon_dq": None}
+KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel}
+# Each Gluon kernel: its tile dict in kernels/gluon_attention.py, the tile side it sweeps (the
+# other is the 128-row mask block), and the RADIAL_GLUON choice that runs it alone.
+GLUON = {"gluon": (gluon_attention.TILE, "BLOCK_N", "fwd"),
+         "gluon_dkdv": (gluon_attention.DKDV_TILE, "BLOCK_M", "fwd_dkdv"),
+         "gluon_dq": (gluon_attention.DQ_TILE, "BLOCK_N", "fwd_dq")}
 # While one kernel is swept the others run these (the 2026-11-26 H100 winners).
 FIXED = {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2)}
 
@@ -56,14 +60,9 @@ FIXED = {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2)}
 def use(kernel_name: str, tile) -> None:
     """Make the named kernel's autotuner run exactly this tile."""
     m, n, warps, stages = tile
-    if kernel_name == "gluon":  # the Hopper kernels: fixed tiles (3 warpgroups), no autotuner
-        gluon_attention.TILE.update(BLOCK_N=n, STAGES=stages)
-        return
-    if kernel_name == "gluon_dkdv":
-        gluon_attention.DKDV_TILE.update(BLOCK_M=m, STAGES=stages)
-        return
-    if kernel_name == "gluon_dq":
-        gluon_attention.DQ_TILE.update(BLOCK_N=n, STAGES=stages)
+    if kernel_name in GLUON:  # the Hopper kernels: fixed tiles (3 warpgroups), no autotuner
+        tiles, side, _ = GLUON[kernel_name]
+        tiles.update({side: m if side == "BLOCK_M" else n, "STAGES": stages})
         return
     KERNELS[kernel_name].configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)]
     KERNELS[kernel_name].cache.clear()
@@ -75,7 +74,7 @@ def main():
     parser.add_argument("--tokens-per-frame", type=int, default=30 * 52, help="1560: 480x832")
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--decay", type=float, default=1.0)
-    parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS))
+    parser.add_argument("--kernels", nargs="+", choices=[*KERNELS, *GLUON], default=[*KERNELS, *GLUON])
     parser.add_argument("--out", help="write attention_tuning_<card>_<date>.md/.json here")
     args = parser.parse_args()
 
@@ -94,13 +93,13 @@ def main():
     rows = []
     for name in args.kernels:
         for tile in CANDIDATES[name]:
-            for tma in (True,) if name.startswith("gluon") else (False, True):  # Gluon: TMA loads only
+            for tma in (True,) if name in GLUON else (False, True):  # Gluon: TMA loads only
                 for other, fixed in FIXED.items():
                     use(other, tile if other == name else fixed)
-                if name.startswith("gluon"):
+                if name in GLUON:
                     use(name, tile)
                 # Gluon rows run that Gluon kernel only; the others Triton throughout.
-                gluon = {"gluon": "fwd", "gluon_dkdv": "fwd_dkdv", "gluon_dq": "fwd_dq"}.get(name, "none")
+                gluon = GLUON[name][2] if name in GLUON else "none"
                 with ta.tma_loads("all" if tma else "none"), ta.gluon_kernels(gluon):
                     try:
                         out = block_sparse_attention(q, k, v, mask)
