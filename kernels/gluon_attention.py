@@ -85,6 +85,26 @@ def _tile_start(index_row, t, MASK_BLOCK: gl.constexpr, TILE: gl.constexpr):
 
 
 @gluon.jit
+def _row_tiles(count_ptr, index_row, S, MASK_BLOCK: gl.constexpr, TILE: gl.constexpr):
+    """(tiles, full tiles) of one mask row's kept key blocks in TILE-key tiles: tiles numbered from
+    the full count on belong to a kept partial last block (indices ascend, so it is the last
+    entry), and only they need their keys past S masked."""
+    tiles_per_block: gl.constexpr = MASK_BLOCK // TILE
+    count = gl.load(count_ptr)
+    num_tiles = count * tiles_per_block
+    last_block = gl.load(index_row + gl.maximum(count - 1, 0))
+    ragged = (count > 0) & (S % MASK_BLOCK != 0) & (last_block == (S - 1) // MASK_BLOCK)
+    return num_tiles, num_tiles - gl.where(ragged, tiles_per_block, 0)
+
+
+@gluon.jit
+def _keys_in_range(t, offs_n, S, MASK_BLOCK: gl.constexpr, TILE: gl.constexpr):
+    """[1, TILE]: which keys of the t-th tile, one of the partial last block's, lie before S."""
+    start_n = (S // MASK_BLOCK) * MASK_BLOCK + (t % (MASK_BLOCK // TILE)) * TILE
+    return (start_n + offs_n)[None, :] < S
+
+
+@gluon.jit
 def _producer(
     Q, K, V, KV_COUNT, KV_INDEX, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
@@ -144,13 +164,7 @@ def _consumer(
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
 
     start_m, bh, b, h, row = _program_block(MASK_BLOCK, H)
-    tiles_per_block: gl.constexpr = MASK_BLOCK // BLOCK_N
-    count = gl.load(KV_COUNT + row)
-    num_tiles = count * tiles_per_block
-    # Indices ascend, so a kept partial last block is the last entry; only its tiles are masked.
-    last_block = gl.load(KV_INDEX + row * stride_index + gl.maximum(count - 1, 0))
-    ragged = (count > 0) & (S % MASK_BLOCK != 0) & (last_block == (S - 1) // MASK_BLOCK)
-    num_full = num_tiles - gl.where(ragged, tiles_per_block, 0)
+    num_tiles, num_full = _row_tiles(KV_COUNT + row, KV_INDEX + row * stride_index, S, MASK_BLOCK, BLOCK_N)
 
     m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=s_rows)
     l_i = gl.zeros([ROWS], gl.float32, layout=s_rows)
@@ -166,8 +180,7 @@ def _consumer(
         s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         if t >= num_full:  # a tile of the partial last block: keys past S get no weight
-            start_n = (S // MASK_BLOCK) * MASK_BLOCK + (t % tiles_per_block) * BLOCK_N
-            s = gl.where((start_n + offs_n)[None, :] < S, s, float("-inf"))
+            s = gl.where(_keys_in_range(t, offs_n, S, MASK_BLOCK, BLOCK_N), s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)  # log2 units
         p = gl.exp2(gl.fma(s, qk_scale, -m_new[:, None]))
         alpha = gl.exp2(m_i - m_new)
@@ -408,15 +421,10 @@ def _dq_consumer(
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
 
     start_m, bh, b, h, row = _program_block(MASK_BLOCK, H)
-    tiles_per_block: gl.constexpr = MASK_BLOCK // BLOCK_N
-    count = gl.load(KV_COUNT + row)
-    num_tiles = count * tiles_per_block
-    # As in the forward: only the tiles of a kept partial last block are masked. Their keys past S
+    # As in the forward, only the tiles of a kept partial last block are masked. Their keys past S
     # are zeros (TMA), which would already add nothing to dQ, but P there is exp2(-lse), which can
     # overflow; masked, it is 0.
-    last_block = gl.load(KV_INDEX + row * stride_index + gl.maximum(count - 1, 0))
-    ragged = (count > 0) & (S % MASK_BLOCK != 0) & (last_block == (S - 1) // MASK_BLOCK)
-    num_full = num_tiles - gl.where(ragged, tiles_per_block, 0)
+    num_tiles, num_full = _row_tiles(KV_COUNT + row, KV_INDEX + row * stride_index, S, MASK_BLOCK, BLOCK_N)
 
     offs_m = start_m + CONSUMER * ROWS + gl.arange(0, ROWS, layout=s_rows)
     lse = gl.load(LSE + bh * S + offs_m, mask=offs_m < S, other=float("inf"))  # +inf: rows past S get p = 0
@@ -437,8 +445,7 @@ def _dq_consumer(
         s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
         p = gl.exp2(gl.fma(s, qk_scale, -lse[:, None]))
         if t >= num_full:
-            start_n = (S // MASK_BLOCK) * MASK_BLOCK + (t % tiles_per_block) * BLOCK_N
-            p = gl.where((start_n + offs_n)[None, :] < S, p, 0.0)
+            p = gl.where(_keys_in_range(t, offs_n, S, MASK_BLOCK, BLOCK_N), p, 0.0)
         ds = p * (dp - delta[:, None])
         dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), k, dq, is_async=True)
         dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
