@@ -1,5 +1,5 @@
-"""Hopper (sm_90) kernels of the block-sparse attention, warp-specialized, in Gluon: the forward
-and the backward's dK/dV and dQ.
+"""Hopper (sm_90) kernels of the block-sparse attention, warp-specialized, in Gluon: the forward,
+the backward's dK/dV and dQ, and a one-kernel backward (RADIAL_GLUON=fused).
 
 Shapes as in kernels/triton_attention.py (B batch, H heads, S tokens, D head dim 64 or 128):
   q, k, v, out  [B, H, S, D] bf16 / fp16, any strides TMA accepts (16-byte aligned rows)
@@ -25,7 +25,10 @@ exp2, keys past S masked only in the tiles past S, a row with no kept block outp
 keys, each consumer warpgroup owning 64 keys, the producer streaming the Q and dO tiles of the
 query blocks that keep them (the transposed index); 4 products per block pair, no atomics, as the
 Triton dK/dV kernel it replaces. The dQ kernel is the forward's arrangement again (a program per
-query block, K/V tiles streamed), with Q and dO resident and three products per tile.
+query block, K/V tiles streamed), with Q and dO resident and three products per tile. The fused
+backward is the dK/dV kernel plus dQ = dS K summed over programs by TMA reduce-adds into fp32
+(5 products per block pair instead of 7): on an H100 as fast as the split pair, not faster, so
+not the default (docs/benchmarks/attention.md, session 7).
 
 GPU only (Gluon has no CPU interpreter): tests/test_gluon_attention.py runs them on the lent GPU;
 on CPU, tests/test_scripts.py compiles them for sm_90 (scripts/kernel_sass.py) with the installed
@@ -40,6 +43,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
+from triton._C.libtriton import ir
+from triton.experimental.gluon.language._core import builtin
 
 from kernels.launch import set_tma_allocator, strides, tma_layout_ok
 
@@ -308,12 +313,14 @@ def _dkdv_consumer(
         mbarrier.wait(tile_ready.index(stage), (t // STAGES) & 1)
         q = q_smem.index(stage)
         do = do_smem.index(stage)
+        # dPᵀ goes to the tensor cores right behind Sᵀ, so it runs while the exponentials do
+        # (5-6% faster on an H100 than issuing it after them; docs/benchmarks/attention.md).
         s_t = warpgroup_mma(k, q.permute((1, 0)), s_init, use_acc=False, is_async=True)
-        s_t = warpgroup_mma_wait(num_outstanding=0, deps=(s_t,))
+        dp_t = warpgroup_mma(v, do.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
         p_t = gl.exp2(gl.fma(s_t, qk_scale, -lse[None, :]))  # Pᵀ [KEYS, BLOCK_M]
         dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do, dv, is_async=True)
-        dp_t = warpgroup_mma(v, do.permute((1, 0)), s_init, use_acc=False, is_async=True)
-        dp_t = warpgroup_mma_wait(num_outstanding=0, deps=(dp_t,))
+        dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))  # dV's product may still run
         ds_t = p_t * (dp_t - delta[None, :])
         dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_layout), q, dk, is_async=True)
         dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
@@ -500,6 +507,172 @@ def _dq_kernel(
     )  # fmt: skip
 
 
+# ----------------------------------------------------------------------------------------------
+# Backward in one kernel: the dK/dV kernel above plus dQ, FlashAttention-3's way. 5 tensor-core
+# products per block pair instead of the split backward's 7 (which recomputes S and dP for dQ):
+# the two consumer warpgroups put their dSᵀ halves (64 keys x 64 queries each) into shared memory,
+# each then computes dQ for its half of the head dim over all 128 keys (dS · K[:, half]), stages it
+# in shared memory and adds it into an fp32 [B*H, S, D] buffer with one TMA reduce-add, which the
+# copy engine carries out while the warpgroup goes on (no registers held, no per-element atomics:
+# those spilled 115 instructions' worth, docs/benchmarks/attention.md). The sum's order varies
+# between runs, so dQ is not bitwise reproducible (the split kernels are).
+# ----------------------------------------------------------------------------------------------
+
+if hasattr(tma, "async_atomic_add"):  # newer Triton names the TMA reduce-add
+    _tma_reduce_add = tma.async_atomic_add
+else:  # Triton 3.6 (the GPU image) has the op in its Gluon builder but no Python wrapper for it
+
+    @builtin
+    def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+        """Add the shared-memory tile `src` into global memory at `coord` of `tensor_desc` (TMA)."""
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
+
+
+@gluon.jit
+def _fused_consumer(
+    LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready,
+    tile_ready, tile_empty, ds_full, ds_empty,
+    stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, stride_index, H, S, qk_scale, sm_scale,
+    HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+    KEYS: gl.constexpr, CONSUMER: gl.constexpr,
+):  # fmt: skip
+    """_dkdv_consumer's products for this warpgroup's KEYS keys, plus dQ[:, this half of D] of each
+    streamed query tile over all the program's keys, added into DQ_ACC (unscaled, fp32)."""
+    dtype: gl.constexpr = DK.dtype.element_ty
+    k_width: gl.constexpr = 32 // dtype.primitive_bitwidth
+    DQ_COLS: gl.constexpr = HEAD_DIM // 2
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])  # fmt: skip
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, DQ_COLS, 16])  # fmt: skip
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=k_width)
+    s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+    start_n, bh, b, h, col = _program_block(MASK_BLOCK, H)
+    tiles_per_block: gl.constexpr = MASK_BLOCK // BLOCK_M
+    num_tiles = gl.load(Q_COUNT + col) * tiles_per_block
+    offs_m = gl.arange(0, BLOCK_M, layout=s_cols)
+    # Rows past S are dropped by the TMA reduce (the descriptor's shape ends at S).
+    dq_desc = tma.make_tensor_descriptor(DQ_ACC + bh.to(gl.int64) * S * HEAD_DIM, shape=[S, HEAD_DIM],
+                                         strides=[HEAD_DIM, 1], block_shape=[BLOCK_M, DQ_COLS],
+                                         layout=dq_smem.type.layout)  # fmt: skip
+
+    dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, layout=acc_layout)
+    dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, layout=acc_layout)
+    s_init = gl.zeros([KEYS, BLOCK_M], gl.float32, layout=s_layout)
+    dq_init = gl.zeros([BLOCK_M, DQ_COLS], gl.float32, layout=dq_layout)
+    mbarrier.wait(kv_ready, 0)
+    k = k_smem.slice(CONSUMER * KEYS, KEYS, dim=0)
+    v = v_smem.slice(CONSUMER * KEYS, KEYS, dim=0)
+    k_half = k_smem.slice(CONSUMER * DQ_COLS, DQ_COLS, dim=1)  # [all 128 keys, this half of D]
+    for t in range(num_tiles):
+        stage = t % STAGES
+        start_m = _tile_start(Q_INDEX + col * stride_index, t, MASK_BLOCK, BLOCK_M)
+        rows = start_m + offs_m
+        lse = gl.load(LSE + bh * S + rows, mask=rows < S, other=float("inf"))  # +inf: rows past S get p = 0
+        delta = gl.load(DELTA + bh * S + rows, mask=rows < S, other=0.0)
+        mbarrier.wait(tile_ready.index(stage), (t // STAGES) & 1)
+        q = q_smem.index(stage)
+        do = do_smem.index(stage)
+        # dPᵀ goes to the tensor cores right behind Sᵀ, so it runs while the exponentials do
+        # (5-6% faster on an H100 than issuing it after them; docs/benchmarks/attention.md).
+        s_t = warpgroup_mma(k, q.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        dp_t = warpgroup_mma(v, do.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
+        p_t = gl.exp2(gl.fma(s_t, qk_scale, -lse[None, :]))  # Pᵀ [KEYS, BLOCK_M]
+        dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do, dv, is_async=True)
+        dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))  # dV's product may still run
+        ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
+        # Both halves of dSᵀ into shared memory, double-buffered: tile t's buffer is written again
+        # at t + 2, once both warpgroups have read it (ds_empty).
+        buf = t % 2
+        dk = warpgroup_mma(gl.convert_layout(ds_t, op_layout), q, dk, is_async=True)
+        mbarrier.wait(ds_empty.index(buf), ((t // 2) & 1) ^ 1)
+        ds_smem.index(buf).slice(CONSUMER * KEYS, KEYS, dim=0).store(ds_t)
+        fence_async_shared()
+        mbarrier.arrive(ds_full.index(buf), count=1)
+        mbarrier.wait(ds_full.index(buf), (t // 2) & 1)
+        dq = warpgroup_mma(ds_smem.index(buf).permute((1, 0)), k_half, dq_init, use_acc=False, is_async=True)
+        dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
+        mbarrier.arrive(ds_empty.index(buf), count=1)
+        mbarrier.arrive(tile_empty.index(stage), count=1)
+        # The previous tile's reduce-add has had a whole tile's products to read its staging
+        # buffer; wait for that read, refill the buffer, and hand it to the copy engine. (Two
+        # buffers, waiting one tile later, measured no faster: the adds' cost is their traffic.)
+        tma.store_wait(pendings=0)
+        dq_smem.store(dq)
+        fence_async_shared()
+        _tma_reduce_add(dq_desc, [start_m, CONSUMER * DQ_COLS], dq_smem)
+
+    tma.store_wait(pendings=0)
+    dk = dk * sm_scale
+    offs_n = start_n + CONSUMER * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(1, acc_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+    keys = offs_n[:, None] < S
+    gl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(dtype),
+             mask=keys)  # fmt: skip
+    gl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(dtype),
+             mask=keys)  # fmt: skip
+
+
+@gluon.jit
+def _fused_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_db, stride_dh, stride_ds,
+    stride_dkb, stride_dkh, stride_dks,
+    stride_dvb, stride_dvh, stride_dvs,
+    stride_index,
+    H, S, qk_scale, sm_scale,
+    HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+):  # fmt: skip
+    dtype: gl.constexpr = Q.dtype.element_ty
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=dtype.primitive_bitwidth,
+                                                     rank=2)  # fmt: skip
+    dq_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+    k_smem = gl.allocate_shared_memory(dtype, [MASK_BLOCK, HEAD_DIM], smem_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [MASK_BLOCK, HEAD_DIM], smem_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], smem_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], smem_layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [2, MASK_BLOCK, BLOCK_M], smem_layout)
+    dq0_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, HEAD_DIM // 2], dq_layout)
+    dq1_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, HEAD_DIM // 2], dq_layout)
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_ready, count=1)
+    tile_ready, tile_empty = _ring_barriers(STAGES)
+    # The dS exchange: each buffer is full once both warpgroups wrote their half, empty once both read it.
+    ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    ds_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(ds_full.index(i), count=2)
+        mbarrier.init(ds_empty.index(i), count=2)
+    fence_async_shared()
+
+    gl.warp_specialize(
+        [
+            (_dkdv_producer, (Q, K, V, DO, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, kv_ready, tile_ready,
+                              tile_empty, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb,
+                              stride_vh, stride_vs, stride_db, stride_dh, stride_ds, stride_index, H, S,
+                              HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES)),
+            (_fused_consumer, (LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, ds_smem,
+                               dq0_smem, kv_ready, tile_ready, tile_empty, ds_full, ds_empty, stride_dkb, stride_dkh,
+                               stride_dks, stride_dvb, stride_dvh, stride_dvs, stride_index, H, S, qk_scale, sm_scale,
+                               HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 0)),
+            (_fused_consumer, (LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, ds_smem,
+                               dq1_smem, kv_ready, tile_ready, tile_empty, ds_full, ds_empty, stride_dkb, stride_dkh,
+                               stride_dks, stride_dvb, stride_dvh, stride_dvs, stride_index, H, S, qk_scale, sm_scale,
+                               HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 1)),
+        ],
+        [4, 4],
+        [240, 240],
+    )  # fmt: skip
+
+
 def supported(block_size: int, *tensors: torch.Tensor) -> bool:
     """Whether these kernels can run these [B, H, S, D] tensors: an sm_90 GPU (wgmma is Hopper's),
     bf16/fp16, head dim 64 or 128, mask block 128, and layouts TMA reads (launch.tma_layout_ok)."""
@@ -626,3 +799,47 @@ def hopper_dq(
 @hopper_dq.register_fake
 def _(q, k, v, d_out, lse, delta, kv_count, kv_index, block_size, qk_scale, sm_scale):
     return torch.empty_like(q)
+
+
+# The fused backward's query tile and ring depth: 192 KB of shared memory with the dS and dQ
+# staging buffers.
+FUSED_TILE = {"BLOCK_M": 64, "STAGES": 2}
+
+
+@torch.library.custom_op("radial_lora::block_sparse_attn_bwd_fused_hopper", mutates_args=())
+def hopper_fused_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    d_out: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    q_count: torch.Tensor,
+    q_index: torch.Tensor,
+    block_size: int,
+    qk_scale: float,
+    sm_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) [B, H, S, D] of tensors that `supported` accepts (d_out too) in one kernel, given
+    the forward's base-2 lse and delta = rowsum(dO * O); qk_scale is sm_scale times log2 e. dQ is
+    summed in an fp32 buffer (TMA reduce-adds in varying order: not bitwise reproducible)."""
+    batch, heads, seq, head_dim = q.shape
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq_acc = torch.zeros((batch, heads, seq, head_dim), device=q.device, dtype=torch.float32)
+    set_tma_allocator()
+    grid = (triton.cdiv(seq, block_size), batch * heads)
+    _fused_bwd_kernel[grid](
+        q, k, v, d_out, lse, delta, dk, dv, dq_acc, q_count, q_index,
+        *strides(q), *strides(k), *strides(v), *strides(d_out), *strides(dk), *strides(dv),
+        q_index.stride(0),
+        heads, seq, qk_scale, sm_scale,
+        HEAD_DIM=head_dim, MASK_BLOCK=block_size, **FUSED_TILE, num_warps=4,
+    )  # fmt: skip
+    dq = torch.empty_like(q)
+    dq.copy_(dq_acc.mul_(sm_scale))  # into q's strides, as the fake below promises
+    return dq, dk, dv
+
+
+@hopper_fused_backward.register_fake
+def _(q, k, v, d_out, lse, delta, q_count, q_index, block_size, qk_scale, sm_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -56,13 +56,15 @@ TMA_KERNELS = TMA_CHOICES[_tma_choice]
 # Triton, and whether they must: "auto" (the default) the forward, dK/dV and dQ wherever they can
 # run (sm_90, bf16/fp16, head dim 64 or 128, mask block 128, TMA-readable layouts), Triton
 # elsewhere; "auto_fwd" the forward only, likewise (the default before the Gluon dQ); "all",
-# "fwd", "fwd_dkdv" and "fwd_dq" those kernels, raising where they cannot run; "none" Triton
-# throughout. On an H200 the Gluon backward (dK/dV and dQ) measured 9-11% faster than Triton's
-# (docs/benchmarks/attention.md).
+# "fwd", "fwd_dkdv" and "fwd_dq" those kernels, raising where they cannot run; "fused" the forward
+# and the one-kernel backward (dK/dV and dQ together, dQ summed by TMA reduce-adds: not bitwise
+# reproducible; on an H100 as fast as the split pair, not faster), likewise; "none" Triton
+# throughout. The Gluon backward (dK/dV and dQ) measured 9-15% faster than Triton's on an H100 and
+# an H200 (docs/benchmarks/attention.md).
 GLUON_CHOICES = {"auto": (frozenset({"fwd", "dkdv", "dq"}), False), "auto_fwd": (frozenset({"fwd"}), False),
                  "all": (frozenset({"fwd", "dkdv", "dq"}), True), "fwd": (frozenset({"fwd"}), True),
                  "fwd_dkdv": (frozenset({"fwd", "dkdv"}), True), "fwd_dq": (frozenset({"fwd", "dq"}), True),
-                 "none": (frozenset(), False)}  # fmt: skip
+                 "fused": (frozenset({"fwd", "fused"}), True), "none": (frozenset(), False)}  # fmt: skip
 GLUON = os.environ.get("RADIAL_GLUON", "auto")
 if GLUON not in GLUON_CHOICES:
     raise ValueError(f"RADIAL_GLUON={GLUON!r}: expected one of {', '.join(GLUON_CHOICES)}")
@@ -387,7 +389,7 @@ def gluon_kernels(choice: str):
 
 
 def _use_gluon(kernel: str, block_size: int, *tensors: torch.Tensor) -> bool:
-    """Whether `kernel` ("fwd", "dkdv" or "dq") runs in Gluon here (RADIAL_GLUON); a Gluon kernel
+    """Whether `kernel` ("fwd", "dkdv", "dq" or "fused") runs in Gluon here (RADIAL_GLUON); a Gluon kernel
     that was required ("all", "fwd", ...) but cannot run raises."""
     kernels, required = GLUON_CHOICES[GLUON]
     if kernel not in kernels or (INTERPRET and not required):
@@ -414,6 +416,9 @@ def kernel_plan(device: torch.device, dtype: torch.dtype, head_dim: int, block_s
     names = {"fwd": "forward", "dkdv": "dK/dV", "dq": "dQ"}
     gluon = [name for kernel, name in names.items() if _use_gluon(kernel, block_size, probe)]
     triton_side = [name for name in names.values() if name not in gluon]
+    if _use_gluon("fused", block_size, probe):
+        gluon.append("dK/dV+dQ in one kernel")
+        triton_side = [name for name in triton_side if name not in ("dK/dV", "dQ")]
     where = " (Triton's CPU interpreter)" if INTERPRET else ""
     parts = ([f"Gluon {', '.join(gluon)}"] if gluon else []) + ([f"Triton {', '.join(triton_side)}{where}"]
                                                                if triton_side else [])  # fmt: skip
@@ -518,6 +523,9 @@ def _bwd_op(
         out, d_out, delta, *strides(out), *strides(d_out), heads, seq, HEAD_DIM=head_dim, BLOCK_M=delta_rows
     )
 
+    if _use_gluon("fused", block_size, q, k, v, d_out):
+        return gluon_attention.hopper_fused_backward(q, k, v, d_out, lse, delta, q_count, q_index, block_size,
+                                                     scale * LOG2E, scale)  # fmt: skip
     if _use_gluon("dkdv", block_size, q, k, v, d_out):
         dk, dv = gluon_attention.hopper_dkdv(q, k, v, d_out, lse, delta, q_count, q_index, block_size,
                                              scale * LOG2E, scale)  # fmt: skip

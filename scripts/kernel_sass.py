@@ -5,7 +5,8 @@
 
 No GPU needed: Triton compiles for a `GPUTarget("cuda", 90, 32)` and its bundled `cuobjdump`
 disassembles the cubin. Counts, per kernel and load mode: `HGMMA` (Hopper's asynchronous
-tensor-core products), `UTMALDG` (tensor-memory-accelerator loads), `LDGSTS` (cp.async loads),
+tensor-core products), `UTMALDG` (tensor-memory-accelerator loads), `UTMAREDG` (its reduce-adds:
+the fused backward's dQ), `LDGSTS` (cp.async loads),
 `MUFU.EX2` (the softmax exponentials), `WARPGROUP.DEPBAR` (waits on the tensor cores), `SYNCS`
 (mbarrier operations), `STL`/`LDL` (register spills to local memory), registers per thread and
 shared memory per program. Arguments are given
@@ -37,15 +38,17 @@ from kernels import gluon_attention as ga  # noqa: E402
 from kernels import triton_attention as ta  # noqa: E402
 
 KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel, "gluon": ga._fwd_kernel,
-           "gluon_dkdv": ga._dkdv_kernel, "gluon_dq": ga._dq_kernel}
+           "gluon_dkdv": ga._dkdv_kernel, "gluon_dq": ga._dq_kernel, "gluon_fused": ga._fused_bwd_kernel}
 # The tiles the H100 autotuning picked (kernels/triton_attention.py): (BLOCK_M, BLOCK_N, warps, stages).
 TUNED = {"fwd": (128, 128, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2),
          "gluon": (128, ga.TILE["BLOCK_N"], 4, ga.TILE["STAGES"]),  # gluon: 4 warps + two 4-warp partitions
          "gluon_dkdv": (ga.DKDV_TILE["BLOCK_M"], 128, 4, ga.DKDV_TILE["STAGES"]),
-         "gluon_dq": (128, ga.DQ_TILE["BLOCK_N"], 4, ga.DQ_TILE["STAGES"])}
-COUNTED = {"HGMMA": r"HGMMA", "UTMALDG": r"UTMALDG", "LDGSTS": r"LDGSTS", "MUFU.EX2": r"MUFU\.EX2",
-           "WARPGROUP.DEPBAR": r"WARPGROUP\.DEPBAR", "SYNCS": r"SYNCS", "spill STL/LDL": r"\b(?:STL|LDL)\b",
-           "USETMAXREG": r"USETMAXREG"}  # fmt: skip  (register hand-over between warp-specialized partitions)
+         "gluon_dq": (128, ga.DQ_TILE["BLOCK_N"], 4, ga.DQ_TILE["STAGES"]),
+         "gluon_fused": (ga.FUSED_TILE["BLOCK_M"], 128, 4, ga.FUSED_TILE["STAGES"])}
+# SASS instructions counted (USETMAXREG: the register hand-over between warp-specialized partitions).
+COUNTED = {"HGMMA": r"HGMMA", "UTMALDG": r"UTMALDG", "UTMAREDG": r"UTMAREDG", "LDGSTS": r"LDGSTS",
+           "MUFU.EX2": r"MUFU\.EX2", "WARPGROUP.DEPBAR": r"WARPGROUP\.DEPBAR", "SYNCS": r"SYNCS",
+           "spill STL/LDL": r"\b(?:STL|LDL)\b", "USETMAXREG": r"USETMAXREG"}  # fmt: skip
 
 
 def signature(fn) -> tuple[dict, list[int]]:
@@ -54,7 +57,7 @@ def signature(fn) -> tuple[dict, list[int]]:
     for i, name in enumerate(fn.arg_names):
         if name in ("HEAD_DIM", "MASK_BLOCK", "BLOCK_M", "BLOCK_N", "TMA", "STAGES"):
             types[name] = "constexpr"
-        elif name in ("LSE", "DELTA"):
+        elif name in ("LSE", "DELTA", "DQ_ACC"):
             types[name] = "*fp32"
         elif name.endswith(("_COUNT", "_INDEX")):
             types[name] = "*i32"
@@ -76,7 +79,7 @@ def compile_sass(kernel: str, block, warps: int, stages: int, tma: bool) -> tupl
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     if gluon:
         constants = {"HEAD_DIM": 128, "MASK_BLOCK": 128, "STAGES": stages}
-        constants |= {"BLOCK_M": block[0]} if kernel == "gluon_dkdv" else {"BLOCK_N": block[1]}
+        constants |= {"BLOCK_M": block[0]} if kernel in ("gluon_dkdv", "gluon_fused") else {"BLOCK_N": block[1]}
         source, options = GluonASTSource(fn, types, constants, attrs), {"num_warps": warps}
     else:
         constants = {"HEAD_DIM": 128, "MASK_BLOCK": 128, "BLOCK_M": block[0], "BLOCK_N": block[1], "TMA": tma}

@@ -34,7 +34,7 @@ def test_default_is_gluon_where_it_runs_and_triton_elsewhere():
 def test_required_gluon_kernels_that_cannot_run_raise():
     q = torch.randn(1, 2, 100, 32)
     mask = radial_block_mask(5, 20, block_size=32)
-    for choice in ("all", "fwd", "fwd_dkdv", "fwd_dq"):
+    for choice in ("all", "fwd", "fwd_dkdv", "fwd_dq", "fused"):
         with ta.gluon_kernels(choice), pytest.raises(RuntimeError, match=f"RADIAL_GLUON={choice} needs an sm_90 GPU"):
             block_sparse_attention(q, q, q, mask, block_size=32)
     with pytest.raises(ValueError, match="gluon kernels 'fast'"):
@@ -49,7 +49,8 @@ def test_required_gluon_kernels_that_cannot_run_raise():
     "batch, frames, tokens_per_frame, heads, head_dim, decay",  # the reference holds S x S scores: batch 1 at 32k
     [(1, 21, 1560, 2, 128, 1.0), (1, 11, 1560, 2, 64, 0.2), (2, 5, 777, 3, 128, 1.0), (2, 4, 1024, 1, 128, 1.0)],
 )
-@pytest.mark.parametrize("gluon", ["fwd", "fwd_dq", "all"], ids=["gluon-forward", "gluon-forward-and-dq", "gluon-all"])
+@pytest.mark.parametrize("gluon", ["fwd", "fwd_dq", "all", "fused"],
+                         ids=["gluon-forward", "gluon-forward-and-dq", "gluon-all", "gluon-fused-backward"])
 def test_gpu_gluon_forward_and_gradients(batch, frames, tokens_per_frame, heads, head_dim, decay, dtype, gluon):
     mask = radial_block_mask(frames, tokens_per_frame, decay=decay, device="cuda")
     inputs = random_inputs((batch, heads, frames * tokens_per_frame, head_dim), torch.float32, "cuda")
@@ -59,11 +60,12 @@ def test_gpu_gluon_forward_and_gradients(batch, frames, tokens_per_frame, heads,
 
 @pytest.mark.gpu
 @hopper
-def test_gpu_gluon_empty_rows_full_mask_and_strided_inputs():
+@pytest.mark.parametrize("gluon", ["all", "fused"])
+def test_gpu_gluon_empty_rows_full_mask_and_strided_inputs(gluon):
     mask = torch.rand(9, 9, device="cuda") < 0.5
     mask[3] = False  # a query block with nothing to attend: zeros out, zero gradients
     inputs = random_inputs((2, 2, 9 * 128 - 77, 128), torch.float32, "cuda")
-    with ta.gluon_kernels("all"):
+    with ta.gluon_kernels(gluon):
         out, dq, _, _ = check_against_reference(inputs, mask, 128, torch.bfloat16)
         assert (out[:, :, 384:512] == 0).all() and (dq[:, :, 384:512] == 0).all()
         q, k, v, _ = (t.bfloat16() for t in inputs)
@@ -83,7 +85,7 @@ def test_gpu_gluon_empty_rows_full_mask_and_strided_inputs():
 def test_gpu_gluon_ops_opcheck():
     """Schema, fake tensors and autograd registration of the Gluon ops. (torch.compile and
     checkpointing with them: test_triton_attention.py's test_gpu_torch_compile_and_checkpointing.)"""
-    from kernels.gluon_attention import hopper_dkdv, hopper_dq, hopper_forward
+    from kernels.gluon_attention import hopper_dkdv, hopper_dq, hopper_forward, hopper_fused_backward
 
     mask = radial_block_mask(6, 1560, device="cuda")
     q, k, v, d_out = (t.bfloat16() for t in random_inputs((1, 2, 6 * 1560, 128), torch.float32, "cuda"))
@@ -91,6 +93,13 @@ def test_gpu_gluon_ops_opcheck():
     lse = torch.randn(q.shape[:3], device="cuda")
     torch.library.opcheck(hopper_dkdv, (q, k, v, d_out, lse, lse.clone(), *compact_mask(mask)[2:], 128, 0.18, 0.125))
     torch.library.opcheck(hopper_dq, (q, k, v, d_out, lse, lse.clone(), *compact_mask(mask)[:2], 128, 0.18, 0.125))
+    # The fused backward sums dQ in varying order, and opcheck compares its outputs across calls
+    # within bf16's tolerance: that needs the forward's own lse and delta (random ones make dS a
+    # difference of huge terms, whose rounding differs from run to run).
+    out, lse = hopper_forward(q, k, v, *compact_mask(mask)[:2], 128, 0.125 * 1.4426950408889634)
+    delta = (out.float() * d_out.float()).sum(-1)
+    torch.library.opcheck(hopper_fused_backward,
+                          (q, k, v, d_out, lse, delta, *compact_mask(mask)[2:], 128, 0.125 * 1.4426950408889634, 0.125))
 
 
 @pytest.mark.gpu
@@ -103,3 +112,6 @@ def test_gpu_kernel_plan_names_the_kernels_that_run():
         plan = ta.kernel_plan(cuda, torch.bfloat16, 128, 128)
     assert plan == "Gluon forward; Triton dK/dV, dQ (RADIAL_GLUON=auto_fwd)"
     assert ta.kernel_plan(cuda, torch.float32, 128, 128) == "Triton forward, dK/dV, dQ (RADIAL_GLUON=auto)"
+    with ta.gluon_kernels("fused"):
+        plan = ta.kernel_plan(cuda, torch.bfloat16, 128, 128)
+    assert plan == "Gluon forward, dK/dV+dQ in one kernel (RADIAL_GLUON=fused)"

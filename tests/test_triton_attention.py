@@ -237,13 +237,14 @@ def test_gpu_empty_rows_and_full_mask():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gluon", ["none", "all"])  # Triton kernels throughout; the Gluon ones (Hopper)
+# Triton kernels throughout; the Gluon ones (Hopper), with the split and the fused backward
+@pytest.mark.parametrize("gluon", ["none", "all", "fused"])
 def test_gpu_torch_compile_and_checkpointing(gluon):
     from torch.utils.checkpoint import checkpoint
 
     import kernels.triton_attention as ta
 
-    if gluon == "all" and torch.cuda.get_device_capability() != (9, 0):
+    if gluon != "none" and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernels need an sm_90 GPU")
     mask = radial_block_mask(6, 1560, device="cuda")
     q, k, v, d_out = (t.bfloat16() for t in random_inputs((1, 2, 6 * 1560, 128), torch.float32, "cuda"))
@@ -255,6 +256,8 @@ def test_gpu_torch_compile_and_checkpointing(gluon):
         expected = run(layer, (q, k, v, d_out), torch.bfloat16)
         compiled = run(torch.compile(layer, fullgraph=True), (q, k, v, d_out), torch.bfloat16)
         ckpt = run(lambda q, k, v: checkpoint(layer, q, k, v, use_reentrant=False), (q, k, v, d_out), torch.bfloat16)
+    # Recomputation gives the same bits, except where the fused backward sums dQ in varying order.
+    exact = 0 if gluon != "fused" else 1e-2
     for a, b, c in zip(expected, compiled, ckpt):
         torch.testing.assert_close(b, a, atol=1e-2, rtol=1e-2)
-        torch.testing.assert_close(c, a, atol=0, rtol=0)
+        torch.testing.assert_close(c, a, atol=exact, rtol=exact)
