@@ -59,8 +59,8 @@ TMA_KERNELS = TMA_CHOICES[_tma_choice]
 # "fwd", "fwd_dkdv" and "fwd_dq" those kernels, raising where they cannot run; "fused" the forward
 # and the one-kernel backward (dK/dV and dQ together, dQ summed by TMA reduce-adds: not bitwise
 # reproducible; on an H100 as fast as the split pair, not faster), likewise; "none" Triton
-# throughout. The Gluon backward (dK/dV and dQ) measured 9-15% faster than Triton's on an H100 and
-# an H200 (docs/benchmarks/attention.md).
+# throughout. The Gluon backward (dK/dV and dQ) measured 5-16% faster than Triton's on an H100
+# (the most at decay 1.0; docs/benchmarks/attention.md).
 GLUON_CHOICES = {"auto": (frozenset({"fwd", "dkdv", "dq"}), False), "auto_fwd": (frozenset({"fwd"}), False),
                  "all": (frozenset({"fwd", "dkdv", "dq"}), True), "fwd": (frozenset({"fwd"}), True),
                  "fwd_dkdv": (frozenset({"fwd", "dkdv"}), True), "fwd_dq": (frozenset({"fwd", "dq"}), True),
