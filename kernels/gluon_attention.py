@@ -277,6 +277,23 @@ def _dkdv_producer(
 
 
 @gluon.jit
+def _store_key_rows(
+    DK, DV, dk, dv, first, b, h, S, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+    KEYS: gl.constexpr, HEAD_DIM: gl.constexpr,
+):  # fmt: skip
+    """Store a warpgroup's dK and dV rows (fp32 accumulators, keys first .. first + KEYS) in the
+    outputs' dtype; rows past S are dropped."""
+    layout: gl.constexpr = dk.type.layout
+    offs_n = first + gl.arange(0, KEYS, layout=gl.SliceLayout(1, layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+    keys = offs_n[:, None] < S
+    gl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=keys)  # fmt: skip
+    gl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=keys)  # fmt: skip
+
+
+@gluon.jit
 def _dkdv_consumer(
     LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, kv_ready, tile_ready, tile_empty,
     stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, stride_index, H, S, qk_scale, sm_scale,
@@ -326,14 +343,8 @@ def _dkdv_consumer(
         dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
         mbarrier.arrive(tile_empty.index(stage), count=1)
 
-    dk = dk * sm_scale
-    offs_n = start_n + CONSUMER * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(1, acc_layout))
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
-    keys = offs_n[:, None] < S
-    gl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(dtype),
-             mask=keys)  # fmt: skip
-    gl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(dtype),
-             mask=keys)  # fmt: skip
+    _store_key_rows(DK, DV, dk * sm_scale, dv, start_n + CONSUMER * KEYS, b, h, S, stride_dkb, stride_dkh, stride_dks,
+                    stride_dvb, stride_dvh, stride_dvs, KEYS, HEAD_DIM)  # fmt: skip
 
 
 @gluon.jit
@@ -608,14 +619,8 @@ def _fused_consumer(
         _tma_reduce_add(dq_desc, [start_m, CONSUMER * DQ_COLS], dq_smem)
 
     tma.store_wait(pendings=0)
-    dk = dk * sm_scale
-    offs_n = start_n + CONSUMER * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(1, acc_layout))
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
-    keys = offs_n[:, None] < S
-    gl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(dtype),
-             mask=keys)  # fmt: skip
-    gl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(dtype),
-             mask=keys)  # fmt: skip
+    _store_key_rows(DK, DV, dk * sm_scale, dv, start_n + CONSUMER * KEYS, b, h, S, stride_dkb, stride_dkh, stride_dks,
+                    stride_dvb, stride_dvh, stride_dvs, KEYS, HEAD_DIM)  # fmt: skip
 
 
 @gluon.jit
@@ -684,6 +689,18 @@ def supported(block_size: int, *tensors: torch.Tensor) -> bool:
     return tma_layout_ok(*tensors)
 
 
+def _launch_per_block(kernel, tile: dict, block_size: int, tensors, index, strided, scalars) -> None:
+    """Launch one of the kernels above, one program per (mask block, batch*head), with its
+    arguments in their common order: tensors, the mask's count and index, the strides of the
+    `strided` tensors, the index's row stride, H, S, the scalars, then the constants."""
+    batch, heads, seq, head_dim = tensors[0].shape
+    set_tma_allocator()  # the in-kernel TMA descriptors live in scratch memory
+    kernel[(triton.cdiv(seq, block_size), batch * heads)](
+        *tensors, *index, *(stride for t in strided for stride in strides(t)), index[1].stride(0), heads, seq,
+        *scalars, HEAD_DIM=head_dim, MASK_BLOCK=block_size, **tile, num_warps=4,
+    )  # fmt: skip
+
+
 # The key tile and ring depth, the fastest in the H100 sweep (scripts/tune_attention.py): 128-key
 # tiles, 2 stages, 160 KB of shared memory with the 128-row query tile (3 stages: 224 KB of the
 # 227 KB, 1.5% slower).
@@ -702,18 +719,10 @@ def hopper_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, S, D], lse [B, H, S] base 2) of q, k, v that `supported` accepts; qk_scale is the
     softmax scale times log2 e. A custom op (not a triton_op): torch.compile calls it as it is."""
-    batch, heads, seq, head_dim = q.shape
     out = torch.empty_like(q)
-    lse = torch.empty((batch, heads, seq), device=q.device, dtype=torch.float32)
-    set_tma_allocator()  # the in-kernel TMA descriptors live in scratch memory
-    grid = (triton.cdiv(seq, block_size), batch * heads)
-    _fwd_kernel[grid](
-        q, k, v, out, lse, kv_count, kv_index,
-        *strides(q), *strides(k), *strides(v), *strides(out),
-        kv_index.stride(0),
-        heads, seq, qk_scale,
-        HEAD_DIM=head_dim, MASK_BLOCK=block_size, **TILE, num_warps=4,
-    )  # fmt: skip
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    _launch_per_block(_fwd_kernel, TILE, block_size, (q, k, v, out, lse), (kv_count, kv_index), (q, k, v, out),
+                      (qk_scale,))  # fmt: skip
     return out, lse
 
 
@@ -742,17 +751,9 @@ def hopper_dkdv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dk, dv) [B, H, S, D] of tensors that `supported` accepts (d_out too), given the forward's
     base-2 lse and delta = rowsum(dO * O); qk_scale is sm_scale times log2 e."""
-    batch, heads, seq, head_dim = q.shape
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    set_tma_allocator()
-    grid = (triton.cdiv(seq, block_size), batch * heads)
-    _dkdv_kernel[grid](
-        q, k, v, d_out, lse, delta, dk, dv, q_count, q_index,
-        *strides(q), *strides(k), *strides(v), *strides(d_out), *strides(dk), *strides(dv),
-        q_index.stride(0),
-        heads, seq, qk_scale, sm_scale,
-        HEAD_DIM=head_dim, MASK_BLOCK=block_size, **DKDV_TILE, num_warps=4,
-    )  # fmt: skip
+    _launch_per_block(_dkdv_kernel, DKDV_TILE, block_size, (q, k, v, d_out, lse, delta, dk, dv), (q_count, q_index),
+                      (q, k, v, d_out, dk, dv), (qk_scale, sm_scale))  # fmt: skip
     return dk, dv
 
 
@@ -782,17 +783,9 @@ def hopper_dq(
 ) -> torch.Tensor:
     """dq [B, H, S, D] of tensors that `supported` accepts (d_out too), given the forward's base-2
     lse and delta = rowsum(dO * O); qk_scale is sm_scale times log2 e."""
-    batch, heads, seq, head_dim = q.shape
     dq = torch.empty_like(q)
-    set_tma_allocator()
-    grid = (triton.cdiv(seq, block_size), batch * heads)
-    _dq_kernel[grid](
-        q, k, v, d_out, lse, delta, dq, kv_count, kv_index,
-        *strides(q), *strides(k), *strides(v), *strides(d_out), *strides(dq),
-        kv_index.stride(0),
-        heads, seq, qk_scale, sm_scale,
-        HEAD_DIM=head_dim, MASK_BLOCK=block_size, **DQ_TILE, num_warps=4,
-    )  # fmt: skip
+    _launch_per_block(_dq_kernel, DQ_TILE, block_size, (q, k, v, d_out, lse, delta, dq), (kv_count, kv_index),
+                      (q, k, v, d_out, dq), (qk_scale, sm_scale))  # fmt: skip
     return dq
 
 
@@ -823,18 +816,10 @@ def hopper_fused_backward(
     """(dq, dk, dv) [B, H, S, D] of tensors that `supported` accepts (d_out too) in one kernel, given
     the forward's base-2 lse and delta = rowsum(dO * O); qk_scale is sm_scale times log2 e. dQ is
     summed in an fp32 buffer (TMA reduce-adds in varying order: not bitwise reproducible)."""
-    batch, heads, seq, head_dim = q.shape
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    dq_acc = torch.zeros((batch, heads, seq, head_dim), device=q.device, dtype=torch.float32)
-    set_tma_allocator()
-    grid = (triton.cdiv(seq, block_size), batch * heads)
-    _fused_bwd_kernel[grid](
-        q, k, v, d_out, lse, delta, dk, dv, dq_acc, q_count, q_index,
-        *strides(q), *strides(k), *strides(v), *strides(d_out), *strides(dk), *strides(dv),
-        q_index.stride(0),
-        heads, seq, qk_scale, sm_scale,
-        HEAD_DIM=head_dim, MASK_BLOCK=block_size, **FUSED_TILE, num_warps=4,
-    )  # fmt: skip
+    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # contiguous: the kernel indexes it so
+    _launch_per_block(_fused_bwd_kernel, FUSED_TILE, block_size, (q, k, v, d_out, lse, delta, dk, dv, dq_acc),
+                      (q_count, q_index), (q, k, v, d_out, dk, dv), (qk_scale, sm_scale))  # fmt: skip
     dq = torch.empty_like(q)
     dq.copy_(dq_acc.mul_(sm_scale))  # into q's strides, as the fake below promises
     return dq, dk, dv
