@@ -294,21 +294,51 @@ def _store_key_rows(
 
 
 @gluon.jit
+def _key_tile_products(
+    t, k, v, q_smem, do_smem, tile_ready, LSE, DELTA, Q_INDEX, col, stride_index, bh, S, qk_scale, dk, dv, s_init,
+    offs_m, MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr,
+):  # fmt: skip
+    """A key-block consumer's products with the t-th streamed query tile (transposed: Sᵀ = K Qᵀ,
+    Pᵀ, dPᵀ = V dOᵀ, dV += Pᵀ dO, dSᵀ = Pᵀ (dPᵀ - delta), dK += dSᵀ Q): (dv, dk) with their
+    products still in flight, dSᵀ in the inputs' dtype, and the tile's first query row."""
+    dtype: gl.constexpr = q_smem.dtype
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout,
+                                                  k_width=32 // dtype.primitive_bitwidth)  # fmt: skip
+    stage = t % STAGES
+    start_m = _tile_start(Q_INDEX + col * stride_index, t, MASK_BLOCK, BLOCK_M)
+    rows = start_m + offs_m
+    lse = gl.load(LSE + bh * S + rows, mask=rows < S, other=float("inf"))  # +inf: rows past S get p = 0
+    delta = gl.load(DELTA + bh * S + rows, mask=rows < S, other=0.0)
+    mbarrier.wait(tile_ready.index(stage), (t // STAGES) & 1)
+    q = q_smem.index(stage)
+    do = do_smem.index(stage)
+    # dPᵀ goes to the tensor cores right behind Sᵀ, so it runs while the exponentials do
+    # (5-6% faster on an H100 than issuing it after them; docs/benchmarks/attention.md).
+    s_t = warpgroup_mma(k, q.permute((1, 0)), s_init, use_acc=False, is_async=True)
+    dp_t = warpgroup_mma(v, do.permute((1, 0)), s_init, use_acc=False, is_async=True)
+    s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
+    p_t = gl.exp2(gl.fma(s_t, qk_scale, -lse[None, :]))  # Pᵀ [keys, BLOCK_M]
+    dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do, dv, is_async=True)
+    dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))  # dV's product may still run
+    ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
+    dk = warpgroup_mma(gl.convert_layout(ds_t, op_layout), q, dk, is_async=True)
+    return dv, dk, ds_t, start_m
+
+
+@gluon.jit
 def _dkdv_consumer(
     LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, kv_ready, tile_ready, tile_empty,
     stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, stride_index, H, S, qk_scale, sm_scale,
     HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
     KEYS: gl.constexpr, CONSUMER: gl.constexpr,
 ):  # fmt: skip
-    """dK and dV of this warpgroup's KEYS keys, over the streamed query tiles (transposed products:
-    Sᵀ = K Qᵀ, Pᵀ, dPᵀ = V dOᵀ, dV += Pᵀ dO, dSᵀ = Pᵀ (dPᵀ - delta), dK += dSᵀ Q)."""
-    dtype: gl.constexpr = DK.dtype.element_ty
-    k_width: gl.constexpr = 32 // dtype.primitive_bitwidth
+    """dK and dV of this warpgroup's KEYS keys over the streamed query tiles (_key_tile_products)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])  # fmt: skip
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=k_width)
     s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
 
     start_n, bh, b, h, col = _program_block(MASK_BLOCK, H)
@@ -323,25 +353,11 @@ def _dkdv_consumer(
     k = k_smem.slice(CONSUMER * KEYS, KEYS, dim=0)
     v = v_smem.slice(CONSUMER * KEYS, KEYS, dim=0)
     for t in range(num_tiles):
-        stage = t % STAGES
-        rows = _tile_start(Q_INDEX + col * stride_index, t, MASK_BLOCK, BLOCK_M) + offs_m
-        lse = gl.load(LSE + bh * S + rows, mask=rows < S, other=float("inf"))  # +inf: rows past S get p = 0
-        delta = gl.load(DELTA + bh * S + rows, mask=rows < S, other=0.0)
-        mbarrier.wait(tile_ready.index(stage), (t // STAGES) & 1)
-        q = q_smem.index(stage)
-        do = do_smem.index(stage)
-        # dPᵀ goes to the tensor cores right behind Sᵀ, so it runs while the exponentials do
-        # (5-6% faster on an H100 than issuing it after them; docs/benchmarks/attention.md).
-        s_t = warpgroup_mma(k, q.permute((1, 0)), s_init, use_acc=False, is_async=True)
-        dp_t = warpgroup_mma(v, do.permute((1, 0)), s_init, use_acc=False, is_async=True)
-        s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
-        p_t = gl.exp2(gl.fma(s_t, qk_scale, -lse[None, :]))  # Pᵀ [KEYS, BLOCK_M]
-        dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do, dv, is_async=True)
-        dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))  # dV's product may still run
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_layout), q, dk, is_async=True)
+        dv, dk, _, _ = _key_tile_products(t, k, v, q_smem, do_smem, tile_ready, LSE, DELTA, Q_INDEX, col,
+                                          stride_index, bh, S, qk_scale, dk, dv, s_init, offs_m,
+                                          MASK_BLOCK, BLOCK_M, STAGES, HEAD_DIM)  # fmt: skip
         dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
-        mbarrier.arrive(tile_empty.index(stage), count=1)
+        mbarrier.arrive(tile_empty.index(t % STAGES), count=1)
 
     _store_key_rows(DK, DV, dk * sm_scale, dv, start_n + CONSUMER * KEYS, b, h, S, stride_dkb, stride_dkh, stride_dks,
                     stride_dvb, stride_dvh, stride_dvs, KEYS, HEAD_DIM)  # fmt: skip
@@ -550,8 +566,6 @@ def _fused_consumer(
 ):  # fmt: skip
     """_dkdv_consumer's products for this warpgroup's KEYS keys, plus dQ[:, this half of D] of each
     streamed query tile over all the program's keys, added into DQ_ACC (unscaled, fp32)."""
-    dtype: gl.constexpr = DK.dtype.element_ty
-    k_width: gl.constexpr = 32 // dtype.primitive_bitwidth
     DQ_COLS: gl.constexpr = HEAD_DIM // 2
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])  # fmt: skip
@@ -559,7 +573,6 @@ def _fused_consumer(
                                                          instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, DQ_COLS, 16])  # fmt: skip
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=k_width)
     s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
 
     start_n, bh, b, h, col = _program_block(MASK_BLOCK, H)
@@ -580,27 +593,12 @@ def _fused_consumer(
     v = v_smem.slice(CONSUMER * KEYS, KEYS, dim=0)
     k_half = k_smem.slice(CONSUMER * DQ_COLS, DQ_COLS, dim=1)  # [all 128 keys, this half of D]
     for t in range(num_tiles):
-        stage = t % STAGES
-        start_m = _tile_start(Q_INDEX + col * stride_index, t, MASK_BLOCK, BLOCK_M)
-        rows = start_m + offs_m
-        lse = gl.load(LSE + bh * S + rows, mask=rows < S, other=float("inf"))  # +inf: rows past S get p = 0
-        delta = gl.load(DELTA + bh * S + rows, mask=rows < S, other=0.0)
-        mbarrier.wait(tile_ready.index(stage), (t // STAGES) & 1)
-        q = q_smem.index(stage)
-        do = do_smem.index(stage)
-        # dPᵀ goes to the tensor cores right behind Sᵀ, so it runs while the exponentials do
-        # (5-6% faster on an H100 than issuing it after them; docs/benchmarks/attention.md).
-        s_t = warpgroup_mma(k, q.permute((1, 0)), s_init, use_acc=False, is_async=True)
-        dp_t = warpgroup_mma(v, do.permute((1, 0)), s_init, use_acc=False, is_async=True)
-        s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
-        p_t = gl.exp2(gl.fma(s_t, qk_scale, -lse[None, :]))  # Pᵀ [KEYS, BLOCK_M]
-        dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do, dv, is_async=True)
-        dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))  # dV's product may still run
-        ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
+        dv, dk, ds_t, start_m = _key_tile_products(t, k, v, q_smem, do_smem, tile_ready, LSE, DELTA, Q_INDEX, col,
+                                                   stride_index, bh, S, qk_scale, dk, dv, s_init, offs_m,
+                                                   MASK_BLOCK, BLOCK_M, STAGES, HEAD_DIM)  # fmt: skip
         # Both halves of dSᵀ into shared memory, double-buffered: tile t's buffer is written again
         # at t + 2, once both warpgroups have read it (ds_empty).
         buf = t % 2
-        dk = warpgroup_mma(gl.convert_layout(ds_t, op_layout), q, dk, is_async=True)
         mbarrier.wait(ds_empty.index(buf), ((t // 2) & 1) ^ 1)
         ds_smem.index(buf).slice(CONSUMER * KEYS, KEYS, dim=0).store(ds_t)
         fence_async_shared()
@@ -609,7 +607,7 @@ def _fused_consumer(
         dq = warpgroup_mma(ds_smem.index(buf).permute((1, 0)), k_half, dq_init, use_acc=False, is_async=True)
         dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
         mbarrier.arrive(ds_empty.index(buf), count=1)
-        mbarrier.arrive(tile_empty.index(stage), count=1)
+        mbarrier.arrive(tile_empty.index(t % STAGES), count=1)
         # The previous tile's reduce-add has had a whole tile's products to read its staging
         # buffer; wait for that read, refill the buffer, and hand it to the copy engine. (Two
         # buffers, waiting one tile later, measured no faster: the adds' cost is their traffic.)
