@@ -617,7 +617,8 @@ def block_sparse_attention(
 
     q, k, v [B, H, S, D] (SDPA's layout, any strides with a unit last dim); block_mask bool
     [ceil(S/block_size)]^2 shared by batch and heads. Non-causal. The last block may be partial.
-    Deterministic: every output element is written once, no atomics.
+    Deterministic: every output element is written once, no atomics (except under
+    RADIAL_GLUON=fused, whose dQ is summed by TMA reduce-adds in varying order).
     """
     if not (q.is_cuda or INTERPRET):
         raise RuntimeError(NEEDS_GPU)
