@@ -3,8 +3,8 @@
 "ours" is what the op runs by default: on an H100/H200 the warp-specialized Gluon kernels
 (kernels/gluon_attention.py) for the forward, dK/dV and dQ; "ours, fused backward" the Gluon
 forward with the one-kernel Gluon backward (RADIAL_GLUON=fused: dQ summed by TMA reduce-adds);
-"ours, gluon forward only" the Gluon forward with the Triton backward (RADIAL_GLUON=auto_fwd), "ours, triton only" Triton kernels
-throughout.
+"ours, gluon forward only" the Gluon forward with the Triton backward (RADIAL_GLUON=auto_fwd);
+"ours, triton only" Triton kernels throughout.
 
     python scripts/bench_attention.py                      # all shapes, writes docs/benchmarks/
     python scripts/bench_attention.py --quick --out /tmp   # Wan2.1-1.3B at 321 frames only
@@ -94,8 +94,7 @@ def bench_shape(model, heads, shape_name, frames, tokens_per_frame):
     for decay in DECAYS:
         mask = radial_block_mask(frames, tokens_per_frame, block_size=BLOCK, decay=decay, device="cuda")
         density = block_density(mask)
-        # "ours": the op's default (on an H100 the warp-specialized Gluon forward, the Triton
-        # backward); the next rows have the Gluon forward with the Triton backward, or Triton throughout.
+        # The rows as the module docstring names them: the op's default, then other kernel choices.
         for name, fn, gluon in (("ours", block_sparse_attention, "auto"),
                                 ("ours, fused backward", block_sparse_attention, "fused"),
                                 ("ours, gluon forward only", block_sparse_attention, "auto_fwd"),

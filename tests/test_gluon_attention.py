@@ -96,10 +96,10 @@ def test_gpu_gluon_ops_opcheck():
     # The fused backward sums dQ in varying order, and opcheck compares its outputs across calls
     # within bf16's tolerance: that needs the forward's own lse and delta (random ones make dS a
     # difference of huge terms, whose rounding differs from run to run).
-    out, lse = hopper_forward(q, k, v, *compact_mask(mask)[:2], 128, 0.125 * 1.4426950408889634)
+    out, lse = hopper_forward(q, k, v, *compact_mask(mask)[:2], 128, 0.125 * ta.LOG2E)
     delta = (out.float() * d_out.float()).sum(-1)
     torch.library.opcheck(hopper_fused_backward,
-                          (q, k, v, d_out, lse, delta, *compact_mask(mask)[2:], 128, 0.125 * 1.4426950408889634, 0.125))
+                          (q, k, v, d_out, lse, delta, *compact_mask(mask)[2:], 128, 0.125 * ta.LOG2E, 0.125))
 
 
 @pytest.mark.gpu
