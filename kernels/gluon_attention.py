@@ -17,7 +17,8 @@ layout:
   - two consumer warpgroups (240 registers each), each owning 64 of the program's 128 query rows,
     run Q·Kᵀ and P·V as asynchronous wgmma on the shared tiles and the online softmax in
     registers. Two warpgroups on one SM interleave: one's exponentials run while the other's
-    products are on the tensor cores.
+    products are on the tensor cores. Within each, FlashAttention-3's pipeline: tile t's Q·Kᵀ
+    goes out with tile t-1's P·V, and tile t's softmax runs under that product.
 One program per (mask block of 128 query rows, batch*head), as in the Triton kernel. Numerics are
 the Triton kernel's: fp32 scores, one fp32 factor (scale * log2 e) applied in the FMA with the max,
 exp2, keys past S masked only in the tiles past S, a row with no kept block outputs zeros and lse
@@ -25,7 +26,9 @@ exp2, keys past S masked only in the tiles past S, a row with no kept block outp
 keys, each consumer warpgroup owning 64 keys, the producer streaming the Q and dO tiles of the
 query blocks that keep them (the transposed index); 4 products per block pair, no atomics, as the
 Triton dK/dV kernel it replaces. The dQ kernel is the forward's arrangement again (a program per
-query block, K/V tiles streamed), with Q and dO resident and three products per tile. The fused
+query block, K/V tiles streamed, the same pipeline), with Q and dO resident and three products
+per tile. (The dK/dV kernel pipelined that way measured slower: its dSᵀ has to wait in shared
+memory, since in registers it spills.) The fused
 backward is the dK/dV kernel plus dQ = dS K summed over programs by TMA reduce-adds into fp32
 (5 products per block pair instead of 7): on an H100 as fast as the split pair, not faster, so
 not the default (docs/benchmarks/attention.md, session 7).
@@ -179,23 +182,42 @@ def _consumer(
 
     mbarrier.wait(q_ready, 0)
     q = q_smem.slice(CONSUMER * ROWS, ROWS, dim=0)
-    for t in range(num_tiles):
-        stage = t % STAGES
-        mbarrier.wait(kv_ready.index(stage), (t // STAGES) & 1)
-        s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+    if num_tiles > 0:
+        # FlashAttention-3's intra-warpgroup pipeline: tile t's S = Q Kᵀ and tile t-1's P V go to
+        # the tensor cores together, and tile t's softmax runs while P V does. Tile t-1's stage is
+        # released a tile later, so the ring needs 3 stages (with 2, the loads stall it: 9% slower
+        # than the unpipelined loop; with 3, 10% faster, H100, docs/benchmarks/attention.md).
+        mbarrier.wait(kv_ready.index(0), 0)
+        s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        if t >= num_full:  # a tile of the partial last block: keys past S get no weight
-            s = gl.where(_keys_in_range(t, offs_n, S, MASK_BLOCK, BLOCK_N), s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)  # log2 units
-        p = gl.exp2(gl.fma(s, qk_scale, -m_new[:, None]))
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+        if num_full == 0:
+            s = gl.where(_keys_in_range(0, offs_n, S, MASK_BLOCK, BLOCK_N), s, float("-inf"))
+        m_i = gl.max(s, axis=1) * qk_scale  # log2 units
+        p = gl.exp2(gl.fma(s, qk_scale, -m_i[:, None]))
+        l_i = gl.sum(p, axis=1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
-        acc = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
+        for t in range(1, num_tiles):
+            stage = t % STAGES
+            prev = (t - 1) % STAGES
+            mbarrier.wait(kv_ready.index(stage), (t // STAGES) & 1)
+            s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))  # S done; P V may still run
+            if t >= num_full:  # a tile of the partial last block: keys past S get no weight
+                s = gl.where(_keys_in_range(t, offs_n, S, MASK_BLOCK, BLOCK_N), s, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+            p = gl.exp2(gl.fma(s, qk_scale, -m_new[:, None]))
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha + gl.sum(p, axis=1)
+            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+            mbarrier.arrive(kv_empty.index(prev), count=1)
+            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            m_i = m_new
+        last = (num_tiles - 1) % STAGES
+        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(kv_empty.index(stage), count=1)
-        m_i = m_new
+        mbarrier.arrive(kv_empty.index(last), count=1)
 
     has_keys = l_i > 0  # False only for a query block with no kept key block
     l_safe = gl.where(has_keys, l_i, 1.0)
@@ -470,20 +492,38 @@ def _dq_consumer(
     mbarrier.wait(rows_ready, 0)
     q = q_smem.slice(CONSUMER * ROWS, ROWS, dim=0)
     do = do_smem.slice(CONSUMER * ROWS, ROWS, dim=0)
-    for t in range(num_tiles):
-        stage = t % STAGES
-        mbarrier.wait(kv_ready.index(stage), (t // STAGES) & 1)
-        k = k_smem.index(stage)
-        s = warpgroup_mma(q, k.permute((1, 0)), s_init, use_acc=False, is_async=True)
-        dp = warpgroup_mma(do, v_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+    if num_tiles > 0:
+        # The forward's pipeline: tile t's S and dP go to the tensor cores with tile t-1's
+        # dQ += dS K, and tile t's dS is computed while that product runs (7% faster on an H100).
+        # With 128-key tiles the ring would need 3 stages of 64 KB and the registers would spill,
+        # so tiles are 64 keys (DQ_TILE).
+        mbarrier.wait(kv_ready.index(0), 0)
+        s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
+        dp = warpgroup_mma(do, v_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
         s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
         p = gl.exp2(gl.fma(s, qk_scale, -lse[:, None]))
-        if t >= num_full:
-            p = gl.where(_keys_in_range(t, offs_n, S, MASK_BLOCK, BLOCK_N), p, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), k, dq, is_async=True)
+        if num_full == 0:
+            p = gl.where(_keys_in_range(0, offs_n, S, MASK_BLOCK, BLOCK_N), p, 0.0)
+        ds_op = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), op_layout)
+        for t in range(1, num_tiles):
+            stage = t % STAGES
+            prev = (t - 1) % STAGES
+            mbarrier.wait(kv_ready.index(stage), (t // STAGES) & 1)
+            s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            dp = warpgroup_mma(do, v_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            dq = warpgroup_mma(ds_op, k_smem.index(prev), dq, is_async=True)
+            s, dp = warpgroup_mma_wait(num_outstanding=1, deps=(s, dp))  # dQ's product may still run
+            p = gl.exp2(gl.fma(s, qk_scale, -lse[:, None]))
+            if t >= num_full:
+                p = gl.where(_keys_in_range(t, offs_n, S, MASK_BLOCK, BLOCK_N), p, 0.0)
+            ds = (p * (dp - delta[:, None])).to(dtype)
+            dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ds_op))
+            mbarrier.arrive(kv_empty.index(prev), count=1)
+            ds_op = gl.convert_layout(ds, op_layout)
+        last = (num_tiles - 1) % STAGES
+        dq = warpgroup_mma(ds_op, k_smem.index(last), dq, is_async=True)
         dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
-        mbarrier.arrive(kv_empty.index(stage), count=1)
+        mbarrier.arrive(kv_empty.index(last), count=1)
 
     dq = dq * sm_scale
     offs_q = start_m + CONSUMER * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
@@ -699,10 +739,10 @@ def _launch_per_block(kernel, tile: dict, block_size: int, tensors, index, strid
     )  # fmt: skip
 
 
-# The key tile and ring depth, the fastest in the H100 sweep (scripts/tune_attention.py): 128-key
-# tiles, 2 stages, 160 KB of shared memory with the 128-row query tile (3 stages: 224 KB of the
-# 227 KB, 1.5% slower).
-TILE = {"BLOCK_N": 128, "STAGES": 2}
+# The key tile and ring depth: 128-key tiles, 3 stages, 224 KB of the 227 KB of shared memory with
+# the 128-row query tile. The pipelined consumer releases a stage a tile late, so 2 stages stall it
+# (H100: 581 TFLOP/s with 3 stages, 477 with 2; docs/benchmarks/attention.md, session 8).
+TILE = {"BLOCK_N": 128, "STAGES": 3}
 
 
 @torch.library.custom_op("radial_lora::block_sparse_attn_fwd_hopper", mutates_args=())
@@ -760,9 +800,10 @@ def _(q, k, v, d_out, lse, delta, q_count, q_index, block_size, qk_scale, sm_sca
     return torch.empty_like(k), torch.empty_like(v)
 
 
-# Keys per streamed tile in the dQ kernel, and its ring depth: the fastest in the H200 sweep (64-key
-# tiles 1-3% slower), 192 KB of shared memory.
-DQ_TILE = {"BLOCK_N": 128, "STAGES": 2}
+# Keys per streamed tile in the dQ kernel, and its ring depth: 64-key tiles, 4 stages, 192 KB of
+# shared memory (H100, session 8: 40.2 ms at the wan_4x shape, 3 stages 40.4; the unpipelined
+# loop took 43.3 with 128-key tiles, 42.5 with these).
+DQ_TILE = {"BLOCK_N": 64, "STAGES": 4}
 
 
 @torch.library.custom_op("radial_lora::block_sparse_attn_dq_hopper", mutates_args=())

@@ -7,7 +7,8 @@ No GPU needed: Triton compiles for a `GPUTarget("cuda", 90, 32)` and its bundled
 disassembles the cubin. Counts, per kernel and load mode: `HGMMA` (Hopper's asynchronous
 tensor-core products), `UTMALDG` (tensor-memory-accelerator loads), `UTMAREDG` (its reduce-adds:
 the fused backward's dQ), `LDGSTS` (cp.async loads),
-`MUFU.EX2` (the softmax exponentials), `WARPGROUP.DEPBAR` (waits on the tensor cores), `SYNCS`
+`MUFU.EX2` (the softmax exponentials), `WARPGROUP.DEPBAR` (waits on the tensor cores; `DEPBAR.LE 1`
+the waits that leave one product running: the pipelined schedules), `SYNCS`
 (mbarrier operations), `STL`/`LDL` (register spills to local memory), registers per thread and
 shared memory per program. Arguments are given
 the divisibility-by-16 hints an aligned launch gets. The Triton installed here compiles, which may
@@ -47,7 +48,8 @@ TUNED = {"fwd": (128, 128, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2)
          "gluon_fused": (ga.FUSED_TILE["BLOCK_M"], 128, 4, ga.FUSED_TILE["STAGES"])}
 # SASS instructions counted (USETMAXREG: the register hand-over between warp-specialized partitions).
 COUNTED = {"HGMMA": r"HGMMA", "UTMALDG": r"UTMALDG", "UTMAREDG": r"UTMAREDG", "LDGSTS": r"LDGSTS",
-           "MUFU.EX2": r"MUFU\.EX2", "WARPGROUP.DEPBAR": r"WARPGROUP\.DEPBAR", "SYNCS": r"SYNCS",
+           "MUFU.EX2": r"MUFU\.EX2", "WARPGROUP.DEPBAR": r"WARPGROUP\.DEPBAR",
+           "DEPBAR.LE 1": r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1", "SYNCS": r"SYNCS",
            "spill STL/LDL": r"\b(?:STL|LDL)\b", "USETMAXREG": r"USETMAXREG"}  # fmt: skip
 
 

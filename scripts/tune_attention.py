@@ -44,8 +44,8 @@ CANDIDATES = {
 }  # fmt: skip
 # The Gluon kernels (12 warps: a loading warpgroup and two computing ones): forward and dQ (128
 # query rows, key tile, stages) and dK/dV (query tile, 128 keys, stages).
-CANDIDATES["gluon"] = [(128, 128, 12, 2), (128, 128, 12, 3), (128, 64, 12, 2), (128, 64, 12, 3), (128, 64, 12, 4)]
-CANDIDATES["gluon_dq"] = [(128, 128, 12, 2), (128, 64, 12, 2), (128, 64, 12, 3), (128, 64, 12, 4)]
+CANDIDATES["gluon"] = [(128, 128, 12, 3), (128, 128, 12, 2), (128, 64, 12, 4), (128, 64, 12, 3)]
+CANDIDATES["gluon_dq"] = [(128, 64, 12, 4), (128, 64, 12, 3), (128, 128, 12, 2)]
 CANDIDATES["gluon_dkdv"] = [(64, 128, 12, 2), (64, 128, 12, 3), (32, 128, 12, 2), (32, 128, 12, 3), (32, 128, 12, 4)]
 KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel}
 # Each Gluon kernel: its tile dict in kernels/gluon_attention.py, the tile side it sweeps (the

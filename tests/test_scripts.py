@@ -73,7 +73,7 @@ def test_kernel_sass_report_shows_tma_loads_on_hopper():
     become cp.async (LDGSTS), the TMA path real tensor-memory-accelerator loads; the Gluon forward
     and backward kernels compile with the installed Triton (the CPU machine's is newer than the GPU image's)
     into warp-specialized partitions that hand registers over (USETMAXREG), without spills (the
-    fused backward aside)."""
+    fused backward aside), the forward and dQ with their pipelined waits."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     command = [sys.executable, str(REPO / "scripts/kernel_sass.py"), "--kernel", "fwd", "gluon", "gluon_dkdv",
                "gluon_dq", "gluon_fused"]  # fmt: skip
@@ -93,6 +93,9 @@ def test_kernel_sass_report_shows_tma_loads_on_hopper():
     for row in (gluon, rows["gluon_dkdv", "TMA"], rows["gluon_dq", "TMA"]):
         assert int(row["USETMAXREG"]) > 0 and int(row["UTMALDG"]) > 0 and int(row["HGMMA"]) > 0
         assert int(row["spill STL/LDL"]) == 0
+    # The forward and dQ kernels are pipelined: the wait for tile t's scores leaves tile t-1's last
+    # product running (a wait for "at most one outstanding"; the unpipelined loops had none).
+    assert int(gluon["DEPBAR.LE 1"]) > 0 and int(rows["gluon_dq", "TMA"]["DEPBAR.LE 1"]) > 0
     # The fused backward: dK/dV's 4 products and dQ's, with dQ added through TMA reduce-adds. (It
     # spills with every Triton so far: 46 instructions with 3.6, more with newer ones.)
     fused, dkdv = rows["gluon_fused", "TMA"], rows["gluon_dkdv", "TMA"]
