@@ -319,10 +319,17 @@ def _store_key_rows(
 def _key_tile_products(
     t, k, v, q_smem, do_smem, tile_ready, LSE, DELTA, Q_INDEX, col, stride_index, bh, S, qk_scale, dk, dv, s_init,
     offs_m, MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr,
+    LATE_ROW_STATS: gl.constexpr,
 ):  # fmt: skip
     """A key-block consumer's products with the t-th streamed query tile (transposed: Sᵀ = K Qᵀ,
     Pᵀ, dPᵀ = V dOᵀ, dV += Pᵀ dO, dSᵀ = Pᵀ (dPᵀ - delta), dK += dSᵀ Q): (dv, dk) with their
-    products still in flight, dSᵀ in the inputs' dtype, and the tile's first query row."""
+    products still in flight, dSᵀ in the inputs' dtype, and the tile's first query row.
+
+    LATE_ROW_STATS: load the tile's lse and delta one value per thread and spread them over the
+    score columns (16 registers each) only where they are used. That frees registers while the
+    products run: the fused kernel's spills drop from 46 to 12 instructions (Triton 3.6) and it
+    runs 6% faster on an H100; the dK/dV kernel, which did not spill much, runs 4% slower
+    (the layout conversions), so it loads them spread from the start."""
     dtype: gl.constexpr = q_smem.dtype
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
@@ -330,7 +337,10 @@ def _key_tile_products(
                                                   k_width=32 // dtype.primitive_bitwidth)  # fmt: skip
     stage = t % STAGES
     start_m = _tile_start(Q_INDEX + col * stride_index, t, MASK_BLOCK, BLOCK_M)
-    rows = start_m + offs_m
+    if LATE_ROW_STATS:
+        rows = start_m + gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([1], [32], [4], [0]))
+    else:
+        rows = start_m + offs_m
     lse = gl.load(LSE + bh * S + rows, mask=rows < S, other=float("inf"))  # +inf: rows past S get p = 0
     delta = gl.load(DELTA + bh * S + rows, mask=rows < S, other=0.0)
     mbarrier.wait(tile_ready.index(stage), (t // STAGES) & 1)
@@ -341,9 +351,11 @@ def _key_tile_products(
     s_t = warpgroup_mma(k, q.permute((1, 0)), s_init, use_acc=False, is_async=True)
     dp_t = warpgroup_mma(v, do.permute((1, 0)), s_init, use_acc=False, is_async=True)
     s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
+    lse = gl.convert_layout(lse, offs_m.type.layout)  # no-op unless LATE_ROW_STATS
     p_t = gl.exp2(gl.fma(s_t, qk_scale, -lse[None, :]))  # Pᵀ [keys, BLOCK_M]
     dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do, dv, is_async=True)
     dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))  # dV's product may still run
+    delta = gl.convert_layout(delta, offs_m.type.layout)
     ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
     dk = warpgroup_mma(gl.convert_layout(ds_t, op_layout), q, dk, is_async=True)
     return dv, dk, ds_t, start_m
@@ -377,7 +389,7 @@ def _dkdv_consumer(
     for t in range(num_tiles):
         dv, dk, _, _ = _key_tile_products(t, k, v, q_smem, do_smem, tile_ready, LSE, DELTA, Q_INDEX, col,
                                           stride_index, bh, S, qk_scale, dk, dv, s_init, offs_m,
-                                          MASK_BLOCK, BLOCK_M, STAGES, HEAD_DIM)  # fmt: skip
+                                          MASK_BLOCK, BLOCK_M, STAGES, HEAD_DIM, False)  # fmt: skip
         dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
         mbarrier.arrive(tile_empty.index(t % STAGES), count=1)
 
@@ -635,7 +647,7 @@ def _fused_consumer(
     for t in range(num_tiles):
         dv, dk, ds_t, start_m = _key_tile_products(t, k, v, q_smem, do_smem, tile_ready, LSE, DELTA, Q_INDEX, col,
                                                    stride_index, bh, S, qk_scale, dk, dv, s_init, offs_m,
-                                                   MASK_BLOCK, BLOCK_M, STAGES, HEAD_DIM)  # fmt: skip
+                                                   MASK_BLOCK, BLOCK_M, STAGES, HEAD_DIM, True)  # fmt: skip
         # Both halves of dSᵀ into shared memory, double-buffered: tile t's buffer is written again
         # at t + 2, once both warpgroups have read it (ds_empty).
         buf = t % 2

@@ -53,15 +53,17 @@ if _tma_choice not in TMA_CHOICES:
     raise ValueError(f"RADIAL_TRITON_TMA={_tma_choice!r}: expected one of {', '.join(TMA_CHOICES)}")
 TMA_KERNELS = TMA_CHOICES[_tma_choice]
 # Which kernels run in Gluon (kernels/gluon_attention.py: warp-specialized, Hopper only) instead of
-# Triton, and whether they must: "auto" (the default) the forward, dK/dV and dQ wherever they can
-# run (sm_90, bf16/fp16, head dim 64 or 128, mask block 128, TMA-readable layouts), Triton
-# elsewhere; "auto_fwd" the forward only, likewise (the default before the Gluon dQ); "all",
-# "fwd", "fwd_dkdv" and "fwd_dq" those kernels, raising where they cannot run; "fused" the forward
-# and the one-kernel backward (dK/dV and dQ together, dQ summed by TMA reduce-adds: not bitwise
-# reproducible; on an H100 as fast as the split pair, not faster), likewise; "none" Triton
-# throughout. The Gluon backward (dK/dV and dQ) measured 5-16% faster than Triton's on an H100
-# (the most at decay 1.0; docs/benchmarks/attention.md).
-GLUON_CHOICES = {"auto": (frozenset({"fwd", "dkdv", "dq"}), False), "auto_fwd": (frozenset({"fwd"}), False),
+# Triton, and whether they must. "auto" (the default): wherever they can run (sm_90, bf16/fp16,
+# head dim 64 or 128, mask block 128, TMA-readable layouts) the Gluon forward and the one-kernel
+# Gluon backward (dK/dV and dQ together, dQ summed by TMA reduce-adds in varying order: not
+# bitwise reproducible, 4% faster than the split pair on an H100, docs/benchmarks/attention.md),
+# or, while torch.use_deterministic_algorithms is on, the split pair (Gluon dK/dV and dQ: every
+# output written once); Triton elsewhere. "auto_split": the split pair always (the default
+# before session 8). "auto_fwd": the forward only. "all" (forward and the split pair), "fwd",
+# "fwd_dkdv", "fwd_dq" and "fused" (forward and the one-kernel backward): those kernels, raising
+# where they cannot run. "none": Triton throughout.
+GLUON_CHOICES = {"auto": (frozenset({"fwd", "fused", "dkdv", "dq"}), False),
+                 "auto_split": (frozenset({"fwd", "dkdv", "dq"}), False), "auto_fwd": (frozenset({"fwd"}), False),
                  "all": (frozenset({"fwd", "dkdv", "dq"}), True), "fwd": (frozenset({"fwd"}), True),
                  "fwd_dkdv": (frozenset({"fwd", "dkdv"}), True), "fwd_dq": (frozenset({"fwd", "dq"}), True),
                  "fused": (frozenset({"fwd", "fused"}), True), "none": (frozenset(), False)}  # fmt: skip
@@ -394,6 +396,11 @@ def _use_gluon(kernel: str, block_size: int, *tensors: torch.Tensor) -> bool:
     kernels, required = GLUON_CHOICES[GLUON]
     if kernel not in kernels or (INTERPRET and not required):
         return False
+    if kernel == "fused" and torch.are_deterministic_algorithms_enabled():
+        if required:
+            raise RuntimeError(f"RADIAL_GLUON={GLUON}: the one-kernel backward sums dQ in varying order, and "
+                               "torch.use_deterministic_algorithms is on (RADIAL_GLUON=all is deterministic)")
+        return False  # auto: the split pair
     if not INTERPRET and gluon_attention.supported(block_size, *tensors):
         return True
     if not required:
@@ -414,11 +421,10 @@ def kernel_plan(device: torch.device, dtype: torch.dtype, head_dim: int, block_s
         raise RuntimeError(NEEDS_GPU)
     probe = torch.empty(1, 1, block_size, head_dim, device=device, dtype=dtype)
     names = {"fwd": "forward", "dkdv": "dK/dV", "dq": "dQ"}
+    if _use_gluon("fused", block_size, probe):  # it replaces the dK/dV and dQ kernels
+        names = {"fwd": "forward", "fused": "dK/dV+dQ in one kernel"}
     gluon = [name for kernel, name in names.items() if _use_gluon(kernel, block_size, probe)]
     triton_side = [name for name in names.values() if name not in gluon]
-    if _use_gluon("fused", block_size, probe):
-        gluon.append("dK/dV+dQ in one kernel")
-        triton_side = [name for name in triton_side if name not in ("dK/dV", "dQ")]
     where = " (Triton's CPU interpreter)" if INTERPRET else ""
     parts = ([f"Gluon {', '.join(gluon)}"] if gluon else []) + ([f"Triton {', '.join(triton_side)}{where}"]
                                                                if triton_side else [])  # fmt: skip
@@ -617,8 +623,10 @@ def block_sparse_attention(
 
     q, k, v [B, H, S, D] (SDPA's layout, any strides with a unit last dim); block_mask bool
     [ceil(S/block_size)]^2 shared by batch and heads. Non-causal. The last block may be partial.
-    Deterministic: every output element is written once, no atomics (except under
-    RADIAL_GLUON=fused, whose dQ is summed by TMA reduce-adds in varying order).
+    No atomics on the forward, dK or dV. dQ is bitwise reproducible where every output element is
+    written once: on CPU, on GPUs other than sm_90, with RADIAL_GLUON=auto_split or all, and while
+    torch.use_deterministic_algorithms is on; the default one-kernel Hopper backward sums it by
+    TMA reduce-adds in varying order (run to run differences around 4e-4 relative).
     """
     if not (q.is_cuda or INTERPRET):
         raise RuntimeError(NEEDS_GPU)

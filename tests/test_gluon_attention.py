@@ -9,6 +9,8 @@ real-shape test runs them too (RADIAL_GLUON=auto, the default).
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,9 +24,21 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward needs an sm_90 GPU")
 
 
+@contextlib.contextmanager
+def deterministic_mode():
+    """torch.use_deterministic_algorithms on (warning only, for ops of other code), then as before."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def test_default_is_gluon_where_it_runs_and_triton_elsewhere():
-    """The default (auto) asks for every Gluon kernel, and on CPU falls back to Triton."""
-    assert ta.GLUON == "auto" and ta.GLUON_CHOICES["auto"] == (frozenset({"fwd", "dkdv", "dq"}), False)
+    """The default (auto) asks for every Gluon kernel (the one-kernel backward first), and on CPU
+    falls back to Triton."""
+    assert ta.GLUON == "auto" and ta.GLUON_CHOICES["auto"] == (frozenset({"fwd", "fused", "dkdv", "dq"}), False)
     q = torch.randn(1, 2, 100, 32)
     mask = radial_block_mask(5, 20, block_size=32)
     torch.testing.assert_close(block_sparse_attention(q, q, q, mask, block_size=32),
@@ -37,6 +51,11 @@ def test_required_gluon_kernels_that_cannot_run_raise():
     for choice in ("all", "fwd", "fwd_dkdv", "fwd_dq", "fused"):
         with ta.gluon_kernels(choice), pytest.raises(RuntimeError, match=f"RADIAL_GLUON={choice} needs an sm_90 GPU"):
             block_sparse_attention(q, q, q, mask, block_size=32)
+    # The one-kernel backward's dQ is not bitwise reproducible: refused, by name, while PyTorch's
+    # deterministic mode is on (the default then takes the split pair).
+    refused = "RADIAL_GLUON=fused: the one-kernel backward sums"
+    with deterministic_mode(), ta.gluon_kernels("fused"), pytest.raises(RuntimeError, match=refused):
+        ta.kernel_plan(q.device, q.dtype, 32, 32)  # the run's start-up check
     with pytest.raises(ValueError, match="gluon kernels 'fast'"):
         with ta.gluon_kernels("fast"):
             pass
@@ -107,7 +126,10 @@ def test_gpu_gluon_ops_opcheck():
 def test_gpu_kernel_plan_names_the_kernels_that_run():
     """The run's log line (kernels.triton_attention.kernel_plan) on an H100/H200."""
     cuda = torch.device("cuda")
-    assert ta.kernel_plan(cuda, torch.bfloat16, 128, 128) == "Gluon forward, dK/dV, dQ (RADIAL_GLUON=auto)"
+    plan = ta.kernel_plan(cuda, torch.bfloat16, 128, 128)
+    assert plan == "Gluon forward, dK/dV+dQ in one kernel (RADIAL_GLUON=auto)"
+    with ta.gluon_kernels("auto_split"):
+        assert ta.kernel_plan(cuda, torch.bfloat16, 128, 128) == "Gluon forward, dK/dV, dQ (RADIAL_GLUON=auto_split)"
     with ta.gluon_kernels("auto_fwd"):
         plan = ta.kernel_plan(cuda, torch.bfloat16, 128, 128)
     assert plan == "Gluon forward; Triton dK/dV, dQ (RADIAL_GLUON=auto_fwd)"
@@ -115,3 +137,28 @@ def test_gpu_kernel_plan_names_the_kernels_that_run():
     with ta.gluon_kernels("fused"):
         plan = ta.kernel_plan(cuda, torch.bfloat16, 128, 128)
     assert plan == "Gluon forward, dK/dV+dQ in one kernel (RADIAL_GLUON=fused)"
+
+
+@pytest.mark.gpu
+@hopper
+def test_gpu_default_backward_is_deterministic_in_deterministic_mode():
+    """By default dQ comes from the one-kernel backward (TMA reduce-adds, varying order); with
+    torch.use_deterministic_algorithms on, the default takes the split pair: dQ bitwise the same
+    on every call and equal to RADIAL_GLUON=auto_split's."""
+    mask = radial_block_mask(11, 1560, device="cuda")
+    q, k, v, d_out = (t.bfloat16() for t in random_inputs((1, 4, 11 * 1560, 128), torch.float32, "cuda"))
+
+    def dq():
+        x = q.detach().requires_grad_()
+        block_sparse_attention(x, k, v, mask).backward(d_out)
+        return x.grad
+
+    with ta.gluon_kernels("auto_split"):
+        split = dq()
+    fused = dq()
+    assert ta.kernel_plan(q.device, q.dtype, 128, 128).startswith("Gluon forward, dK/dV+dQ in one kernel")
+    torch.testing.assert_close(fused, split, atol=2e-2, rtol=2e-2)
+    with deterministic_mode():
+        assert ta.kernel_plan(q.device, q.dtype, 128, 128) == "Gluon forward, dK/dV, dQ (RADIAL_GLUON=auto)"
+        first, second = dq(), dq()
+    assert torch.equal(first, second) and torch.equal(first, split)
