@@ -1,9 +1,11 @@
 """Attention benchmark on one GPU: our radial kernels vs FlexAttention vs dense SDPA.
 
 "ours" is what the op runs by default: on an H100/H200 the warp-specialized Gluon kernels
-(kernels/gluon_attention.py) for the forward, dK/dV and dQ; "ours, fused backward" the Gluon
-forward with the one-kernel Gluon backward (RADIAL_GLUON=fused: dQ summed by TMA reduce-adds);
-"ours, gluon forward only" the Gluon forward with the Triton backward (RADIAL_GLUON=auto_fwd);
+(kernels/gluon_attention.py), the forward and the one-kernel backward (dQ summed by TMA
+reduce-adds); "ours, split backward" the Gluon forward with the Gluon dK/dV and dQ kernels
+(RADIAL_GLUON=auto_split, deterministic; what the default runs under
+torch.use_deterministic_algorithms); "ours, gluon forward only" the Gluon forward with the Triton
+backward (RADIAL_GLUON=auto_fwd);
 "ours, triton only" Triton kernels throughout.
 
     python scripts/bench_attention.py                      # all shapes, writes docs/benchmarks/
@@ -96,7 +98,7 @@ def bench_shape(model, heads, shape_name, frames, tokens_per_frame):
         density = block_density(mask)
         # The rows as the module docstring names them: the op's default, then other kernel choices.
         for name, fn, gluon in (("ours", block_sparse_attention, "auto"),
-                                ("ours, fused backward", block_sparse_attention, "fused"),
+                                ("ours, split backward", block_sparse_attention, "auto_split"),
                                 ("ours, gluon forward only", block_sparse_attention, "auto_fwd"),
                                 ("ours, triton only", block_sparse_attention, "none"),
                                 ("flex", block_sparse_attention_flex, "auto")):  # fmt: skip
