@@ -16,7 +16,8 @@ Shapes: Wan2.1-1.3B (12 heads x 128) and 14B (40 x 128); 480p at 21 and 81 laten
 decay 1.0 and 0.2 (the paper's Wan setting for its 1x-length runs). Batch 1, bf16, non-causal.
 
 Effective TFLOP/s count computed blocks only: forward 4*S^2*D*H*density, backward 2.5x that
-(density 1 for dense attention). Times are medians of triton.testing.do_bench (CUDA events).
+(density 1 for dense attention). Times are medians of triton.testing.do_bench (CUDA events),
+about a second of repeats per number.
 """
 
 from __future__ import annotations
@@ -51,12 +52,14 @@ HEAD_DIM = 128
 
 
 def time_fwd_bwd(fn, q, k, v, d_out):
-    """(forward ms, backward ms): medians over CUDA-event timed runs."""
-    fwd = triton.testing.do_bench(lambda: fn(q, k, v), warmup=25, rep=100, return_mode="median")
+    """(forward ms, backward ms): medians over CUDA-event timed runs, about a second of each. (Until
+    session 8 it was 100 ms: at 126k tokens one or two backward runs, and the first of our rows at
+    each new mask came out 6-10 ms slower than the kernels timed directly.)"""
+    fwd = triton.testing.do_bench(lambda: fn(q, k, v), warmup=200, rep=1000, return_mode="median")
     out = fn(q, k, v)
     bwd = triton.testing.do_bench(
         lambda: torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True),
-        warmup=25, rep=100, return_mode="median",
+        warmup=200, rep=1000, return_mode="median",
     )  # fmt: skip
     return fwd, bwd
 
