@@ -1,5 +1,5 @@
 """Hopper (sm_90) kernels of the block-sparse attention, warp-specialized, in Gluon: the forward,
-the backward's dK/dV and dQ, and a one-kernel backward (RADIAL_GLUON=fused).
+the backward's dK/dV and dQ, and a one-kernel backward (the default; RADIAL_GLUON=fused requires it).
 
 Shapes as in kernels/triton_attention.py (B batch, H heads, S tokens, D head dim 64 or 128):
   q, k, v, out  [B, H, S, D] bf16 / fp16, any strides TMA accepts (16-byte aligned rows)
@@ -30,8 +30,9 @@ query block, K/V tiles streamed, the same pipeline), with Q and dO resident and 
 per tile. (The dK/dV kernel pipelined that way measured slower: its dSᵀ has to wait in shared
 memory, since in registers it spills.) The fused
 backward is the dK/dV kernel plus dQ = dS K summed over programs by TMA reduce-adds into fp32
-(5 products per block pair instead of 7): on an H100 as fast as the split pair, not faster, so
-not the default (docs/benchmarks/attention.md, session 7).
+(5 products per block pair instead of 7): on an H100 4% faster than the split pair, so the
+default, except under torch.use_deterministic_algorithms (its dQ adds land in varying order;
+kernels/triton_attention.py GLUON_CHOICES; docs/benchmarks/attention.md, session 8).
 
 GPU only (Gluon has no CPU interpreter): tests/test_gluon_attention.py runs them on the lent GPU;
 on CPU, tests/test_scripts.py compiles them for sm_90 (scripts/kernel_sass.py) with the installed
