@@ -10,10 +10,11 @@ The mask reaches the kernels in a compact form, built once and cached with the m
 
 Forward (FlashAttention-2 style; on Hopper the op runs the warp-specialized Gluon kernels of
 kernels/gluon_attention.py instead, forward and backward, see RADIAL_GLUON): one program per
-(BLOCK_M query rows, batch*head) walks the kept key blocks of its mask row in BLOCK_N tiles with an online softmax,
-and saves the base-2 log-sum-exp. Backward: a dK/dV kernel, one program per key tile, walks the
-transposed index (so each dK/dV tile is owned by one program: no atomics on dK/dV); a dQ kernel
-walks the forward index, recomputing P and dP: 7 matrix products per block pair, deterministic.
+(BLOCK_M query rows, batch*head) walks the kept key blocks of its mask row in BLOCK_N tiles with an
+online softmax, and saves the base-2 log-sum-exp. Backward: a dK/dV kernel, one program per key
+tile, walks the transposed index (so each dK/dV tile is owned by one program: no atomics on dK/dV);
+a dQ kernel walks the forward index, recomputing P and dP: 7 matrix products per block pair,
+deterministic.
 (A fused Triton variant, dS·K added into an fp32 dQ buffer with atomics inside the dK/dV kernel,
 5 products, measured 8% slower on an H100 and was removed: docs/benchmarks/attention.md. The
 Gluon one-kernel backward, the Hopper default, does this with TMA reduce-adds and is faster.)
