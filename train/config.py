@@ -266,6 +266,12 @@ class TrainConfig:
     steps: int = 100
     """Optimizer steps (each is gradient_accumulation_steps micro-batches)."""
     seed: int = 0
+    deterministic: bool = False
+    """PyTorch's deterministic algorithms (torch.use_deterministic_algorithms, warning instead of
+    stopping at ops that have none; CUBLAS_WORKSPACE_CONFIG set for cuBLAS unless already set):
+    with a fixed seed, bitwise-repeatable gradients where the kernels allow. The attention op then
+    runs the split Gluon backward on Hopper instead of the one-kernel one, whose dQ adds land in
+    varying order (4% slower on an H100; docs/radial_attention.md, RADIAL_GLUON)."""
     checkpoint_every: int = 50
     """Save a resumable checkpoint (and a LoRA export) every N steps; 0 only saves at the end."""
     keep_last: int = 2

@@ -8,6 +8,7 @@ log -> checkpoint; then export the LoRA. The same code runs one process or many 
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from models.loading import check_model_available, load_pipeline, torch_dtype
 from models.lora import export_lora
 from models.setup import check_rotary_covers, prepare_transformer
 from train.checkpoint import TrainState, install_hooks, resolve_resume, save_checkpoint
-from train.config import Config
+from train.config import Config, TrainConfig
 from train.distributed import (
     autocast_dtype,
     checkpoint_kwargs,
@@ -58,9 +59,20 @@ def check_finite(accelerator, step: int, step_losses: torch.Tensor, grad_norm, r
         )
 
 
+def seed_everything(train_cfg: TrainConfig) -> None:
+    """Seed Python, NumPy and torch (accelerate's set_seed) and, with train.deterministic, turn on
+    PyTorch's deterministic algorithms: warn-only, so an op without a deterministic version warns
+    instead of stopping a long run; cuBLAS needs its workspace setting before its first use."""
+    from accelerate.utils import set_seed
+
+    set_seed(train_cfg.seed)
+    if train_cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def train(cfg: Config, resolved_config: dict) -> Path:
     """Run training as configured; returns the absolute path of the exported LoRA file."""
-    from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
     run_dir = Path(cfg.output_root, cfg.name).resolve()
@@ -79,7 +91,9 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     sp = cfg.trainer.sequence_parallel
     sp_group, data_rank, data_ranks = sequence_parallel_group(sp)
     check_model_available(cfg.model)
-    set_seed(cfg.train.seed)
+    seed_everything(cfg.train)
+    if cfg.train.deterministic:
+        say("deterministic: torch.use_deterministic_algorithms on (train.deterministic)")
 
     # --- data: every process lists and checks the same clips; rejects are counted, not fatal ---
     with accelerator.main_process_first():  # the demo's videos are generated once, by rank 0
