@@ -18,6 +18,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def deterministic_restored():
+    """For tests that turn on PyTorch's deterministic mode (as train.deterministic does): afterwards
+    torch.use_deterministic_algorithms and CUBLAS_WORKSPACE_CONFIG are as they were before."""
+    flags = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    yield
+    torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+    if cublas is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from models.tiny_wan import build_tiny_wan

@@ -9,8 +9,6 @@ real-shape test runs them too (RADIAL_GLUON=auto, the default).
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,17 +22,6 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward needs an sm_90 GPU")
 
 
-@contextlib.contextmanager
-def deterministic_mode():
-    """torch.use_deterministic_algorithms on (warning only, for ops of other code), then as before."""
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-
-
 def test_default_is_gluon_where_it_runs_and_triton_elsewhere():
     """The default (auto) asks for every Gluon kernel (the one-kernel backward first), and on CPU
     falls back to Triton."""
@@ -45,7 +32,7 @@ def test_default_is_gluon_where_it_runs_and_triton_elsewhere():
                                block_sparse_attention_reference(q, q, q, mask, block_size=32), atol=1e-5, rtol=1e-5)
 
 
-def test_required_gluon_kernels_that_cannot_run_raise():
+def test_required_gluon_kernels_that_cannot_run_raise(deterministic_restored):
     q = torch.randn(1, 2, 100, 32)
     mask = radial_block_mask(5, 20, block_size=32)
     for choice in ("all", "fwd", "fwd_dkdv", "fwd_dq", "fused"):
@@ -53,8 +40,9 @@ def test_required_gluon_kernels_that_cannot_run_raise():
             block_sparse_attention(q, q, q, mask, block_size=32)
     # The one-kernel backward's dQ is not bitwise reproducible: refused, by name, while PyTorch's
     # deterministic mode is on (the default then takes the split pair).
+    torch.use_deterministic_algorithms(True, warn_only=True)
     refused = "RADIAL_GLUON=fused: the one-kernel backward sums"
-    with deterministic_mode(), ta.gluon_kernels("fused"), pytest.raises(RuntimeError, match=refused):
+    with ta.gluon_kernels("fused"), pytest.raises(RuntimeError, match=refused):
         ta.kernel_plan(q.device, q.dtype, 32, 32)  # the run's start-up check
     with pytest.raises(ValueError, match="gluon kernels 'fast'"):
         with ta.gluon_kernels("fast"):
@@ -141,7 +129,7 @@ def test_gpu_kernel_plan_names_the_kernels_that_run():
 
 @pytest.mark.gpu
 @hopper
-def test_gpu_default_backward_is_deterministic_in_deterministic_mode():
+def test_gpu_default_backward_is_deterministic_in_deterministic_mode(deterministic_restored):
     """By default dQ comes from the one-kernel backward (TMA reduce-adds, varying order); with
     torch.use_deterministic_algorithms on, the default takes the split pair: dQ bitwise the same
     on every call and equal to RADIAL_GLUON=auto_split's."""
@@ -158,7 +146,7 @@ def test_gpu_default_backward_is_deterministic_in_deterministic_mode():
     fused = dq()
     assert ta.kernel_plan(q.device, q.dtype, 128, 128).startswith("Gluon forward, dK/dV+dQ in one kernel")
     torch.testing.assert_close(fused, split, atol=2e-2, rtol=2e-2)
-    with deterministic_mode():
-        assert ta.kernel_plan(q.device, q.dtype, 128, 128) == "Gluon forward, dK/dV, dQ (RADIAL_GLUON=auto)"
-        first, second = dq(), dq()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    assert ta.kernel_plan(q.device, q.dtype, 128, 128) == "Gluon forward, dK/dV, dQ (RADIAL_GLUON=auto)"
+    first, second = dq(), dq()
     assert torch.equal(first, second) and torch.equal(first, split)

@@ -140,7 +140,7 @@ def test_sigusr2_prints_every_threads_stack_and_the_run_goes_on():
     assert "Current thread" in proc.stderr and 'File "<string>", line 1' in proc.stderr
 
 
-def test_train_deterministic_turns_on_pytorch_deterministic_mode(monkeypatch):
+def test_train_deterministic_turns_on_pytorch_deterministic_mode(monkeypatch, deterministic_restored):
     """train.deterministic=true: the seed, PyTorch's deterministic algorithms (warn-only, so an op
     without a deterministic version cannot stop a run) and cuBLAS's workspace setting. (What the
     attention op then runs on Hopper: tests/test_gluon_attention.py.)"""
@@ -148,15 +148,10 @@ def test_train_deterministic_turns_on_pytorch_deterministic_mode(monkeypatch):
     from train.loop import seed_everything
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        seed_everything(TrainConfig(seed=3))
-        assert torch.initial_seed() == 3 and not torch.are_deterministic_algorithms_enabled()
-        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
-        seed_everything(TrainConfig(seed=4, deterministic=True))
-        assert torch.initial_seed() == 4 and torch.are_deterministic_algorithms_enabled()
-        assert torch.is_deterministic_algorithms_warn_only_enabled()
-        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    seed_everything(TrainConfig(seed=3))
+    assert torch.initial_seed() == 3 and not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    seed_everything(TrainConfig(seed=4, deterministic=True))
+    assert torch.initial_seed() == 4 and torch.are_deterministic_algorithms_enabled()
+    assert torch.is_deterministic_algorithms_warn_only_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
