@@ -57,11 +57,13 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
 @gluon.jit
-def _program_block(MASK_BLOCK: gl.constexpr, H):
-    """(first row of this program's mask block, b*H + h, b, h, the block's index)."""
-    start = gl.program_id(0) * MASK_BLOCK
+def _program_block(ORDER, MASK_BLOCK: gl.constexpr, H):
+    """(first row of this program's mask block, b*H + h, b, h, the block's index). Programs take
+    their blocks in ORDER (the most kept blocks first, compact_mask): the GPU starts programs in
+    grid order, so the longest are not left for the last wave."""
+    block = gl.load(ORDER + gl.program_id(0))
     bh = gl.program_id(1)
-    return start, bh, bh // H, bh % H, start // MASK_BLOCK
+    return block * MASK_BLOCK, bh, bh // H, bh % H, block
 
 
 @gluon.jit
@@ -115,13 +117,13 @@ def _keys_in_range(t, offs_n, S, MASK_BLOCK: gl.constexpr, TILE: gl.constexpr):
 
 @gluon.jit
 def _producer(
-    Q, K, V, KV_COUNT, KV_INDEX, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
+    Q, K, V, KV_COUNT, KV_INDEX, ORDER, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_index, H, S,
     HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
 ):  # fmt: skip
     """Load the query tile once, then every kept key/value tile of this row into the ring."""
-    start_m, bh, b, h, row = _program_block(MASK_BLOCK, H)
+    start_m, bh, b, h, row = _program_block(ORDER, MASK_BLOCK, H)
     # Descriptors over this (b, h) matrix: rows past S read as zeros.
     q_desc = _rows_desc(Q + b * stride_qb + h * stride_qh, S, stride_qs, MASK_BLOCK, HEAD_DIM, q_smem)
     k_desc = _rows_desc(K + b * stride_kb + h * stride_kh, S, stride_ks, BLOCK_N, HEAD_DIM, k_smem)
@@ -156,7 +158,7 @@ def _tile_ring(
 
 @gluon.jit
 def _consumer(
-    O, LSE, KV_COUNT, KV_INDEX, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
+    O, LSE, KV_COUNT, KV_INDEX, ORDER, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
     stride_ob, stride_oh, stride_os, stride_index, H, S, qk_scale,
     HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     ROWS: gl.constexpr, CONSUMER: gl.constexpr,
@@ -172,7 +174,7 @@ def _consumer(
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
 
-    start_m, bh, b, h, row = _program_block(MASK_BLOCK, H)
+    start_m, bh, b, h, row = _program_block(ORDER, MASK_BLOCK, H)
     num_tiles, num_full = _row_tiles(KV_COUNT + row, KV_INDEX + row * stride_index, S, MASK_BLOCK, BLOCK_N)
 
     m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=s_rows)
@@ -234,7 +236,7 @@ def _consumer(
 
 @gluon.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, KV_COUNT, KV_INDEX,
+    Q, K, V, O, LSE, KV_COUNT, KV_INDEX, ORDER,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -256,13 +258,13 @@ def _fwd_kernel(
 
     gl.warp_specialize(
         [
-            (_producer, (Q, K, V, KV_COUNT, KV_INDEX, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
+            (_producer, (Q, K, V, KV_COUNT, KV_INDEX, ORDER, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
                          stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
                          stride_vs, stride_index, H, S, HEAD_DIM, MASK_BLOCK, BLOCK_N, STAGES)),
-            (_consumer, (O, LSE, KV_COUNT, KV_INDEX, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
+            (_consumer, (O, LSE, KV_COUNT, KV_INDEX, ORDER, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
                          stride_ob, stride_oh, stride_os, stride_index, H, S, qk_scale,
                          HEAD_DIM, MASK_BLOCK, BLOCK_N, STAGES, MASK_BLOCK // 2, 0)),
-            (_consumer, (O, LSE, KV_COUNT, KV_INDEX, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
+            (_consumer, (O, LSE, KV_COUNT, KV_INDEX, ORDER, q_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
                          stride_ob, stride_oh, stride_os, stride_index, H, S, qk_scale,
                          HEAD_DIM, MASK_BLOCK, BLOCK_N, STAGES, MASK_BLOCK // 2, 1)),
         ],
@@ -280,13 +282,13 @@ def _fwd_kernel(
 
 @gluon.jit
 def _dkdv_producer(
-    Q, K, V, DO, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, kv_ready, tile_ready, tile_empty,
+    Q, K, V, DO, Q_COUNT, Q_INDEX, ORDER, q_smem, do_smem, k_smem, v_smem, kv_ready, tile_ready, tile_empty,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_db, stride_dh, stride_ds, stride_index, H, S,
     HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
 ):  # fmt: skip
     """Load the program's K and V rows once, then Q and dO of every query tile that keeps them."""
-    start_n, bh, b, h, col = _program_block(MASK_BLOCK, H)
+    start_n, bh, b, h, col = _program_block(ORDER, MASK_BLOCK, H)
     k_desc = _rows_desc(K + b * stride_kb + h * stride_kh, S, stride_ks, MASK_BLOCK, HEAD_DIM, k_smem)
     v_desc = _rows_desc(V + b * stride_vb + h * stride_vh, S, stride_vs, MASK_BLOCK, HEAD_DIM, v_smem)
     q_desc = _rows_desc(Q + b * stride_qb + h * stride_qh, S, stride_qs, BLOCK_M, HEAD_DIM, q_smem)
@@ -317,33 +319,45 @@ def _store_key_rows(
 
 
 @gluon.jit
-def _key_tile_products(
-    t, k, v, q_smem, do_smem, tile_ready, LSE, DELTA, Q_INDEX, col, stride_index, bh, S, qk_scale, dk, dv, s_init,
-    offs_m, MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr,
-    LATE_ROW_STATS: gl.constexpr,
+def _query_tile_stats(
+    t, num_tiles, LSE, DELTA, Q_INDEX, col, stride_index, bh, S, offs_m,
+    MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, LATE_ROW_STATS: gl.constexpr,
 ):  # fmt: skip
-    """A key-block consumer's products with the t-th streamed query tile (transposed: Sᵀ = K Qᵀ,
-    Pᵀ, dPᵀ = V dOᵀ, dV += Pᵀ dO, dSᵀ = Pᵀ (dPᵀ - delta), dK += dSᵀ Q): (dv, dk) with their
-    products still in flight, dSᵀ in the inputs' dtype, and the tile's first query row.
+    """(lse, delta, first row) of the t-th streamed query tile; a t past the last tile reads tile
+    0's rows (harmless: the caller's prefetch of a tile that never comes).
 
-    LATE_ROW_STATS: load the tile's lse and delta one value per thread and spread them over the
-    score columns (16 registers each) only where they are used. That frees registers while the
-    products run: the fused kernel's spills drop from 46 to 12 instructions (Triton 3.6) and it
-    runs 6% faster on an H100; the dK/dV kernel, which did not spill much, runs 4% slower
-    (the layout conversions), so it loads them spread from the start."""
-    dtype: gl.constexpr = q_smem.dtype
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout,
-                                                  k_width=32 // dtype.primitive_bitwidth)  # fmt: skip
-    stage = t % STAGES
-    start_m = _tile_start(Q_INDEX + col * stride_index, t, MASK_BLOCK, BLOCK_M)
+    LATE_ROW_STATS: load lse and delta one value per thread and spread them over the score columns
+    (16 registers each) only where they are used. That frees registers while the products run:
+    the fused kernel's spills drop from 46 to 12 instructions (Triton 3.6) and it runs 6% faster on
+    an H100; the dK/dV kernel, which did not spill much, runs 4% slower (the layout conversions),
+    so it loads them spread from the start."""
+    tiles_per_block: gl.constexpr = MASK_BLOCK // BLOCK_M
+    block = gl.load(Q_INDEX + col * stride_index + t // tiles_per_block, mask=t < num_tiles, other=0)
+    start_m = block * MASK_BLOCK + (t % tiles_per_block) * BLOCK_M
     if LATE_ROW_STATS:
         rows = start_m + gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([1], [32], [4], [0]))
     else:
         rows = start_m + offs_m
     lse = gl.load(LSE + bh * S + rows, mask=rows < S, other=float("inf"))  # +inf: rows past S get p = 0
     delta = gl.load(DELTA + bh * S + rows, mask=rows < S, other=0.0)
+    return lse, delta, start_m
+
+
+@gluon.jit
+def _key_tile_products(
+    t, k, v, q_smem, do_smem, tile_ready, lse, delta, qk_scale, dk, dv, s_init, offs_m,
+    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr,
+):  # fmt: skip
+    """A key-block consumer's products with the t-th streamed query tile (transposed: Sᵀ = K Qᵀ,
+    Pᵀ, dPᵀ = V dOᵀ, dV += Pᵀ dO, dSᵀ = Pᵀ (dPᵀ - delta), dK += dSᵀ Q), given the tile's lse and
+    delta (_query_tile_stats): (dv, dk) with their products still in flight, and dSᵀ in the
+    inputs' dtype."""
+    dtype: gl.constexpr = q_smem.dtype
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout,
+                                                  k_width=32 // dtype.primitive_bitwidth)  # fmt: skip
+    stage = t % STAGES
     mbarrier.wait(tile_ready.index(stage), (t // STAGES) & 1)
     q = q_smem.index(stage)
     do = do_smem.index(stage)
@@ -352,22 +366,22 @@ def _key_tile_products(
     s_t = warpgroup_mma(k, q.permute((1, 0)), s_init, use_acc=False, is_async=True)
     dp_t = warpgroup_mma(v, do.permute((1, 0)), s_init, use_acc=False, is_async=True)
     s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
-    lse = gl.convert_layout(lse, offs_m.type.layout)  # no-op unless LATE_ROW_STATS
+    lse = gl.convert_layout(lse, offs_m.type.layout)  # no-op unless loaded LATE_ROW_STATS
     p_t = gl.exp2(gl.fma(s_t, qk_scale, -lse[None, :]))  # Pᵀ [keys, BLOCK_M]
     dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do, dv, is_async=True)
     dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))  # dV's product may still run
     delta = gl.convert_layout(delta, offs_m.type.layout)
     ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
     dk = warpgroup_mma(gl.convert_layout(ds_t, op_layout), q, dk, is_async=True)
-    return dv, dk, ds_t, start_m
+    return dv, dk, ds_t
 
 
 @gluon.jit
 def _dkdv_consumer(
-    LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, kv_ready, tile_ready, tile_empty,
+    LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, ORDER, q_smem, do_smem, k_smem, v_smem, kv_ready, tile_ready, tile_empty,
     stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, stride_index, H, S, qk_scale, sm_scale,
     HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-    KEYS: gl.constexpr, CONSUMER: gl.constexpr,
+    KEYS: gl.constexpr, CONSUMER: gl.constexpr, PREFETCH: gl.constexpr,
 ):  # fmt: skip
     """dK and dV of this warpgroup's KEYS keys over the streamed query tiles (_key_tile_products)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -376,7 +390,7 @@ def _dkdv_consumer(
                                                          instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
     s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
 
-    start_n, bh, b, h, col = _program_block(MASK_BLOCK, H)
+    start_n, bh, b, h, col = _program_block(ORDER, MASK_BLOCK, H)
     tiles_per_block: gl.constexpr = MASK_BLOCK // BLOCK_M
     num_tiles = gl.load(Q_COUNT + col) * tiles_per_block
     offs_m = gl.arange(0, BLOCK_M, layout=s_cols)
@@ -387,11 +401,23 @@ def _dkdv_consumer(
     mbarrier.wait(kv_ready, 0)
     k = k_smem.slice(CONSUMER * KEYS, KEYS, dim=0)
     v = v_smem.slice(CONSUMER * KEYS, KEYS, dim=0)
+    lse, delta, first = _query_tile_stats(0, num_tiles, LSE, DELTA, Q_INDEX, col, stride_index, bh, S, offs_m,
+                                          MASK_BLOCK, BLOCK_M, False)  # fmt: skip
     for t in range(num_tiles):
-        dv, dk, _, _ = _key_tile_products(t, k, v, q_smem, do_smem, tile_ready, LSE, DELTA, Q_INDEX, col,
-                                          stride_index, bh, S, qk_scale, dk, dv, s_init, offs_m,
-                                          MASK_BLOCK, BLOCK_M, STAGES, HEAD_DIM, False)  # fmt: skip
+        if PREFETCH == 1:  # the next tile's lse and delta load while this tile's products run
+            lse_next, delta_next, first = _query_tile_stats(t + 1, num_tiles, LSE, DELTA, Q_INDEX, col, stride_index,
+                                                            bh, S, offs_m, MASK_BLOCK, BLOCK_M, False)  # fmt: skip
+        if PREFETCH == 0:
+            lse, delta, first = _query_tile_stats(t, num_tiles, LSE, DELTA, Q_INDEX, col, stride_index, bh, S, offs_m,
+                                                  MASK_BLOCK, BLOCK_M, False)  # fmt: skip
+        dv, dk, ds_t = _key_tile_products(t, k, v, q_smem, do_smem, tile_ready, lse, delta, qk_scale, dk, dv, s_init,
+                                          offs_m, BLOCK_M, STAGES, HEAD_DIM)  # fmt: skip
+        if PREFETCH == 2:
+            lse_next, delta_next, first = _query_tile_stats(t + 1, num_tiles, LSE, DELTA, Q_INDEX, col, stride_index,
+                                                            bh, S, offs_m, MASK_BLOCK, BLOCK_M, False)  # fmt: skip
         dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+        if PREFETCH != 0:
+            lse, delta = lse_next, delta_next
         mbarrier.arrive(tile_empty.index(t % STAGES), count=1)
 
     _store_key_rows(DK, DV, dk * sm_scale, dv, start_n + CONSUMER * KEYS, b, h, S, stride_dkb, stride_dkh, stride_dks,
@@ -400,7 +426,7 @@ def _dkdv_consumer(
 
 @gluon.jit
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX,
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, ORDER,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -410,6 +436,7 @@ def _dkdv_kernel(
     stride_index,
     H, S, qk_scale, sm_scale,
     HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+    PREFETCH: gl.constexpr,
 ):  # fmt: skip
     dtype: gl.constexpr = Q.dtype.element_ty
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=dtype.primitive_bitwidth,
@@ -425,18 +452,18 @@ def _dkdv_kernel(
 
     gl.warp_specialize(
         [
-            (_dkdv_producer, (Q, K, V, DO, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, kv_ready, tile_ready,
-                              tile_empty, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb,
-                              stride_vh, stride_vs, stride_db, stride_dh, stride_ds, stride_index, H, S,
-                              HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES)),
-            (_dkdv_consumer, (LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, kv_ready,
+            (_dkdv_producer, (Q, K, V, DO, Q_COUNT, Q_INDEX, ORDER, q_smem, do_smem, k_smem, v_smem, kv_ready,
+                              tile_ready, tile_empty, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh,
+                              stride_ks, stride_vb, stride_vh, stride_vs, stride_db, stride_dh, stride_ds,
+                              stride_index, H, S, HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES)),
+            (_dkdv_consumer, (LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, ORDER, q_smem, do_smem, k_smem, v_smem, kv_ready,
                               tile_ready, tile_empty, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
                               stride_dvs, stride_index, H, S, qk_scale, sm_scale,
-                              HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 0)),
-            (_dkdv_consumer, (LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, kv_ready,
+                              HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 0, PREFETCH)),
+            (_dkdv_consumer, (LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, ORDER, q_smem, do_smem, k_smem, v_smem, kv_ready,
                               tile_ready, tile_empty, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
                               stride_dvs, stride_index, H, S, qk_scale, sm_scale,
-                              HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 1)),
+                              HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 1, PREFETCH)),
         ],
         [4, 4],
         [240, 240],
@@ -453,13 +480,13 @@ def _dkdv_kernel(
 
 @gluon.jit
 def _dq_producer(
-    Q, K, V, DO, KV_COUNT, KV_INDEX, q_smem, do_smem, k_smem, v_smem, rows_ready, kv_ready, kv_empty,
+    Q, K, V, DO, KV_COUNT, KV_INDEX, ORDER, q_smem, do_smem, k_smem, v_smem, rows_ready, kv_ready, kv_empty,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_db, stride_dh, stride_ds, stride_index, H, S,
     HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
 ):  # fmt: skip
     """Load the program's Q and dO rows once, then every kept key/value tile into the ring."""
-    start_m, bh, b, h, row = _program_block(MASK_BLOCK, H)
+    start_m, bh, b, h, row = _program_block(ORDER, MASK_BLOCK, H)
     q_desc = _rows_desc(Q + b * stride_qb + h * stride_qh, S, stride_qs, MASK_BLOCK, HEAD_DIM, q_smem)
     do_desc = _rows_desc(DO + b * stride_db + h * stride_dh, S, stride_ds, MASK_BLOCK, HEAD_DIM, do_smem)
     k_desc = _rows_desc(K + b * stride_kb + h * stride_kh, S, stride_ks, BLOCK_N, HEAD_DIM, k_smem)
@@ -474,7 +501,7 @@ def _dq_producer(
 
 @gluon.jit
 def _dq_consumer(
-    LSE, DELTA, DQ, KV_COUNT, KV_INDEX, q_smem, do_smem, k_smem, v_smem, rows_ready, kv_ready, kv_empty,
+    LSE, DELTA, DQ, KV_COUNT, KV_INDEX, ORDER, q_smem, do_smem, k_smem, v_smem, rows_ready, kv_ready, kv_empty,
     stride_dqb, stride_dqh, stride_dqs, stride_index, H, S, qk_scale, sm_scale,
     HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     ROWS: gl.constexpr, CONSUMER: gl.constexpr,
@@ -489,7 +516,7 @@ def _dq_consumer(
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=k_width)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
 
-    start_m, bh, b, h, row = _program_block(MASK_BLOCK, H)
+    start_m, bh, b, h, row = _program_block(ORDER, MASK_BLOCK, H)
     # As in the forward, only the tiles of a kept partial last block are masked. Their keys past S
     # are zeros (TMA), which would already add nothing to dQ, but P there is exp2(-lse), which can
     # overflow; masked, it is 0.
@@ -547,7 +574,7 @@ def _dq_consumer(
 
 @gluon.jit
 def _dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KV_COUNT, KV_INDEX,
+    Q, K, V, DO, LSE, DELTA, DQ, KV_COUNT, KV_INDEX, ORDER,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -571,16 +598,16 @@ def _dq_kernel(
 
     gl.warp_specialize(
         [
-            (_dq_producer, (Q, K, V, DO, KV_COUNT, KV_INDEX, q_smem, do_smem, k_smem, v_smem, rows_ready, kv_ready,
-                            kv_empty, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb,
-                            stride_vh, stride_vs, stride_db, stride_dh, stride_ds, stride_index, H, S,
+            (_dq_producer, (Q, K, V, DO, KV_COUNT, KV_INDEX, ORDER, q_smem, do_smem, k_smem, v_smem, rows_ready,
+                            kv_ready, kv_empty, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                            stride_vb, stride_vh, stride_vs, stride_db, stride_dh, stride_ds, stride_index, H, S,
                             HEAD_DIM, MASK_BLOCK, BLOCK_N, STAGES)),
-            (_dq_consumer, (LSE, DELTA, DQ, KV_COUNT, KV_INDEX, q_smem, do_smem, k_smem, v_smem, rows_ready, kv_ready,
-                            kv_empty, stride_dqb, stride_dqh, stride_dqs, stride_index, H, S, qk_scale, sm_scale,
-                            HEAD_DIM, MASK_BLOCK, BLOCK_N, STAGES, MASK_BLOCK // 2, 0)),
-            (_dq_consumer, (LSE, DELTA, DQ, KV_COUNT, KV_INDEX, q_smem, do_smem, k_smem, v_smem, rows_ready, kv_ready,
-                            kv_empty, stride_dqb, stride_dqh, stride_dqs, stride_index, H, S, qk_scale, sm_scale,
-                            HEAD_DIM, MASK_BLOCK, BLOCK_N, STAGES, MASK_BLOCK // 2, 1)),
+            (_dq_consumer, (LSE, DELTA, DQ, KV_COUNT, KV_INDEX, ORDER, q_smem, do_smem, k_smem, v_smem, rows_ready,
+                            kv_ready, kv_empty, stride_dqb, stride_dqh, stride_dqs, stride_index, H, S, qk_scale,
+                            sm_scale, HEAD_DIM, MASK_BLOCK, BLOCK_N, STAGES, MASK_BLOCK // 2, 0)),
+            (_dq_consumer, (LSE, DELTA, DQ, KV_COUNT, KV_INDEX, ORDER, q_smem, do_smem, k_smem, v_smem, rows_ready,
+                            kv_ready, kv_empty, stride_dqb, stride_dqh, stride_dqs, stride_index, H, S, qk_scale,
+                            sm_scale, HEAD_DIM, MASK_BLOCK, BLOCK_N, STAGES, MASK_BLOCK // 2, 1)),
         ],
         [4, 4],
         [240, 240],
@@ -611,11 +638,11 @@ else:  # Triton 3.6 (the GPU image) has the op in its Gluon builder but no Pytho
 
 @gluon.jit
 def _fused_consumer(
-    LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready,
+    LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX, ORDER, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready,
     tile_ready, tile_empty, ds_full, ds_empty,
     stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, stride_index, H, S, qk_scale, sm_scale,
     HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-    KEYS: gl.constexpr, CONSUMER: gl.constexpr,
+    KEYS: gl.constexpr, CONSUMER: gl.constexpr, PREFETCH: gl.constexpr,
 ):  # fmt: skip
     """_dkdv_consumer's products for this warpgroup's KEYS keys, plus dQ[:, this half of D] of each
     streamed query tile over all the program's keys, added into DQ_ACC (unscaled, fp32)."""
@@ -628,7 +655,7 @@ def _fused_consumer(
                                                         instr_shape=[16, DQ_COLS, 16])  # fmt: skip
     s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
 
-    start_n, bh, b, h, col = _program_block(MASK_BLOCK, H)
+    start_n, bh, b, h, col = _program_block(ORDER, MASK_BLOCK, H)
     tiles_per_block: gl.constexpr = MASK_BLOCK // BLOCK_M
     num_tiles = gl.load(Q_COUNT + col) * tiles_per_block
     offs_m = gl.arange(0, BLOCK_M, layout=s_cols)
@@ -645,10 +672,22 @@ def _fused_consumer(
     k = k_smem.slice(CONSUMER * KEYS, KEYS, dim=0)
     v = v_smem.slice(CONSUMER * KEYS, KEYS, dim=0)
     k_half = k_smem.slice(CONSUMER * DQ_COLS, DQ_COLS, dim=1)  # [all 128 keys, this half of D]
+    lse, delta, start_m = _query_tile_stats(0, num_tiles, LSE, DELTA, Q_INDEX, col, stride_index, bh, S, offs_m,
+                                            MASK_BLOCK, BLOCK_M, True)  # fmt: skip
     for t in range(num_tiles):
-        dv, dk, ds_t, start_m = _key_tile_products(t, k, v, q_smem, do_smem, tile_ready, LSE, DELTA, Q_INDEX, col,
-                                                   stride_index, bh, S, qk_scale, dk, dv, s_init, offs_m,
-                                                   MASK_BLOCK, BLOCK_M, STAGES, HEAD_DIM, True)  # fmt: skip
+        if PREFETCH == 1:  # the next tile's lse and delta load while this tile's products run
+            lse_next, delta_next, start_next = _query_tile_stats(t + 1, num_tiles, LSE, DELTA, Q_INDEX, col,
+                                                                 stride_index, bh, S, offs_m, MASK_BLOCK, BLOCK_M,
+                                                                 True)  # fmt: skip
+        if PREFETCH == 0:
+            lse, delta, start_m = _query_tile_stats(t, num_tiles, LSE, DELTA, Q_INDEX, col, stride_index, bh, S,
+                                                    offs_m, MASK_BLOCK, BLOCK_M, True)  # fmt: skip
+        dv, dk, ds_t = _key_tile_products(t, k, v, q_smem, do_smem, tile_ready, lse, delta, qk_scale, dk, dv, s_init,
+                                          offs_m, BLOCK_M, STAGES, HEAD_DIM)  # fmt: skip
+        if PREFETCH == 2:
+            lse_next, delta_next, start_next = _query_tile_stats(t + 1, num_tiles, LSE, DELTA, Q_INDEX, col,
+                                                                 stride_index, bh, S, offs_m, MASK_BLOCK, BLOCK_M,
+                                                                 True)  # fmt: skip
         # Both halves of dSᵀ into shared memory, double-buffered: tile t's buffer is written again
         # at t + 2, once both warpgroups have read it (ds_empty).
         buf = t % 2
@@ -665,9 +704,11 @@ def _fused_consumer(
         # buffer; wait for that read, refill the buffer, and hand it to the copy engine. (Two
         # buffers, waiting one tile later, measured no faster: the adds' cost is their traffic.)
         tma.store_wait(pendings=0)
-        dq_smem.store(dq)
+        dq_smem.store(dq * sm_scale)  # scaled here, not by a pass over the whole buffer afterwards
         fence_async_shared()
         _tma_reduce_add(dq_desc, [start_m, CONSUMER * DQ_COLS], dq_smem)
+        if PREFETCH != 0:
+            lse, delta, start_m = lse_next, delta_next, start_next
 
     tma.store_wait(pendings=0)
     _store_key_rows(DK, DV, dk * sm_scale, dv, start_n + CONSUMER * KEYS, b, h, S, stride_dkb, stride_dkh, stride_dks,
@@ -676,7 +717,7 @@ def _fused_consumer(
 
 @gluon.jit
 def _fused_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX, ORDER,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -686,6 +727,7 @@ def _fused_bwd_kernel(
     stride_index,
     H, S, qk_scale, sm_scale,
     HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+    PREFETCH: gl.constexpr,
 ):  # fmt: skip
     dtype: gl.constexpr = Q.dtype.element_ty
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=dtype.primitive_bitwidth,
@@ -711,18 +753,20 @@ def _fused_bwd_kernel(
 
     gl.warp_specialize(
         [
-            (_dkdv_producer, (Q, K, V, DO, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, kv_ready, tile_ready,
-                              tile_empty, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb,
-                              stride_vh, stride_vs, stride_db, stride_dh, stride_ds, stride_index, H, S,
-                              HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES)),
-            (_fused_consumer, (LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, ds_smem,
-                               dq0_smem, kv_ready, tile_ready, tile_empty, ds_full, ds_empty, stride_dkb, stride_dkh,
-                               stride_dks, stride_dvb, stride_dvh, stride_dvs, stride_index, H, S, qk_scale, sm_scale,
-                               HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 0)),
-            (_fused_consumer, (LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX, q_smem, do_smem, k_smem, v_smem, ds_smem,
-                               dq1_smem, kv_ready, tile_ready, tile_empty, ds_full, ds_empty, stride_dkb, stride_dkh,
-                               stride_dks, stride_dvb, stride_dvh, stride_dvs, stride_index, H, S, qk_scale, sm_scale,
-                               HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 1)),
+            (_dkdv_producer, (Q, K, V, DO, Q_COUNT, Q_INDEX, ORDER, q_smem, do_smem, k_smem, v_smem, kv_ready,
+                              tile_ready, tile_empty, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh,
+                              stride_ks, stride_vb, stride_vh, stride_vs, stride_db, stride_dh, stride_ds,
+                              stride_index, H, S, HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES)),
+            (_fused_consumer, (LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX, ORDER, q_smem, do_smem, k_smem, v_smem,
+                               ds_smem, dq0_smem, kv_ready, tile_ready, tile_empty, ds_full, ds_empty, stride_dkb,
+                               stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, stride_index, H, S,
+                               qk_scale, sm_scale, HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 0,
+                               PREFETCH)),
+            (_fused_consumer, (LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX, ORDER, q_smem, do_smem, k_smem, v_smem,
+                               ds_smem, dq1_smem, kv_ready, tile_ready, tile_empty, ds_full, ds_empty, stride_dkb,
+                               stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, stride_index, H, S,
+                               qk_scale, sm_scale, HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 1,
+                               PREFETCH)),
         ],
         [4, 4],
         [240, 240],
@@ -742,8 +786,8 @@ def supported(block_size: int, *tensors: torch.Tensor) -> bool:
 
 def _launch_per_block(kernel, tile: dict, block_size: int, tensors, index, strided, scalars) -> None:
     """Launch one of the kernels above, one program per (mask block, batch*head), with its
-    arguments in their common order: tensors, the mask's count and index, the strides of the
-    `strided` tensors, the index's row stride, H, S, the scalars, then the constants."""
+    arguments in their common order: tensors, the mask's count, index and launch order, the
+    strides of the `strided` tensors, the index's row stride, H, S, the scalars, the constants."""
     batch, heads, seq, head_dim = tensors[0].shape
     set_tma_allocator()  # the in-kernel TMA descriptors live in scratch memory
     kernel[(triton.cdiv(seq, block_size), batch * heads)](
@@ -765,6 +809,7 @@ def hopper_forward(
     v: torch.Tensor,
     kv_count: torch.Tensor,
     kv_index: torch.Tensor,
+    kv_order: torch.Tensor,
     block_size: int,
     qk_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -772,18 +817,18 @@ def hopper_forward(
     softmax scale times log2 e. A custom op (not a triton_op): torch.compile calls it as it is."""
     out = torch.empty_like(q)
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
-    _launch_per_block(_fwd_kernel, TILE, block_size, (q, k, v, out, lse), (kv_count, kv_index), (q, k, v, out),
-                      (qk_scale,))  # fmt: skip
+    _launch_per_block(_fwd_kernel, TILE, block_size, (q, k, v, out, lse), (kv_count, kv_index, kv_order),
+                      (q, k, v, out), (qk_scale,))  # fmt: skip
     return out, lse
 
 
 @hopper_forward.register_fake
-def _(q, k, v, kv_count, kv_index, block_size, qk_scale):
+def _(q, k, v, kv_count, kv_index, kv_order, block_size, qk_scale):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 # Query rows per streamed tile in the dK/dV kernel, and its ring depth.
-DKDV_TILE = {"BLOCK_M": 64, "STAGES": 2}
+DKDV_TILE = {"BLOCK_M": 64, "STAGES": 2, "PREFETCH": 2}
 
 
 @torch.library.custom_op("radial_lora::block_sparse_attn_dkdv_hopper", mutates_args=())
@@ -796,6 +841,7 @@ def hopper_dkdv(
     delta: torch.Tensor,
     q_count: torch.Tensor,
     q_index: torch.Tensor,
+    q_order: torch.Tensor,
     block_size: int,
     qk_scale: float,
     sm_scale: float,
@@ -803,13 +849,13 @@ def hopper_dkdv(
     """(dk, dv) [B, H, S, D] of tensors that `supported` accepts (d_out too), given the forward's
     base-2 lse and delta = rowsum(dO * O); qk_scale is sm_scale times log2 e."""
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    _launch_per_block(_dkdv_kernel, DKDV_TILE, block_size, (q, k, v, d_out, lse, delta, dk, dv), (q_count, q_index),
-                      (q, k, v, d_out, dk, dv), (qk_scale, sm_scale))  # fmt: skip
+    _launch_per_block(_dkdv_kernel, DKDV_TILE, block_size, (q, k, v, d_out, lse, delta, dk, dv),
+                      (q_count, q_index, q_order), (q, k, v, d_out, dk, dv), (qk_scale, sm_scale))  # fmt: skip
     return dk, dv
 
 
 @hopper_dkdv.register_fake
-def _(q, k, v, d_out, lse, delta, q_count, q_index, block_size, qk_scale, sm_scale):
+def _(q, k, v, d_out, lse, delta, q_count, q_index, q_order, block_size, qk_scale, sm_scale):
     return torch.empty_like(k), torch.empty_like(v)
 
 
@@ -829,6 +875,7 @@ def hopper_dq(
     delta: torch.Tensor,
     kv_count: torch.Tensor,
     kv_index: torch.Tensor,
+    kv_order: torch.Tensor,
     block_size: int,
     qk_scale: float,
     sm_scale: float,
@@ -836,19 +883,19 @@ def hopper_dq(
     """dq [B, H, S, D] of tensors that `supported` accepts (d_out too), given the forward's base-2
     lse and delta = rowsum(dO * O); qk_scale is sm_scale times log2 e."""
     dq = torch.empty_like(q)
-    _launch_per_block(_dq_kernel, DQ_TILE, block_size, (q, k, v, d_out, lse, delta, dq), (kv_count, kv_index),
+    _launch_per_block(_dq_kernel, DQ_TILE, block_size, (q, k, v, d_out, lse, delta, dq), (kv_count, kv_index, kv_order),
                       (q, k, v, d_out, dq), (qk_scale, sm_scale))  # fmt: skip
     return dq
 
 
 @hopper_dq.register_fake
-def _(q, k, v, d_out, lse, delta, kv_count, kv_index, block_size, qk_scale, sm_scale):
+def _(q, k, v, d_out, lse, delta, kv_count, kv_index, kv_order, block_size, qk_scale, sm_scale):
     return torch.empty_like(q)
 
 
 # The fused backward's query tile and ring depth: 192 KB of shared memory with the dS and dQ
 # staging buffers.
-FUSED_TILE = {"BLOCK_M": 64, "STAGES": 2}
+FUSED_TILE = {"BLOCK_M": 64, "STAGES": 2, "PREFETCH": 2}
 
 
 @torch.library.custom_op("radial_lora::block_sparse_attn_bwd_fused_hopper", mutates_args=())
@@ -861,6 +908,7 @@ def hopper_fused_backward(
     delta: torch.Tensor,
     q_count: torch.Tensor,
     q_index: torch.Tensor,
+    q_order: torch.Tensor,
     block_size: int,
     qk_scale: float,
     sm_scale: float,
@@ -871,12 +919,12 @@ def hopper_fused_backward(
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # contiguous: the kernel indexes it so
     _launch_per_block(_fused_bwd_kernel, FUSED_TILE, block_size, (q, k, v, d_out, lse, delta, dk, dv, dq_acc),
-                      (q_count, q_index), (q, k, v, d_out, dk, dv), (qk_scale, sm_scale))  # fmt: skip
+                      (q_count, q_index, q_order), (q, k, v, d_out, dk, dv), (qk_scale, sm_scale))  # fmt: skip
     dq = torch.empty_like(q)
-    dq.copy_(dq_acc.mul_(sm_scale))  # into q's strides, as the fake below promises
+    dq.copy_(dq_acc)  # into q's strides, as the fake below promises
     return dq, dk, dv
 
 
 @hopper_fused_backward.register_fake
-def _(q, k, v, d_out, lse, delta, q_count, q_index, block_size, qk_scale, sm_scale):
+def _(q, k, v, d_out, lse, delta, q_count, q_index, q_order, block_size, qk_scale, sm_scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -7,6 +7,8 @@ Shapes (any strides with a unit last dim; B batch, H heads, S tokens, D head dim
 The mask reaches the kernels in a compact form, built once and cached with the mask tensor:
   kv_count [NB] int32, kv_index [NB, W] int32   kept key blocks of each query block, ascending
   q_count  [NB] int32, q_index  [NB, W'] int32  query blocks that keep each key block (the transpose)
+  kv_order, q_order [NB] int32                  mask rows / columns by kept count, most first: the
+                                                Gluon kernels' launch order (compact_mask)
 
 Forward (FlashAttention-2 style; on Hopper the op runs the warp-specialized Gluon kernels of
 kernels/gluon_attention.py instead, forward and backward, see RADIAL_GLUON): one program per
@@ -478,14 +480,16 @@ def _fwd_op(
     v: torch.Tensor,
     kv_count: torch.Tensor,
     kv_index: torch.Tensor,
+    kv_order: torch.Tensor,
     q_count: torch.Tensor,
     q_index: torch.Tensor,
+    q_order: torch.Tensor,
     block_size: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     if _use_gluon("fwd", block_size, q, k, v):
-        return gluon_attention.hopper_forward(q, k, v, kv_count, kv_index, block_size, scale * LOG2E)
+        return gluon_attention.hopper_forward(q, k, v, kv_count, kv_index, kv_order, block_size, scale * LOG2E)
     batch, heads, seq, head_dim = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads, seq), device=q.device, dtype=torch.float32)
@@ -515,8 +519,10 @@ def _bwd_op(
     lse: torch.Tensor,
     kv_count: torch.Tensor,
     kv_index: torch.Tensor,
+    kv_order: torch.Tensor,
     q_count: torch.Tensor,
     q_index: torch.Tensor,
+    q_order: torch.Tensor,
     block_size: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -532,10 +538,10 @@ def _bwd_op(
     )
 
     if _use_gluon("fused", block_size, q, k, v, d_out):
-        return gluon_attention.hopper_fused_backward(q, k, v, d_out, lse, delta, q_count, q_index, block_size,
+        return gluon_attention.hopper_fused_backward(q, k, v, d_out, lse, delta, q_count, q_index, q_order, block_size,
                                                      scale * LOG2E, scale)  # fmt: skip
     if _use_gluon("dkdv", block_size, q, k, v, d_out):
-        dk, dv = gluon_attention.hopper_dkdv(q, k, v, d_out, lse, delta, q_count, q_index, block_size,
+        dk, dv = gluon_attention.hopper_dkdv(q, k, v, d_out, lse, delta, q_count, q_index, q_order, block_size,
                                              scale * LOG2E, scale)  # fmt: skip
     else:
         dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -554,7 +560,8 @@ def _bwd_op(
         )  # fmt: skip
 
     if _use_gluon("dq", block_size, q, k, v, d_out):
-        dq = gluon_attention.hopper_dq(q, k, v, d_out, lse, delta, kv_count, kv_index, block_size, scale * LOG2E, scale)
+        dq = gluon_attention.hopper_dq(q, k, v, d_out, lse, delta, kv_count, kv_index, kv_order, block_size,
+                                       scale * LOG2E, scale)  # fmt: skip
     else:
         dq = torch.empty_like(q)
 
@@ -574,16 +581,16 @@ def _bwd_op(
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_count, kv_index, q_count, q_index, block_size, scale = inputs
+    q, k, v, kv_count, kv_index, kv_order, q_count, q_index, q_order, block_size, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kv_count, kv_index, q_count, q_index)
+    ctx.save_for_backward(q, k, v, out, lse, kv_count, kv_index, kv_order, q_count, q_index, q_order)
     ctx.block_size, ctx.scale = block_size, scale
 
 
 def _backward(ctx, d_out, d_lse):
-    q, k, v, out, lse, kv_count, kv_index, q_count, q_index = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(d_out, q, k, v, out, lse, kv_count, kv_index, q_count, q_index, ctx.block_size, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None, None
+    q, k, v, out, lse, *indices = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(d_out, q, k, v, out, lse, *indices, ctx.block_size, ctx.scale)
+    return dq, dk, dv, *[None] * (len(indices) + 2)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -594,18 +601,26 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 
 
-def compact_mask(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(kv_count, kv_index, q_count, q_index) of a bool block mask, int32 on its device (cached).
+def compact_mask(block_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(kv_count, kv_index, kv_order, q_count, q_index, q_order) of a bool block mask, int32 on its
+    device (cached).
 
-    Indices are ascending (kept blocks first, by a stable sort), padded to the widest row.
+    Indices are ascending (kept blocks first, by a stable sort), padded to the widest row. An order
+    lists the rows by kept count, most first: the Gluon kernels launch their programs in it, so
+    the longest start first and the grid's last wave is short ones. A radial mask keeps its first
+    frame's blocks for every row (the attention sink): at the wan_4x shape those key blocks have
+    5.3x the mean count, and in block order they start late enough in the last head to leave the
+    GPU waiting on them (a list-scheduling model of 132 SMs: 5.3% over the ideal makespan in block
+    order, 0.2% in this order; scripts/bench_attention.py measures it).
     """
 
     def build():
         def rows(mask):
             count = mask.sum(-1, dtype=torch.int32)
             width = max(int(count.max()) if count.numel() else 0, 1)
-            order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :width]
-            return count.contiguous(), order.to(torch.int32).contiguous()
+            index = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :width]
+            heavy_first = torch.argsort(count, descending=True, stable=True)
+            return count.contiguous(), index.to(torch.int32).contiguous(), heavy_first.to(torch.int32).contiguous()
 
         return (*rows(block_mask), *rows(block_mask.t()))
 

@@ -189,6 +189,7 @@ def main():
     tuned["gluon fwd"] = dict(gluon_attention.TILE)  # fixed, not autotuned
     tuned["gluon dkdv"] = dict(gluon_attention.DKDV_TILE)
     tuned["gluon dq"] = dict(gluon_attention.DQ_TILE)
+    tuned["gluon fused backward"] = dict(gluon_attention.FUSED_TILE)
     (out / f"{stem}_tuned.json").write_text(json.dumps(tuned, indent=1))
     print(json.dumps(tuned, indent=1))
     print(markdown(rows, meta))

@@ -57,11 +57,11 @@ def signature(fn) -> tuple[dict, list[int]]:
     """Triton types of the kernel's arguments, and the positions that get the alignment hint."""
     types, aligned = {}, []
     for i, name in enumerate(fn.arg_names):
-        if name in ("HEAD_DIM", "MASK_BLOCK", "BLOCK_M", "BLOCK_N", "TMA", "STAGES"):
+        if name in ("HEAD_DIM", "MASK_BLOCK", "BLOCK_M", "BLOCK_N", "TMA", "STAGES", "PREFETCH"):
             types[name] = "constexpr"
         elif name in ("LSE", "DELTA", "DQ_ACC"):
             types[name] = "*fp32"
-        elif name.endswith(("_COUNT", "_INDEX")):
+        elif name.endswith(("_COUNT", "_INDEX")) or name == "ORDER":
             types[name] = "*i32"
         elif name in ("qk_scale", "sm_scale"):
             types[name] = "fp32"
@@ -82,6 +82,8 @@ def compile_sass(kernel: str, block, warps: int, stages: int, tma: bool) -> tupl
     if gluon:
         constants = {"HEAD_DIM": 128, "MASK_BLOCK": 128, "STAGES": stages}
         constants |= {"BLOCK_M": block[0]} if kernel in ("gluon_dkdv", "gluon_fused") else {"BLOCK_N": block[1]}
+        if "PREFETCH" in fn.arg_names:
+            constants["PREFETCH"] = (ga.DKDV_TILE if kernel == "gluon_dkdv" else ga.FUSED_TILE)["PREFETCH"]
         source, options = GluonASTSource(fn, types, constants, attrs), {"num_warps": warps}
     else:
         constants = {"HEAD_DIM": 128, "MASK_BLOCK": 128, "BLOCK_M": block[0], "BLOCK_N": block[1], "TMA": tma}

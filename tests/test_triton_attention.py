@@ -121,11 +121,14 @@ def test_compact_mask_is_built_once_per_mask():
     mask = radial_block_mask(6, 50, block_size=32)
     first = compact_mask(mask)
     assert compact_mask(mask) is first
-    kv_count, kv_index, q_count, q_index = first
+    kv_count, kv_index, kv_order, q_count, q_index, q_order = first
     assert torch.equal(kv_count, mask.sum(1).int()) and torch.equal(q_count, mask.sum(0).int())
     for r in range(mask.shape[0]):
         assert kv_index[r, : kv_count[r]].tolist() == mask[r].nonzero().flatten().tolist()
         assert q_index[r, : q_count[r]].tolist() == mask[:, r].nonzero().flatten().tolist()
+    for count, order in ((kv_count, kv_order), (q_count, q_order)):  # launch order: each block once, most kept first
+        assert sorted(order.tolist()) == list(range(mask.shape[0]))
+        assert count[order.long()].tolist() == sorted(count.tolist(), reverse=True)
 
 
 def test_bad_inputs_fail_clearly():
