@@ -324,7 +324,14 @@ def _query_tile_stats(
     MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, LATE_ROW_STATS: gl.constexpr,
 ):  # fmt: skip
     """(lse, delta, first row) of the t-th streamed query tile; a t past the last tile reads tile
-    0's rows (harmless: the caller's prefetch of a tile that never comes).
+    0's rows (harmless: the consumers' prefetch of a tile that never comes).
+
+    The consumers call it for tile t + 1 once tile t's products are issued, so its two dependent
+    loads (the index entry, then the rows) are in flight while the tensor cores work. Loaded at the
+    top of tile t, as it was until session 9, their latency stalled every tile: on an H100 the
+    dK/dV kernel runs 5.5% faster this way (61.1 -> 57.7 ms at the wan_4x shape) and the fused one
+    0-2.4%; prefetching at the top of the tile instead keeps the values live through all the
+    products and spills (dK/dV: 197 instructions, 112 ms; docs/benchmarks/gluon_variants_*).
 
     LATE_ROW_STATS: load lse and delta one value per thread and spread them over the score columns
     (16 registers each) only where they are used. That frees registers while the products run:
@@ -381,7 +388,7 @@ def _dkdv_consumer(
     LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, ORDER, q_smem, do_smem, k_smem, v_smem, kv_ready, tile_ready, tile_empty,
     stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, stride_index, H, S, qk_scale, sm_scale,
     HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-    KEYS: gl.constexpr, CONSUMER: gl.constexpr, PREFETCH: gl.constexpr,
+    KEYS: gl.constexpr, CONSUMER: gl.constexpr,
 ):  # fmt: skip
     """dK and dV of this warpgroup's KEYS keys over the streamed query tiles (_key_tile_products)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -404,20 +411,12 @@ def _dkdv_consumer(
     lse, delta, first = _query_tile_stats(0, num_tiles, LSE, DELTA, Q_INDEX, col, stride_index, bh, S, offs_m,
                                           MASK_BLOCK, BLOCK_M, False)  # fmt: skip
     for t in range(num_tiles):
-        if PREFETCH == 1:  # the next tile's lse and delta load while this tile's products run
-            lse_next, delta_next, first = _query_tile_stats(t + 1, num_tiles, LSE, DELTA, Q_INDEX, col, stride_index,
-                                                            bh, S, offs_m, MASK_BLOCK, BLOCK_M, False)  # fmt: skip
-        if PREFETCH == 0:
-            lse, delta, first = _query_tile_stats(t, num_tiles, LSE, DELTA, Q_INDEX, col, stride_index, bh, S, offs_m,
-                                                  MASK_BLOCK, BLOCK_M, False)  # fmt: skip
         dv, dk, ds_t = _key_tile_products(t, k, v, q_smem, do_smem, tile_ready, lse, delta, qk_scale, dk, dv, s_init,
                                           offs_m, BLOCK_M, STAGES, HEAD_DIM)  # fmt: skip
-        if PREFETCH == 2:
-            lse_next, delta_next, first = _query_tile_stats(t + 1, num_tiles, LSE, DELTA, Q_INDEX, col, stride_index,
-                                                            bh, S, offs_m, MASK_BLOCK, BLOCK_M, False)  # fmt: skip
+        # The next tile's lse and delta load while this tile's products run (_query_tile_stats).
+        lse, delta, first = _query_tile_stats(t + 1, num_tiles, LSE, DELTA, Q_INDEX, col, stride_index, bh, S, offs_m,
+                                              MASK_BLOCK, BLOCK_M, False)  # fmt: skip
         dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
-        if PREFETCH != 0:
-            lse, delta = lse_next, delta_next
         mbarrier.arrive(tile_empty.index(t % STAGES), count=1)
 
     _store_key_rows(DK, DV, dk * sm_scale, dv, start_n + CONSUMER * KEYS, b, h, S, stride_dkb, stride_dkh, stride_dks,
@@ -436,7 +435,6 @@ def _dkdv_kernel(
     stride_index,
     H, S, qk_scale, sm_scale,
     HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-    PREFETCH: gl.constexpr,
 ):  # fmt: skip
     dtype: gl.constexpr = Q.dtype.element_ty
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=dtype.primitive_bitwidth,
@@ -459,11 +457,11 @@ def _dkdv_kernel(
             (_dkdv_consumer, (LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, ORDER, q_smem, do_smem, k_smem, v_smem, kv_ready,
                               tile_ready, tile_empty, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
                               stride_dvs, stride_index, H, S, qk_scale, sm_scale,
-                              HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 0, PREFETCH)),
+                              HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 0)),
             (_dkdv_consumer, (LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, ORDER, q_smem, do_smem, k_smem, v_smem, kv_ready,
                               tile_ready, tile_empty, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
                               stride_dvs, stride_index, H, S, qk_scale, sm_scale,
-                              HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 1, PREFETCH)),
+                              HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 1)),
         ],
         [4, 4],
         [240, 240],
@@ -642,7 +640,7 @@ def _fused_consumer(
     tile_ready, tile_empty, ds_full, ds_empty,
     stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, stride_index, H, S, qk_scale, sm_scale,
     HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-    KEYS: gl.constexpr, CONSUMER: gl.constexpr, PREFETCH: gl.constexpr,
+    KEYS: gl.constexpr, CONSUMER: gl.constexpr,
 ):  # fmt: skip
     """_dkdv_consumer's products for this warpgroup's KEYS keys, plus dQ[:, this half of D] of each
     streamed query tile over all the program's keys, added into DQ_ACC (unscaled, fp32)."""
@@ -675,19 +673,11 @@ def _fused_consumer(
     lse, delta, start_m = _query_tile_stats(0, num_tiles, LSE, DELTA, Q_INDEX, col, stride_index, bh, S, offs_m,
                                             MASK_BLOCK, BLOCK_M, True)  # fmt: skip
     for t in range(num_tiles):
-        if PREFETCH == 1:  # the next tile's lse and delta load while this tile's products run
-            lse_next, delta_next, start_next = _query_tile_stats(t + 1, num_tiles, LSE, DELTA, Q_INDEX, col,
-                                                                 stride_index, bh, S, offs_m, MASK_BLOCK, BLOCK_M,
-                                                                 True)  # fmt: skip
-        if PREFETCH == 0:
-            lse, delta, start_m = _query_tile_stats(t, num_tiles, LSE, DELTA, Q_INDEX, col, stride_index, bh, S,
-                                                    offs_m, MASK_BLOCK, BLOCK_M, True)  # fmt: skip
         dv, dk, ds_t = _key_tile_products(t, k, v, q_smem, do_smem, tile_ready, lse, delta, qk_scale, dk, dv, s_init,
                                           offs_m, BLOCK_M, STAGES, HEAD_DIM)  # fmt: skip
-        if PREFETCH == 2:
-            lse_next, delta_next, start_next = _query_tile_stats(t + 1, num_tiles, LSE, DELTA, Q_INDEX, col,
-                                                                 stride_index, bh, S, offs_m, MASK_BLOCK, BLOCK_M,
-                                                                 True)  # fmt: skip
+        # The next tile's lse and delta load while this tile's products run (_query_tile_stats).
+        lse_next, delta_next, start_next = _query_tile_stats(t + 1, num_tiles, LSE, DELTA, Q_INDEX, col, stride_index,
+                                                             bh, S, offs_m, MASK_BLOCK, BLOCK_M, True)  # fmt: skip
         # Both halves of dSᵀ into shared memory, double-buffered: tile t's buffer is written again
         # at t + 2, once both warpgroups have read it (ds_empty).
         buf = t % 2
@@ -707,8 +697,7 @@ def _fused_consumer(
         dq_smem.store(dq * sm_scale)  # scaled here, not by a pass over the whole buffer afterwards
         fence_async_shared()
         _tma_reduce_add(dq_desc, [start_m, CONSUMER * DQ_COLS], dq_smem)
-        if PREFETCH != 0:
-            lse, delta, start_m = lse_next, delta_next, start_next
+        lse, delta, start_m = lse_next, delta_next, start_next
 
     tma.store_wait(pendings=0)
     _store_key_rows(DK, DV, dk * sm_scale, dv, start_n + CONSUMER * KEYS, b, h, S, stride_dkb, stride_dkh, stride_dks,
@@ -727,7 +716,6 @@ def _fused_bwd_kernel(
     stride_index,
     H, S, qk_scale, sm_scale,
     HEAD_DIM: gl.constexpr, MASK_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-    PREFETCH: gl.constexpr,
 ):  # fmt: skip
     dtype: gl.constexpr = Q.dtype.element_ty
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=dtype.primitive_bitwidth,
@@ -760,13 +748,11 @@ def _fused_bwd_kernel(
             (_fused_consumer, (LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX, ORDER, q_smem, do_smem, k_smem, v_smem,
                                ds_smem, dq0_smem, kv_ready, tile_ready, tile_empty, ds_full, ds_empty, stride_dkb,
                                stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, stride_index, H, S,
-                               qk_scale, sm_scale, HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 0,
-                               PREFETCH)),
+                               qk_scale, sm_scale, HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 0)),
             (_fused_consumer, (LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX, ORDER, q_smem, do_smem, k_smem, v_smem,
                                ds_smem, dq1_smem, kv_ready, tile_ready, tile_empty, ds_full, ds_empty, stride_dkb,
                                stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, stride_index, H, S,
-                               qk_scale, sm_scale, HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 1,
-                               PREFETCH)),
+                               qk_scale, sm_scale, HEAD_DIM, MASK_BLOCK, BLOCK_M, STAGES, MASK_BLOCK // 2, 1)),
         ],
         [4, 4],
         [240, 240],
@@ -828,7 +814,7 @@ def _(q, k, v, kv_count, kv_index, kv_order, block_size, qk_scale):
 
 
 # Query rows per streamed tile in the dK/dV kernel, and its ring depth.
-DKDV_TILE = {"BLOCK_M": 64, "STAGES": 2, "PREFETCH": 2}
+DKDV_TILE = {"BLOCK_M": 64, "STAGES": 2}
 
 
 @torch.library.custom_op("radial_lora::block_sparse_attn_dkdv_hopper", mutates_args=())
@@ -895,7 +881,7 @@ def _(q, k, v, d_out, lse, delta, kv_count, kv_index, kv_order, block_size, qk_s
 
 # The fused backward's query tile and ring depth: 192 KB of shared memory with the dS and dQ
 # staging buffers.
-FUSED_TILE = {"BLOCK_M": 64, "STAGES": 2, "PREFETCH": 2}
+FUSED_TILE = {"BLOCK_M": 64, "STAGES": 2}
 
 
 @torch.library.custom_op("radial_lora::block_sparse_attn_bwd_fused_hopper", mutates_args=())

@@ -1,7 +1,7 @@
 """Time the Hopper Gluon kernels directly, one variant against another, at the wan_4x shape.
 
-    python scripts/bench_gluon_variants.py                                   # launch order A/B
-    python scripts/bench_gluon_variants.py --set FUSED_TILE.PREFETCH=0,1,2   # and a tile knob
+    python scripts/bench_gluon_variants.py                                  # launch order A/B
+    python scripts/bench_gluon_variants.py --set FUSED_TILE.STAGES=2,3      # and a tile knob
 
 What kernels/gluon_attention.py's choices rest on: each kernel (forward, one-kernel backward,
 dK/dV, dQ) launched in mask-block order and in the heavy-first order compact_mask gives it, and,
@@ -92,7 +92,7 @@ def check(variants) -> bool:
 
 
 class knob_set:
-    """Set one tile knob (("FUSED_TILE", "PREFETCH", 2)) for the block's duration; None: no change."""
+    """Set one tile knob (("FUSED_TILE", "STAGES", 3)) for the block's duration; None: no change."""
 
     def __init__(self, knob):
         self.knob = knob

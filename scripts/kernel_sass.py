@@ -57,7 +57,7 @@ def signature(fn) -> tuple[dict, list[int]]:
     """Triton types of the kernel's arguments, and the positions that get the alignment hint."""
     types, aligned = {}, []
     for i, name in enumerate(fn.arg_names):
-        if name in ("HEAD_DIM", "MASK_BLOCK", "BLOCK_M", "BLOCK_N", "TMA", "STAGES", "PREFETCH"):
+        if name in ("HEAD_DIM", "MASK_BLOCK", "BLOCK_M", "BLOCK_N", "TMA", "STAGES"):
             types[name] = "constexpr"
         elif name in ("LSE", "DELTA", "DQ_ACC"):
             types[name] = "*fp32"
@@ -82,8 +82,6 @@ def compile_sass(kernel: str, block, warps: int, stages: int, tma: bool) -> tupl
     if gluon:
         constants = {"HEAD_DIM": 128, "MASK_BLOCK": 128, "STAGES": stages}
         constants |= {"BLOCK_M": block[0]} if kernel in ("gluon_dkdv", "gluon_fused") else {"BLOCK_N": block[1]}
-        if "PREFETCH" in fn.arg_names:
-            constants["PREFETCH"] = (ga.DKDV_TILE if kernel == "gluon_dkdv" else ga.FUSED_TILE)["PREFETCH"]
         source, options = GluonASTSource(fn, types, constants, attrs), {"num_warps": warps}
     else:
         constants = {"HEAD_DIM": 128, "MASK_BLOCK": 128, "BLOCK_M": block[0], "BLOCK_N": block[1], "TMA": tma}
