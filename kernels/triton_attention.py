@@ -8,7 +8,7 @@ The mask reaches the kernels in a compact form, built once and cached with the m
   kv_count [NB] int32, kv_index [NB, W] int32   kept key blocks of each query block, ascending
   q_count  [NB] int32, q_index  [NB, W'] int32  query blocks that keep each key block (the transpose)
   kv_order, q_order [NB] int32                  mask rows / columns by kept count, most first: the
-                                                Gluon kernels' launch order (compact_mask)
+                                                kernels' launch order (compact_mask)
 
 Forward (FlashAttention-2 style; on Hopper the op runs the warp-specialized Gluon kernels of
 kernels/gluon_attention.py instead, forward and backward, see RADIAL_GLUON): one program per
@@ -153,6 +153,17 @@ def _load_rows(source, start, S, stride, ROWS: tl.constexpr, HEAD_DIM: tl.conste
 
 
 @triton.jit
+def _program_start(ORDER, MASK_BLOCK: tl.constexpr, TILE: tl.constexpr):
+    """First token of this program's TILE rows: programs take their mask blocks in ORDER (the most
+    kept blocks first, compact_mask), so the longest are not left for the grid's last wave. The
+    grid has MASK_BLOCK / TILE programs per mask block, also for a partial last one (rows past S
+    are masked)."""
+    tiles_per_block: tl.constexpr = MASK_BLOCK // TILE
+    pid = tl.program_id(0)
+    return tl.load(ORDER + pid // tiles_per_block) * MASK_BLOCK + (pid % tiles_per_block) * TILE
+
+
+@triton.jit
 def _tile_start(index_row, t, MASK_BLOCK: tl.constexpr, TILE: tl.constexpr):
     """First token of the t-th TILE-row tile of the kept blocks listed (ascending) at index_row."""
     tiles_per_block: tl.constexpr = MASK_BLOCK // TILE
@@ -191,7 +202,7 @@ def _fwd_tiles(
 @_autotune(_FWD_CONFIGS)
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, KV_COUNT, KV_INDEX,
+    Q, K, V, O, LSE, KV_COUNT, KV_INDEX, KV_ORDER,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -202,7 +213,7 @@ def _fwd_kernel(
     TMA: tl.constexpr,
 ):  # fmt: skip
     qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile may pass Python floats as fp64
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = _program_start(KV_ORDER, MASK_BLOCK, BLOCK_M)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     row = start_m // MASK_BLOCK
@@ -259,7 +270,7 @@ def _bwd_delta_kernel(
 @_autotune(_DKDV_CONFIGS)
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX,
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, Q_ORDER,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -273,7 +284,7 @@ def _bwd_dkdv_kernel(
 ):  # fmt: skip
     """One key tile: dK and dV over the query blocks that keep it."""
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
-    start_n = tl.program_id(0) * BLOCK_N
+    start_n = _program_start(Q_ORDER, MASK_BLOCK, BLOCK_N)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     col = start_n // MASK_BLOCK
@@ -313,7 +324,7 @@ def _bwd_dkdv_kernel(
 @_autotune(_DQ_CONFIGS)
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KV_COUNT, KV_INDEX,
+    Q, K, V, DO, LSE, DELTA, DQ, KV_COUNT, KV_INDEX, KV_ORDER,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -325,7 +336,7 @@ def _bwd_dq_kernel(
     TMA: tl.constexpr,
 ):  # fmt: skip
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = _program_start(KV_ORDER, MASK_BLOCK, BLOCK_M)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     row = start_m // MASK_BLOCK
@@ -494,13 +505,13 @@ def _fwd_op(
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads, seq), device=q.device, dtype=torch.float32)
 
-    def grid(meta):
-        return (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)
+    def grid(meta):  # every mask block's tiles, in kv_order (_program_start)
+        return (len(kv_order) * (block_size // meta["BLOCK_M"]), batch * heads)
 
     _launch(
         _fwd_kernel,
         grid,
-        q, k, v, out, lse, kv_count, kv_index,
+        q, k, v, out, lse, kv_count, kv_index, kv_order,
         *strides(q), *strides(k), *strides(v), *strides(out),
         kv_index.stride(0),
         heads, seq, scale * LOG2E,
@@ -547,12 +558,12 @@ def _bwd_op(
         dk, dv = torch.empty_like(k), torch.empty_like(v)
 
         def key_grid(meta):
-            return (triton.cdiv(seq, meta["BLOCK_N"]), batch * heads)
+            return (len(q_order) * (block_size // meta["BLOCK_N"]), batch * heads)
 
         _launch(
             _bwd_dkdv_kernel,
             key_grid,
-            q, k, v, d_out, lse, delta, dk, dv, q_count, q_index,
+            q, k, v, d_out, lse, delta, dk, dv, q_count, q_index, q_order,
             *strides(q), *strides(k), *strides(v), *strides(d_out), *strides(dk), *strides(dv),
             q_index.stride(0),
             heads, seq, scale * LOG2E, scale,
@@ -566,12 +577,12 @@ def _bwd_op(
         dq = torch.empty_like(q)
 
         def query_grid(meta):
-            return (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)
+            return (len(kv_order) * (block_size // meta["BLOCK_M"]), batch * heads)
 
         _launch(
             _bwd_dq_kernel,
             query_grid,
-            q, k, v, d_out, lse, delta, dq, kv_count, kv_index,
+            q, k, v, d_out, lse, delta, dq, kv_count, kv_index, kv_order,
             *strides(q), *strides(k), *strides(v), *strides(d_out), *strides(dq),
             kv_index.stride(0),
             heads, seq, scale * LOG2E, scale,
@@ -611,7 +622,7 @@ def compact_mask(block_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
     frame's blocks for every row (the attention sink): at the wan_4x shape those key blocks have
     5.3x the mean count, and in block order they start late enough in the last head to leave the
     GPU waiting on them (a list-scheduling model of 132 SMs: 5.3% over the ideal makespan in block
-    order, 0.2% in this order; scripts/bench_attention.py measures it).
+    order, 0.2% in this order; measured: docs/benchmarks/attention.md, session 9).
     """
 
     def build():

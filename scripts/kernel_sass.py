@@ -61,7 +61,7 @@ def signature(fn) -> tuple[dict, list[int]]:
             types[name] = "constexpr"
         elif name in ("LSE", "DELTA", "DQ_ACC"):
             types[name] = "*fp32"
-        elif name.endswith(("_COUNT", "_INDEX")) or name == "ORDER":
+        elif name.endswith(("_COUNT", "_INDEX", "ORDER")):
             types[name] = "*i32"
         elif name in ("qk_scale", "sm_scale"):
             types[name] = "fp32"
