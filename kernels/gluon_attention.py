@@ -19,7 +19,8 @@ layout:
     registers. Two warpgroups on one SM interleave: one's exponentials run while the other's
     products are on the tensor cores. Within each, FlashAttention-3's pipeline: tile t's Q·Kᵀ
     goes out with tile t-1's P·V, and tile t's softmax runs under that product.
-One program per (mask block of 128 query rows, batch*head), as in the Triton kernel. Numerics are
+One program per (mask block of 128 query rows, batch*head), as in the Triton kernel, the blocks
+with the most kept blocks launched first (_program_block). Numerics are
 the Triton kernel's: fp32 scores, one fp32 factor (scale * log2 e) applied in the FMA with the max,
 exp2, keys past S masked only in the tiles past S, a row with no kept block outputs zeros and lse
 +inf. The dK/dV kernel is the same arrangement turned around: one program per mask block of 128
@@ -30,7 +31,8 @@ query block, K/V tiles streamed, the same pipeline), with Q and dO resident and 
 per tile. (The dK/dV kernel pipelined that way measured slower: its dSᵀ has to wait in shared
 memory, since in registers it spills.) The fused
 backward is the dK/dV kernel plus dQ = dS K summed over programs by TMA reduce-adds into fp32
-(5 products per block pair instead of 7): on an H100 4% faster than the split pair, so the
+(5 products per block pair instead of 7): on an H100 1-2% faster than the split pair (4%
+before the dK/dV kernel loaded lse and delta a tile ahead; docs/benchmarks/attention.md), so the
 default, except under torch.use_deterministic_algorithms (its dQ adds land in varying order;
 kernels/triton_attention.py GLUON_CHOICES; docs/benchmarks/attention.md, session 8).
 

@@ -60,7 +60,7 @@ TMA_KERNELS = TMA_CHOICES[_tma_choice]
 # Triton, and whether they must. "auto" (the default): wherever they can run (sm_90, bf16/fp16,
 # head dim 64 or 128, mask block 128, TMA-readable layouts) the Gluon forward and the one-kernel
 # Gluon backward (dK/dV and dQ together, dQ summed by TMA reduce-adds in varying order: not
-# bitwise reproducible, 4% faster than the split pair on an H100, docs/benchmarks/attention.md),
+# bitwise reproducible, 1-2% faster than the split pair on an H100, docs/benchmarks/attention.md),
 # or, while torch.use_deterministic_algorithms is on, the split pair (Gluon dK/dV and dQ: every
 # output written once); Triton elsewhere. "auto_split": the split pair always (the default
 # before session 8). "auto_fwd": the forward only. "all" (forward and the split pair), "fwd",
