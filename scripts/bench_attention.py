@@ -10,6 +10,7 @@ backward (RADIAL_GLUON=auto_fwd);
 
     python scripts/bench_attention.py                      # all shapes, writes docs/benchmarks/
     python scripts/bench_attention.py --quick --out /tmp   # Wan2.1-1.3B at 321 frames only
+    python scripts/bench_attention.py --models Wan2.1-14B --shapes "480p 321f"   # a subset
 
 Shapes: Wan2.1-1.3B (12 heads x 128) and 14B (40 x 128); 480p at 21 and 81 latent frames
 (32,760 and 126,360 tokens: 81 and 321 video frames) and 720p at 21 (75,600). Radial masks at
@@ -164,6 +165,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/benchmarks")
     parser.add_argument("--quick", action="store_true", help="only Wan2.1-1.3B at 480p, 321 frames")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--shapes", nargs="+", choices=[name for name, _, _ in SHAPES],
+                        default=[name for name, _, _ in SHAPES])  # fmt: skip
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     meta = dict(
@@ -175,6 +179,8 @@ def main():
     for model, heads in MODELS.items():
         for shape_name, frames, tokens_per_frame in SHAPES:
             if args.quick and (model != "Wan2.1-1.3B" or shape_name != "480p 321f"):
+                continue
+            if model not in args.models or shape_name not in args.shapes:
                 continue
             rows += bench_shape(model, heads, shape_name, frames, tokens_per_frame)
     stem = f"attention_{meta['card'].replace(' ', '_')}_{meta['date']}"
