@@ -617,7 +617,7 @@ def compact_mask(block_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
     device (cached).
 
     Indices are ascending (kept blocks first, by a stable sort), padded to the widest row. An order
-    lists the rows by kept count, most first: the Gluon kernels launch their programs in it, so
+    lists the rows by kept count, most first: every kernel launches its programs in it, so
     the longest start first and the grid's last wave is short ones. A radial mask keeps its first
     frame's blocks for every row (the attention sink): at the wan_4x shape those key blocks have
     5.3x the mean count, and in block order they start late enough in the last head to leave the

@@ -17,8 +17,10 @@ time includes zeroing its fp32 dQ buffer and the copy out of it. Needs an sm_90 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import triton
@@ -91,22 +93,12 @@ def check(variants) -> bool:
     return ok
 
 
-class knob_set:
-    """Set one tile knob (("FUSED_TILE", "STAGES", 3)) for the block's duration; None: no change."""
-
-    def __init__(self, knob):
-        self.knob = knob
-
-    def __enter__(self):
-        if self.knob:
-            table, key, value = self.knob
-            self.saved = TILES[table][key]
-            TILES[table][key] = value
-
-    def __exit__(self, *exc):
-        if self.knob:
-            table, key, _ = self.knob
-            TILES[table][key] = self.saved
+def knob_set(knob):
+    """A context that sets one tile knob (("FUSED_TILE", "STAGES", 3)) and puts it back; None: none."""
+    if knob is None:
+        return contextlib.nullcontext()
+    table, key, value = knob
+    return mock.patch.dict(TILES[table], {key: value})
 
 
 def main():
