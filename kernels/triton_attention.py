@@ -621,8 +621,9 @@ def compact_mask(block_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
     the longest start first and the grid's last wave is short ones. A radial mask keeps its first
     frame's blocks for every row (the attention sink): at the wan_4x shape those key blocks have
     5.3x the mean count, and in block order they start late enough in the last head to leave the
-    GPU waiting on them (a list-scheduling model of 132 SMs: 5.3% over the ideal makespan in block
-    order, 0.2% in this order; measured: docs/benchmarks/attention.md, session 9).
+    GPU waiting on them (a list-scheduling model of 132 SMs, scripts/launch_order_model.py: 5.3-6.6%
+    over the ideal makespan in block order, 0.1-0.6% in this order; measured:
+    docs/benchmarks/attention.md, session 9).
     """
 
     def build():
