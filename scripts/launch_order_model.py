@@ -46,7 +46,8 @@ def main():
             block_order = [c for _ in range(args.heads) for c in cost]
             heavy_first = [cost[i] for _ in range(args.heads) for i in order.tolist()]
             ideal = sum(block_order) / args.sms
-            print(f"decay {decay} {name:32s} max/mean kept {max(cost) / (sum(cost) / len(cost)):.1f}x  "
+            full = int((count == len(count)).sum())  # blocks kept by every row or column: the sink
+            print(f"decay {decay} {name:32s} {full} full, max/mean kept {max(cost) / (sum(cost) / len(cost)):.1f}x  "
                   f"block order {makespan(block_order, args.sms) / ideal - 1:6.1%} over ideal, "
                   f"heavy first {makespan(heavy_first, args.sms) / ideal - 1:6.1%}")  # fmt: skip
 
