@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data.catalog import Clip
+from radial_lora.data.catalog import Clip
 
 CACHE_VERSION = 1
 INDEX = "index.json"

@@ -14,9 +14,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from data.policy import RejectCounts
-from data.sources import Entry, read_source
-from data.video import BadVideo, VideoInfo, fits, probe
+from radial_lora.data.policy import RejectCounts
+from radial_lora.data.sources import Entry, read_source
+from radial_lora.data.video import BadVideo, VideoInfo, fits, probe
 
 Bucket = tuple[int, int, int]  # (frames, height, width)
 

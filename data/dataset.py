@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data.catalog import Clip
-from data.video import BadVideo, decode_clip
+from radial_lora.data.catalog import Clip
+from radial_lora.data.video import BadVideo, decode_clip
 
 MAX_REPLACEMENTS = 16
 

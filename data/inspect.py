@@ -11,8 +11,8 @@ import argparse
 import json
 import sys
 
-from data.catalog import build_catalog
-from data.policy import REASONS
+from radial_lora.data.catalog import build_catalog
+from radial_lora.data.policy import REASONS
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from train.config import ConfigError, register_configs, typed_config, validate
+from radial_lora.train.config import CONFIG_DIR, ConfigError, register_configs, typed_config, validate
 
 register_configs()
 SHARD_BYTES = 2 * 2**30  # start a new shard file after about this many bytes
@@ -30,13 +30,13 @@ def precompute(cfg) -> Path:
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from data.cache import INDEX, entry_key
-    from data.dataset import ClipDataset
-    from data.policy import RejectCounts
-    from data.setup import catalog_for, meta_for
-    from data.video import BadVideo
-    from models.loading import load_pipeline, torch_dtype
-    from train.step import encode_captions, posterior_params
+    from radial_lora.data.cache import INDEX, entry_key
+    from radial_lora.data.dataset import ClipDataset
+    from radial_lora.data.policy import RejectCounts
+    from radial_lora.data.setup import catalog_for, meta_for
+    from radial_lora.data.video import BadVideo
+    from radial_lora.models.loading import load_pipeline, torch_dtype
+    from radial_lora.train.step import encode_captions, posterior_params
 
     if not cfg.data.cache:
         raise ConfigError("data.cache must name the folder to write the cache to")
@@ -103,7 +103,7 @@ def precompute(cfg) -> Path:
     return index_file
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(dict_cfg: DictConfig) -> None:
     try:
         cfg = typed_config(dict_cfg)

@@ -6,10 +6,10 @@ which clips exist and how they are cut.
 
 from __future__ import annotations
 
-from data.cache import LatentCache, cache_meta
-from data.catalog import Catalog, build_catalog
-from data.demo_videos import generate_demo_videos
-from train.config import Config, ConfigError, DataConfig
+from radial_lora.data.cache import LatentCache, cache_meta
+from radial_lora.data.catalog import Catalog, build_catalog
+from radial_lora.data.demo_videos import generate_demo_videos
+from radial_lora.train.config import Config, ConfigError, DataConfig
 
 
 def catalog_for(cfg: DataConfig, seed: int = 0) -> Catalog:

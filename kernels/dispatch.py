@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.flex import block_sparse_attention_flex, flex_block_mask
-from kernels.reference import block_sparse_attention_reference
+from radial_lora.kernels.flex import block_sparse_attention_flex, flex_block_mask
+from radial_lora.kernels.reference import block_sparse_attention_reference
 
 
 def block_sparse_attention_triton(q, k, v, block_mask, *, block_size=128, scale=None):
     """Our Triton kernels (imported on first use: Triton is only needed when they are)."""
-    from kernels.triton_attention import block_sparse_attention
+    from radial_lora.kernels.triton_attention import block_sparse_attention
 
     return block_sparse_attention(q, k, v, block_mask, block_size=block_size, scale=scale)
 
@@ -37,7 +37,7 @@ def prepare_mask(backend: str, block_mask: torch.Tensor, seq_len: int, block_siz
     every block), while a cache hit traces into a plain tensor input.
     """
     if backend == "triton":
-        from kernels.triton_attention import compact_mask
+        from radial_lora.kernels.triton_attention import compact_mask
 
         compact_mask(block_mask)
     elif backend == "flex":

@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from kernels.mask_cache import derived
+from radial_lora.kernels.mask_cache import derived
 
 
 def flex_block_mask(block_mask: torch.Tensor, seq_len: int, block_size: int):

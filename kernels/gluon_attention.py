@@ -45,14 +45,19 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
-from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
-from triton._C.libtriton import ir
 from triton.experimental.gluon.language._core import builtin
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
-from kernels.launch import set_tma_allocator, strides, tma_layout_ok
+from radial_lora.kernels.launch import set_tma_allocator, strides, tma_layout_ok
 
 # Triton 3.6 (the GPU image) names the TMA load async_copy_global_to_shared; newer ones async_load.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared

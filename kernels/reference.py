@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.radial_mask import token_mask
+from radial_lora.kernels.radial_mask import token_mask
 
 
 def block_sparse_attention_reference(

@@ -45,9 +45,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import gluon_attention
-from kernels.launch import INTERPRET, set_tma_allocator, strides, tma_layout_ok
-from kernels.mask_cache import derived
+from radial_lora.kernels import gluon_attention
+from radial_lora.kernels.launch import INTERPRET, set_tma_allocator, strides, tma_layout_ok
+from radial_lora.kernels.mask_cache import derived
 
 LOG2E = 1.4426950408889634
 # Which kernels load their streamed tiles through TMA descriptors (see above).

@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import torch
 
-from kernels import attention, radial_block_mask
-from kernels.dispatch import prepare_mask
-from train.config import AttentionBackend, AttentionConfig, ConfigError
+from radial_lora.kernels.dispatch import attention, prepare_mask
+from radial_lora.kernels.radial_mask import radial_block_mask
+from radial_lora.train.config import AttentionBackend, AttentionConfig, ConfigError
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -223,7 +223,7 @@ def triton_kernels(transformer, device: torch.device, dtype: torch.dtype) -> str
     radial = _radial_processors(transformer)
     if not radial or radial[0].routing.cfg.backend != AttentionBackend.triton:
         return None
-    from kernels.triton_attention import kernel_plan
+    from radial_lora.kernels.triton_attention import kernel_plan
 
     try:
         return kernel_plan(device, dtype, transformer.config.attention_head_dim, radial[0].routing.cfg.block_size)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from train.config import ModelConfig
+from radial_lora.train.config import ModelConfig
 
 # Small random models built on the spot (models/tiny_wan.py): model id -> preset.
 TINY_MODELS = {"tiny-wan": "tiny", "tiny-wan-gpu": "gpu"}
@@ -24,7 +24,7 @@ def model_source(cfg: ModelConfig) -> str:
     if cfg.id in TINY_MODELS:
         if not cfg.path:
             raise ValueError(f"model.path must name a folder for model.id={cfg.id} (it is built there)")
-        from models.tiny_wan import build_tiny_wan
+        from radial_lora.models.tiny_wan import build_tiny_wan
 
         return str(build_tiny_wan(cfg.path, preset=TINY_MODELS[cfg.id]))
     if cfg.path:
@@ -75,7 +75,7 @@ def load_pipeline(cfg: ModelConfig, transformer: bool = True, device=None, text_
         "default": torch.float32,
     }
     if cfg.init == "random":
-        from models.random_init import random_pipeline
+        from radial_lora.models.random_init import random_pipeline
 
         return random_pipeline(cfg.id, dtypes, device or "cpu", transformer=transformer, text_encoder=text_encoder)
     source = model_source(cfg)

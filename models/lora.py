@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from train.config import ConfigError, LoraConfig
+from radial_lora.train.config import ConfigError, LoraConfig
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 

@@ -76,7 +76,7 @@ def random_pipeline(model_id: str, dtypes: dict, device: str | torch.device = "c
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from models.tiny_wan import _build_tokenizer
+    from radial_lora.models.tiny_wan import _build_tokenizer
 
     if model_id not in TRANSFORMERS:
         raise ValueError(f"model.init=random knows {', '.join(TRANSFORMERS)}; not {model_id!r}")

@@ -28,18 +28,15 @@ import datetime
 import json
 import platform
 import sys
-from pathlib import Path
 
 import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels import block_density, block_sparse_attention, radial_block_mask  # noqa: E402
-from kernels.flex import block_sparse_attention_flex  # noqa: E402
-from kernels.triton_attention import gluon_kernels  # noqa: E402
-from scripts.report import write_report  # noqa: E402
+from radial_lora.kernels.flex import block_sparse_attention_flex
+from radial_lora.kernels.radial_mask import block_density, radial_block_mask
+from radial_lora.kernels.triton_attention import block_sparse_attention, gluon_kernels
+from radial_lora.scripts.report import write_report
 
 MODELS = {"Wan2.1-1.3B": 12, "Wan2.1-14B": 40}
 SHAPES = [  # (name, latent frames, tokens per frame)
@@ -186,11 +183,11 @@ def main():
     stem = f"attention_{meta['card'].replace(' ', '_')}_{meta['date']}"
     out = write_report(args.out, stem, meta, rows, markdown(rows, meta))
     plot(rows, out / f"{stem}.png")
-    from kernels import triton_attention as ta
+    from radial_lora.kernels import triton_attention as ta
 
     tuned = {name: {str(key): str(cfg) for key, cfg in kernel.cache.items()}
              for name, kernel in (("fwd", ta._fwd_kernel), ("dkdv", ta._bwd_dkdv_kernel), ("dq", ta._bwd_dq_kernel))}
-    from kernels import gluon_attention
+    from radial_lora.kernels import gluon_attention
 
     tuned["gluon fwd"] = dict(gluon_attention.TILE)  # fixed, not autotuned
     tuned["gluon dkdv"] = dict(gluon_attention.DKDV_TILE)

@@ -25,13 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.cache import LatentCache  # noqa: E402
-from data.catalog import build_catalog  # noqa: E402
-from data.dataset import BucketBatchSampler, ClipDataset, collate  # noqa: E402
-from data.demo_videos import render_clip, write_mp4  # noqa: E402
-from scripts.report import write_report  # noqa: E402
+from radial_lora.data.cache import LatentCache
+from radial_lora.data.catalog import build_catalog
+from radial_lora.data.dataset import BucketBatchSampler, ClipDataset, collate
+from radial_lora.data.demo_videos import render_clip, write_mp4
+from radial_lora.scripts.report import write_report
 
 FRAMES, HEIGHT, WIDTH, FPS = 321, 480, 832, 16.0
 
@@ -69,7 +67,7 @@ def time_loader(dataset, buckets, workers: int, batches: int) -> float:
 def synthetic_cache(root: Path, count: int) -> tuple[LatentCache, list]:
     from safetensors.torch import save_file
 
-    from data.catalog import Clip
+    from radial_lora.data.catalog import Clip
 
     clips, entries, tensors = [], {}, {}
     for i in range(count):

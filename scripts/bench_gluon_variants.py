@@ -19,17 +19,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from pathlib import Path
 from unittest import mock
 
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels import block_sparse_attention_reference, radial_block_mask  # noqa: E402
-from kernels import gluon_attention as ga  # noqa: E402
-from kernels.triton_attention import LOG2E, compact_mask  # noqa: E402
+from radial_lora.kernels import gluon_attention as ga
+from radial_lora.kernels.radial_mask import radial_block_mask
+from radial_lora.kernels.reference import block_sparse_attention_reference
+from radial_lora.kernels.triton_attention import LOG2E, compact_mask
 
 TILES = {"TILE": ga.TILE, "DKDV_TILE": ga.DKDV_TILE, "DQ_TILE": ga.DQ_TILE, "FUSED_TILE": ga.FUSED_TILE}
 KERNEL_TILE = {"forward": "TILE", "fused": "FUSED_TILE", "dkdv": "DKDV_TILE", "dq": "DQ_TILE"}

@@ -23,26 +23,23 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.attention import describe  # noqa: E402
-from models.setup import prepare_transformer  # noqa: E402
-from scripts.report import write_report  # noqa: E402
-from train.config import AttentionConfig, LoraConfig, ModelConfig, TimestepConfig  # noqa: E402
-from train.step import flow_matching_loss, sample_sigmas  # noqa: E402
+from radial_lora.models.attention import describe
+from radial_lora.models.setup import prepare_transformer
+from radial_lora.scripts.report import write_report
+from radial_lora.train.config import AttentionConfig, LoraConfig, ModelConfig, TimestepConfig
+from radial_lora.train.step import flow_matching_loss, sample_sigmas
 
 
 def transformer_for(model: str, preset: str | None, device, dtype):
     """The random-init transformer to time: a published architecture, or a models/tiny_wan.py preset."""
-    from models.random_init import TRANSFORMERS, build_transformer
+    from radial_lora.models.random_init import TRANSFORMERS, build_transformer
 
     if preset:
-        from models.tiny_wan import PRESETS
+        from radial_lora.models.tiny_wan import PRESETS
 
         arch = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, rope_max_seq_len=1024,
                     **PRESETS[preset])  # fmt: skip

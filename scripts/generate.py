@@ -14,18 +14,15 @@ Writes an H.264 mp4 and prints its path.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.attention import describe, set_self_attention  # noqa: E402
-from models.loading import load_pipeline  # noqa: E402
-from models.lora import LORA_WEIGHT_NAME  # noqa: E402
-from train.config import Config, typed_config  # noqa: E402
+from radial_lora.models.attention import describe, set_self_attention
+from radial_lora.models.loading import load_pipeline
+from radial_lora.models.lora import LORA_WEIGHT_NAME
+from radial_lora.train.config import Config, typed_config
 
 
 def run_config(run: Path) -> Config:
@@ -90,7 +87,7 @@ def main(argv: list[str] | None = None) -> Path:
             max_sequence_length=cfg.model.max_text_tokens,
         ).frames  # fmt: skip
 
-    from data.demo_videos import write_mp4
+    from radial_lora.data.demo_videos import write_mp4
 
     out = (args.out or args.run / "samples" / f"seed{args.seed}.mp4").resolve()
     out.parent.mkdir(parents=True, exist_ok=True)

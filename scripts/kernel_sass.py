@@ -15,7 +15,7 @@ the divisibility-by-16 hints an aligned launch gets. The Triton installed here c
 be newer than the GPU image's: say which when quoting the numbers. Another Triton compiles the same
 way without touching the environment, e.g. the GPU image's:
     pip install --no-deps --target /tmp/t36 triton==3.6.0
-    PYTHONPATH=/tmp/t36:. python scripts/kernel_sass.py
+    PYTHONPATH=/tmp/t36 python scripts/kernel_sass.py
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import argparse
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -33,10 +32,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels import gluon_attention as ga  # noqa: E402
-from kernels import triton_attention as ta  # noqa: E402
+from radial_lora.kernels import gluon_attention as ga
+from radial_lora.kernels import triton_attention as ta
 
 KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel, "gluon": ga._fwd_kernel,
            "gluon_dkdv": ga._dkdv_kernel, "gluon_dq": ga._dq_kernel, "gluon_fused": ga._fused_bwd_kernel}

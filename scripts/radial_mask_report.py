@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from kernels import block_density, radial_block_mask
+from radial_lora.kernels.radial_mask import block_density, radial_block_mask
 
 # Wan2.1: the VAE compresses time 4x (after the first frame) and space 8x, patches are 2x2.
 WAN_SHAPES = {"480p (480x832)": 30 * 52, "720p (720x1280)": 45 * 80}

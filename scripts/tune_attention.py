@@ -20,17 +20,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-from pathlib import Path
 
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels import block_density, block_sparse_attention, radial_block_mask  # noqa: E402
-from kernels import gluon_attention  # noqa: E402
-from kernels import triton_attention as ta  # noqa: E402
-from scripts.report import write_report  # noqa: E402
+from radial_lora.kernels import gluon_attention
+from radial_lora.kernels import triton_attention as ta
+from radial_lora.kernels.radial_mask import block_density, radial_block_mask
+from radial_lora.kernels.triton_attention import block_sparse_attention
+from radial_lora.scripts.report import write_report
 
 # (BLOCK_M, BLOCK_N, warps, stages): the tiles that fit Hopper's registers and shared memory at
 # head dim 128 (scripts/kernel_sass.py shows which spill), around the current winners.

@@ -34,23 +34,23 @@ def deterministic_restored():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from models.tiny_wan import build_tiny_wan
+    from radial_lora.models.tiny_wan import build_tiny_wan
 
     return build_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan")
 
 
 @pytest.fixture(scope="session")
 def demo_videos_dir(tmp_path_factory) -> Path:
-    from data.demo_videos import generate_demo_videos
+    from radial_lora.data.demo_videos import generate_demo_videos
 
     return generate_demo_videos(tmp_path_factory.mktemp("data") / "demo_videos")
 
 
 def run_train(
-    cwd: Path, *overrides: str, env: dict | None = None, timeout: int = 600, module: str = "train"
+    cwd: Path, *overrides: str, env: dict | None = None, timeout: int = 600, module: str = "radial_lora.train"
 ) -> subprocess.CompletedProcess:
     """`python -m MODULE OVERRIDES` in `cwd`, the way a user runs it; returns the finished process."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", module, *overrides],
         cwd=cwd,
@@ -65,7 +65,7 @@ def run_train(
 def train_cli(tmp_path, tiny_model_dir, demo_videos_dir):
     """Run the trainer on the session's tiny model and videos, in a fresh folder; fail loudly."""
 
-    def run(*overrides: str, check: bool = True, env: dict | None = None, module: str = "train"):
+    def run(*overrides: str, check: bool = True, env: dict | None = None, module: str = "radial_lora.train"):
         proc = run_train(
             tmp_path,
             f"model.path={tiny_model_dir}",

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.demo_videos import write_mp4  # noqa: E402
+from radial_lora.data.demo_videos import write_mp4
 
 
 def numbered_frames(count: int, height: int, width: int) -> np.ndarray:

@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import attention, block_sparse_attention_flex, block_sparse_attention_reference, radial_block_mask
+from radial_lora.kernels.dispatch import attention
+from radial_lora.kernels.flex import block_sparse_attention_flex
+from radial_lora.kernels.radial_mask import radial_block_mask
+from radial_lora.kernels.reference import block_sparse_attention_reference
 
 
 def qkv(b, h, s, d, dtype=torch.float32, seed=0, device="cpu", grad=False):
@@ -30,7 +33,7 @@ def test_reference_with_full_mask_is_dense_sdpa():
 
 
 def test_reference_equals_sdpa_with_the_token_mask():
-    from kernels import token_mask
+    from radial_lora.kernels.radial_mask import token_mask
 
     q, k, v = qkv(1, 2, 150, 32, seed=1)
     mask = random_block_mask(5, 0.5, seed=2)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.attention import describe, set_self_attention, triton_kernels
-from train.config import AttentionConfig, ConfigError
+from radial_lora.models.attention import describe, set_self_attention, triton_kernels
+from radial_lora.train.config import AttentionConfig, ConfigError
 
 RADIAL = dict(block_size=16, decay=1.0, sink=True)
 
@@ -59,7 +59,7 @@ def test_describe_counts_layers(transformer):
 def test_the_run_says_which_triton_kernels_it_runs(transformer, monkeypatch):
     """The log line of the triton backend's kernels (on CPU: Triton in the interpreter); a Gluon
     kernel that RADIAL_GLUON requires but cannot run is refused at start; other backends: no line."""
-    from kernels import triton_attention as ta
+    from radial_lora.kernels import triton_attention as ta
 
     set_self_attention(transformer, AttentionConfig(backend="triton", **RADIAL))
     cpu = torch.device("cpu")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.cache import LatentCache
-from data.setup import catalog_for, meta_for
-from data.video import decode_clip
-from train.config import ConfigError
+from radial_lora.data.cache import LatentCache
+from radial_lora.data.setup import catalog_for, meta_for
+from radial_lora.data.video import decode_clip
+from radial_lora.train.config import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -21,16 +21,16 @@ def built_cache(tmp_path_factory, tiny_model_dir, demo_videos_dir):
     cwd = tmp_path_factory.mktemp("precompute")
     cache_dir = cwd / "cache"
     proc = run_train(cwd, f"model.path={tiny_model_dir}", f"data.root={demo_videos_dir}", f"data.cache={cache_dir}",
-                     module="data.precompute")  # fmt: skip
+                     module="radial_lora.data.precompute")  # fmt: skip
     assert "cached 24 clips" in proc.stdout, proc.stdout + proc.stderr
     return cache_dir
 
 
 def demo_config(tiny_model_dir, demo_videos_dir, cache_dir, *overrides):
+    from conftest import REPO
     from hydra import compose, initialize_config_dir
 
-    from conftest import REPO
-    from train.config import register_configs, typed_config
+    from radial_lora.train.config import register_configs, typed_config
 
     register_configs()
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
@@ -39,8 +39,8 @@ def demo_config(tiny_model_dir, demo_videos_dir, cache_dir, *overrides):
 
 
 def test_cache_round_trip_equals_on_the_fly_encoding(built_cache, tiny_model_dir, demo_videos_dir):
-    from models.loading import load_pipeline
-    from train.step import encode_captions, posterior_params
+    from radial_lora.models.loading import load_pipeline
+    from radial_lora.train.step import encode_captions, posterior_params
 
     cfg = demo_config(tiny_model_dir, demo_videos_dir, built_cache)
     cache = LatentCache(built_cache, meta_for(cfg))
@@ -57,7 +57,7 @@ def test_cache_round_trip_equals_on_the_fly_encoding(built_cache, tiny_model_dir
 
 
 def test_cache_for_other_settings_or_stale_files_is_refused(built_cache, tiny_model_dir, demo_videos_dir, tmp_path):
-    from data.setup import usable_clips
+    from radial_lora.data.setup import usable_clips
 
     cfg = demo_config(tiny_model_dir, demo_videos_dir, built_cache, "data.fps=8")
     with pytest.raises(ConfigError, match=r"built for other settings \(fps: cache has 16.0, run wants 8.0\)"):

@@ -10,9 +10,9 @@ from torch._dynamo import register_backend
 from torch._dynamo.backends.common import aot_autograd
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.checkpointing import attention_ops, is_self_attention
-from models.setup import prepare_transformer
-from train.config import AttentionConfig, LoraConfig, ModelConfig
+from radial_lora.models.checkpointing import attention_ops, is_self_attention
+from radial_lora.models.setup import prepare_transformer
+from radial_lora.train.config import AttentionConfig, LoraConfig, ModelConfig
 
 RADIAL = dict(block_size=16, decay=1.0, sink=True)
 
@@ -175,7 +175,7 @@ def test_gpu_kept_blocks_launch_one_attention_forward(keep, compile_blocks, gluo
     recomputation), each kept block once."""
     from diffusers import WanTransformer3DModel
 
-    from kernels import triton_attention as ta
+    from radial_lora.kernels import triton_attention as ta
 
     if gluon == "fwd" and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon forward needs an sm_90 GPU")

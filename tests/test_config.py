@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from train.config import Config, ConfigError, register_configs, typed_config, validate
+from radial_lora.train.config import Config, ConfigError, register_configs, typed_config, validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ["model", "data", "attention", "lora", "optim", "trainer", "logger"]

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from data.catalog import build_catalog, choose_size
-from data.dataset import BucketBatchSampler, ClipDataset, collate
-from data.sources import read_source
-from data.video import BadVideo, clip_indices, decode_clip, resize_center_crop
+from radial_lora.data.catalog import build_catalog, choose_size
+from radial_lora.data.dataset import BucketBatchSampler, ClipDataset, collate
+from radial_lora.data.sources import read_source
+from radial_lora.data.video import BadVideo, clip_indices, decode_clip, resize_center_crop
 
 HERE = Path(__file__).resolve().parent
 GOOD = ["h264.mp4", "mpeg4.mp4", "vp9.webm", "portrait.mp4", "odd_size.mp4", "fps30.mp4", "long.mp4", "vfr.mp4"]
@@ -57,7 +57,7 @@ def test_demo_dataset_is_real_h264_with_captions(demo_videos_dir):
 def test_demo_videos_command_writes_clips_of_the_asked_length(tmp_path, capsys):
     import decord
 
-    from data.demo_videos import main
+    from radial_lora.data.demo_videos import main
 
     main([str(tmp_path / "long"), "--clips", "2", "--frames", "81", "83", "--size", "32"])
     assert "2 clips in" in capsys.readouterr().out
@@ -250,7 +250,7 @@ def test_a_clip_failing_mid_run_costs_one_sample(corpus, tmp_path):
 
 def run_inspect(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "data.inspect", *args], capture_output=True, text=True,
-                          cwd=HERE.parent, env={**os.environ, "PYTHONPATH": str(HERE.parent)})  # fmt: skip
+                          cwd=HERE.parent)  # fmt: skip
 
 
 def test_inspect_reports_usable_and_rejects(corpus, tmp_path):

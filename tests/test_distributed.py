@@ -11,9 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
-from train.config import Config, DataConfig, OptimConfig, Precision, Strategy, TrainerConfig
-from train.distributed import deepspeed_config
+from radial_lora.train.config import Config, DataConfig, OptimConfig, Precision, Strategy, TrainerConfig
+from radial_lora.train.distributed import deepspeed_config
 
 pytestmark = pytest.mark.slow
 COMMON = ["data.frames=[17]", "data.sizes=[[32,32]]", "train.steps=4", "train.checkpoint_every=2",
@@ -32,9 +31,9 @@ def test_deepspeed_config_has_explicit_batch_sizes():
 
 
 def launch(launcher: list[str], cwd, *overrides, model_dir, videos_dir, env=None):
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **(env or {})}
+    full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
     proc = subprocess.run(
-        [*launcher, "-m", "train", f"model.path={model_dir}", f"data.root={videos_dir}", "data.num_workers=1",
+        [*launcher, "-m", "radial_lora.train", f"model.path={model_dir}", f"data.root={videos_dir}", "data.num_workers=1",
          *COMMON, *overrides],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
@@ -120,9 +119,9 @@ def test_sequence_parallel_matches_one_process(one_process_48, tmp_path, tiny_mo
 
 def test_sequence_parallel_must_divide_the_heads(tmp_path, tiny_model_dir, demo_videos_dir):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    full_env = {**os.environ, "WANDB_MODE": "disabled"}
     proc = subprocess.run(
-        [*torchrun, "-m", "train", f"model.path={tiny_model_dir}", f"data.root={demo_videos_dir}", *COMMON,
+        [*torchrun, "-m", "radial_lora.train", f"model.path={tiny_model_dir}", f"data.root={demo_videos_dir}", *COMMON,
          "trainer=ddp", "trainer.sequence_parallel=3"],
         cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip

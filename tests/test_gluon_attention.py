@@ -12,11 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from kernels import block_sparse_attention, block_sparse_attention_reference, radial_block_mask
-from kernels import triton_attention as ta
-from kernels.triton_attention import compact_mask
 from test_triton_attention import check_against_reference, random_inputs  # tests/ is on the path under pytest
+
+from radial_lora.kernels import triton_attention as ta
+from radial_lora.kernels.radial_mask import radial_block_mask
+from radial_lora.kernels.reference import block_sparse_attention_reference
+from radial_lora.kernels.triton_attention import block_sparse_attention, compact_mask
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward needs an sm_90 GPU")
@@ -92,7 +93,7 @@ def test_gpu_gluon_empty_rows_full_mask_and_strided_inputs(gluon):
 def test_gpu_gluon_ops_opcheck():
     """Schema, fake tensors and autograd registration of the Gluon ops. (torch.compile and
     checkpointing with them: test_triton_attention.py's test_gpu_torch_compile_and_checkpointing.)"""
-    from kernels.gluon_attention import hopper_dkdv, hopper_dq, hopper_forward, hopper_fused_backward
+    from radial_lora.kernels.gluon_attention import hopper_dkdv, hopper_dq, hopper_forward, hopper_fused_backward
 
     mask = radial_block_mask(6, 1560, device="cuda")
     q, k, v, d_out = (t.bfloat16() for t in random_inputs((1, 2, 6 * 1560, 128), torch.float32, "cuda"))

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.attention import WanSelfAttnProcessor, set_self_attention
-from models.lora import LORA_WEIGHT_NAME, add_lora, export_lora
-from train.config import AttentionConfig, LoraConfig, ModelConfig, TimestepConfig
+from radial_lora.models.attention import WanSelfAttnProcessor, set_self_attention
+from radial_lora.models.lora import LORA_WEIGHT_NAME, add_lora, export_lora
+from radial_lora.train.config import AttentionConfig, LoraConfig, ModelConfig, TimestepConfig
+from radial_lora.train.step import flow_matching_loss, sample_sigmas
 
 DENSE = AttentionConfig(backend="dense")
-from train.step import flow_matching_loss, sample_sigmas
 
 
 def load(model_dir):
-    from models.loading import load_pipeline
+    from radial_lora.models.loading import load_pipeline
 
     return load_pipeline(ModelConfig(id="tiny-wan", path=str(model_dir)))
 
@@ -49,8 +49,8 @@ def test_tiny_model_is_a_real_wan_pipeline(tiny_model_dir):
 
 
 def test_clips_beyond_the_rotary_table_are_refused_in_one_line(tiny_model_dir):
-    from models.setup import check_rotary_covers
-    from train.config import ConfigError
+    from radial_lora.models.setup import check_rotary_covers
+    from radial_lora.train.config import ConfigError
 
     pipe = load(tiny_model_dir)  # rope_max_seq_len 1024, VAE x4 in time and x8 in space, patch 1x2x2
     check_rotary_covers(pipe, [321, 81], [[480, 832]])
@@ -138,7 +138,7 @@ def test_export_loads_into_a_fresh_pipeline_with_the_same_output(tiny_model_dir,
 def test_random_init_builds_the_published_architectures():
     """model.init=random: Wan2.1 1.3B / 14B, Wan's VAE and UMT5-XXL's encoder (on the meta device:
     shapes and dtypes without the memory)."""
-    from models.random_init import random_pipeline
+    from radial_lora.models.random_init import random_pipeline
 
     dtypes = {"transformer": torch.bfloat16, "vae": torch.float32, "text_encoder": torch.bfloat16}
 
@@ -156,7 +156,7 @@ def test_random_init_builds_the_published_architectures():
 
 
 def test_pipeline_without_the_text_encoder_for_cached_training(tiny_model_dir):
-    from models.loading import load_pipeline
+    from radial_lora.models.loading import load_pipeline
 
     pipe = load_pipeline(ModelConfig(id="tiny-wan", path=str(tiny_model_dir)), text_encoder=False)
     assert pipe.text_encoder is None and pipe.transformer is not None and pipe.vae is not None
@@ -173,7 +173,7 @@ def test_offline_missing_model_fails_at_once_saying_how_to_fix_it(tmp_path, demo
 
 
 def test_a_local_folder_that_is_not_a_model_is_named(tmp_path):
-    from models.loading import load_pipeline
+    from radial_lora.models.loading import load_pipeline
 
     with pytest.raises(FileNotFoundError, match="is not a diffusers model folder"):
         load_pipeline(ModelConfig(id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", path=str(tmp_path)))

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from kernels import block_density, radial_block_mask, token_mask
-from kernels.radial_mask import band_width
+from radial_lora.kernels.radial_mask import band_width, block_density, radial_block_mask, token_mask
 
 
 def literal_radial_block_mask(f, s, *, text=0, b=128, decay=1.0, sink=True, legacy=False):
@@ -148,7 +147,7 @@ def test_bad_arguments_fail_clearly():
 
 
 def test_report_script_writes_the_table_and_a_picture(tmp_path):
-    from scripts.radial_mask_report import density_table, plot_mask
+    from radial_lora.scripts.radial_mask_report import density_table, plot_mask
 
     table = density_table(decays=(1.0, 0.2)).splitlines()
     assert len(table) == 2 + 6 and "| 480p (480x832) | 321 | 81 | 126,360 |" in table[4]

@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO
 
 
@@ -54,9 +53,9 @@ def test_generate_with_a_trained_lora(train_cli):
     for name, extra in (("lora", []), ("base", ["--no-lora"])):
         out = train_cli.cwd / f"{name}.mp4"
         proc = subprocess.run(
-            [sys.executable, "-m", "scripts.generate", "--run", "outputs/g", "--prompt", "a red square", "--frames", "13",
+            [sys.executable, "-m", "radial_lora.scripts.generate", "--run", "outputs/g", "--prompt", "a red square", "--frames", "13",
              "--steps", "3", "--device", "cpu", "--out", str(out), *extra],
-            cwd=train_cli.cwd, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+            cwd=train_cli.cwd, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"video written to {out}" in proc.stdout
@@ -109,7 +108,7 @@ def test_tile_sweep_times_every_candidate(tmp_path):
                            "--tokens-per-frame", "512", "--heads", "2", "--kernels", "dq", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from scripts.tune_attention import CANDIDATES
+    from radial_lora.scripts.tune_attention import CANDIDATES
 
     (record,) = tmp_path.glob("attention_tuning_*.json")
     rows = json.loads(record.read_text())["rows"]
@@ -121,9 +120,9 @@ def test_launch_order_model_favours_heavy_first():
     """scripts/launch_order_model.py: list scheduling of the wan_4x shape's programs on 132 SMs
     finishes sooner in compact_mask's heavy-first order than in block order, and never before the
     ideal (total work / SMs)."""
-    from kernels import radial_block_mask
-    from kernels.triton_attention import compact_mask
-    from scripts.launch_order_model import makespan
+    from radial_lora.kernels.radial_mask import radial_block_mask
+    from radial_lora.kernels.triton_attention import compact_mask
+    from radial_lora.scripts.launch_order_model import makespan
 
     _, _, _, q_count, _, q_order = compact_mask(radial_block_mask(81, 1560, decay=1.0))
     cost = [float(c) + 2 for c in q_count.tolist()]

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -34,7 +33,7 @@ def slurm_up(env) -> bool:
 
 @pytest.fixture(scope="module")
 def slurm_env(tmp_path_factory):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    env = {**os.environ, "WANDB_MODE": "disabled"}
     if os.environ.get("SLURM_CONF") and slurm_up(env):
         yield env
         return

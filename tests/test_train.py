@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import run_train
+from safetensors.torch import load_file
 from wandb_log import config as wandb_config
 from wandb_log import history as wandb_history
 
@@ -144,8 +143,8 @@ def test_train_deterministic_turns_on_pytorch_deterministic_mode(monkeypatch, de
     """train.deterministic=true: the seed, PyTorch's deterministic algorithms (warn-only, so an op
     without a deterministic version cannot stop a run) and cuBLAS's workspace setting. (What the
     attention op then runs on Hopper: tests/test_gluon_attention.py.)"""
-    from train.config import TrainConfig
-    from train.loop import seed_everything
+    from radial_lora.train.config import TrainConfig
+    from radial_lora.train.loop import seed_everything
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     seed_everything(TrainConfig(seed=3))

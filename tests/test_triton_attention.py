@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import block_sparse_attention, block_sparse_attention_reference, radial_block_mask
-from kernels.triton_attention import compact_mask
+from radial_lora.kernels.radial_mask import radial_block_mask
+from radial_lora.kernels.reference import block_sparse_attention_reference
+from radial_lora.kernels.triton_attention import block_sparse_attention, compact_mask
 
 GPU = torch.cuda.is_available()
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +146,7 @@ def test_bad_inputs_fail_clearly():
 def test_tma_loads_equal_pointer_loads_and_odd_layouts_fall_back(monkeypatch):
     """The TMA descriptor loads (RADIAL_TRITON_TMA) give bit-identical outputs and gradients to
     pointer loads, partial last block included, and a layout TMA cannot read keeps pointer loads."""
-    import kernels.triton_attention as ta
+    import radial_lora.kernels.triton_attention as ta
 
     mask = radial_block_mask(3, 40, block_size=32)
     inputs = random_inputs((1, 2, 120, 64), torch.float32, "cpu")  # 120 tokens: the last block partial
@@ -168,7 +169,7 @@ def test_tma_choice_is_checked():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", "import kernels.triton_attention"], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", "import radial_lora.kernels.triton_attention"], cwd=REPO, capture_output=True,
                           text=True, env={**os.environ, "RADIAL_TRITON_TMA": "yes"}, timeout=120)  # fmt: skip
     assert proc.returncode != 0 and "RADIAL_TRITON_TMA='yes': expected one of all, backward, none" in proc.stderr
 
@@ -196,7 +197,7 @@ def test_opcheck_schema_autograd_and_fake():
 @pytest.mark.parametrize("tma", ["none", "all"], ids=["pointer-loads", "tma-loads"])
 @pytest.mark.parametrize("gluon", ["none", "auto"])  # auto: every Gluon kernel on an H100
 def test_gpu_bf16_real_shapes(frames, tokens_per_frame, heads, head_dim, decay, tma, gluon, monkeypatch):
-    import kernels.triton_attention as ta
+    import radial_lora.kernels.triton_attention as ta
 
     monkeypatch.setattr(ta, "TMA_KERNELS", ta.TMA_CHOICES[tma])  # each load path in every kernel
     mask = radial_block_mask(frames, tokens_per_frame, decay=decay, device="cuda")
@@ -215,14 +216,15 @@ def test_gpu_tma_backward_in_a_fresh_process():
 
     code = (
         "import torch\n"
-        "from kernels import block_sparse_attention, radial_block_mask\n"
+        "from radial_lora.kernels.radial_mask import radial_block_mask\n"
+        "from radial_lora.kernels.triton_attention import block_sparse_attention\n"
         "q, k, v = (torch.randn(1, 2, 21 * 1560, 128, device='cuda', dtype=torch.bfloat16, requires_grad=True)"
         " for _ in range(3))\n"
         "out = block_sparse_attention(q, k, v, radial_block_mask(21, 1560, device='cuda'))\n"
         "out.sum().backward()\n"
         "assert all(torch.isfinite(t.grad).all() for t in (q, k, v))\n"
     )
-    env = {**os.environ, "RADIAL_TRITON_TMA": "all", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "RADIAL_TRITON_TMA": "all"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -245,7 +247,7 @@ def test_gpu_empty_rows_and_full_mask():
 def test_gpu_torch_compile_and_checkpointing(gluon):
     from torch.utils.checkpoint import checkpoint
 
-    import kernels.triton_attention as ta
+    import radial_lora.kernels.triton_attention as ta
 
     if gluon != "none" and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernels need an sm_90 GPU")

@@ -19,7 +19,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from train.config import ConfigError, register_configs, typed_config, validate  # noqa: E402
+from radial_lora.train.config import CONFIG_DIR, ConfigError, register_configs, typed_config, validate  # noqa: E402
 
 register_configs()
 
@@ -33,10 +33,10 @@ faulthandler.register(signal.SIGUSR2, all_threads=True)  # (USR1 and TERM: stop 
 USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError)
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(dict_cfg: DictConfig) -> None:
     """Turn the composed config into typed dataclasses, check it, train, report the LoRA path."""
-    from train.loop import TrainingDiverged, train
+    from radial_lora.train.loop import TrainingDiverged, train
 
     try:
         cfg = typed_config(dict_cfg)

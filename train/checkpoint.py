@@ -18,8 +18,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from models.lora import load_trainable_state_dict, trainable_state_dict
-from train.config import ConfigError
+from radial_lora.models.lora import load_trainable_state_dict, trainable_state_dict
+from radial_lora.train.config import ConfigError
 
 TRAINABLE_FILE = "trainable.safetensors"
 MARKER_FILE = "checkpoint.json"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -303,6 +304,13 @@ class Config:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# The Hydra tree, as an absolute path: configs/ beside this folder in a checkout (editable install)
+# and radial_lora/configs in a built one. Absolute, because Hydra resolves a relative config_path
+# against the importing package when the entry point is a console script, and `radial_lora` is a
+# namespace package that importlib.resources cannot list in an editable install.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 def register_configs() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from train.config import Config, ConfigError, Precision, Strategy
+from radial_lora.train.config import Config, ConfigError, Precision, Strategy
 
 ZERO_STAGES = {Strategy.zero2: 2, Strategy.zero3: 3}
 
@@ -63,7 +63,7 @@ def make_accelerator(cfg: Config, run_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-    from train.tracking import wandb_mode
+    from radial_lora.train.tracking import wandb_mode
 
     plugin, on_cpu, handlers = None, not torch.cuda.is_available(), []
     if cfg.trainer.strategy in ZERO_STAGES:

@@ -15,16 +15,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from data.dataset import BucketBatchSampler, ClipDataset, collate
-from data.policy import REASONS, RejectCounts
-from data.setup import catalog_for, usable_clips
-from models.attention import describe, triton_kernels
-from models.loading import check_model_available, load_pipeline, torch_dtype
-from models.lora import export_lora
-from models.setup import check_rotary_covers, prepare_transformer
-from train.checkpoint import TrainState, install_hooks, resolve_resume, save_checkpoint
-from train.config import Config, TrainConfig
-from train.distributed import (
+from radial_lora.data.dataset import BucketBatchSampler, ClipDataset, collate
+from radial_lora.data.policy import REASONS, RejectCounts
+from radial_lora.data.setup import catalog_for, usable_clips
+from radial_lora.models.attention import describe, triton_kernels
+from radial_lora.models.loading import check_model_available, load_pipeline, torch_dtype
+from radial_lora.models.lora import export_lora
+from radial_lora.models.setup import check_rotary_covers, prepare_transformer
+from radial_lora.train.checkpoint import TrainState, install_hooks, resolve_resume, save_checkpoint
+from radial_lora.train.config import Config, TrainConfig
+from radial_lora.train.distributed import (
     autocast_dtype,
     checkpoint_kwargs,
     gathered,
@@ -32,9 +32,9 @@ from train.distributed import (
     model_input_dtype,
     sequence_parallel_group,
 )
-from train.preemption import StopSignals, note_preemption
-from train.step import encode_captions, flow_matching_loss, noisy_inputs, posterior_params, sample_generator
-from train.tracking import peak_memory_gb, start_tracking
+from radial_lora.train.preemption import StopSignals, note_preemption
+from radial_lora.train.step import encode_captions, flow_matching_loss, noisy_inputs, posterior_params, sample_generator
+from radial_lora.train.tracking import peak_memory_gb, start_tracking
 
 
 class TrainingDiverged(RuntimeError):

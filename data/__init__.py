@@ -1,1 +1,0 @@
-"""Video decoding, clip sampling, datasets and samplers."""

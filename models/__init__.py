@@ -1,1 +1,0 @@
-"""Loading models by name, the self-attention swap and LoRA wrapping."""

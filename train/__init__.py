@@ -1,1 +1,0 @@
-"""The trainer: config schemas, the training loop, the loss, checkpoints and tracking."""
