@@ -8,6 +8,7 @@ direction, so a model could in principle learn the mapping.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -84,6 +85,17 @@ def write_mp4(
             container.mux(packet)
 
 
+MARKER = ".radial_lora_demo"
+"""Written into every folder the generator made: the only folders it will ever reuse."""
+_DEMO_FILE = re.compile(r"^clip_\d{3}\.(mp4|txt)$")
+
+
+def _made_before_the_marker(root: Path) -> bool:
+    """A demo folder written by a version without MARKER: nothing in it but clip_NNN.mp4/.txt."""
+    names = [p.name for p in root.iterdir()] if root.is_dir() else []
+    return any(n.endswith(".mp4") for n in names) and all(_DEMO_FILE.match(n) for n in names)
+
+
 def generate_demo_videos(
     root: str | os.PathLike,
     num_clips: int = 24,
@@ -93,14 +105,19 @@ def generate_demo_videos(
     fps: float = 16.0,
     seed: int = 0,
 ) -> Path:
-    """Write `num_clips` mp4 clips with `.txt` captions into `root`, once (an existing one is kept).
+    """Write `num_clips` mp4 clips with `.txt` captions into a new folder `root`, once.
 
-    Written into a temporary sibling folder and renamed, so an interrupted generation never leaves
-    a half dataset behind.
+    A folder this generator made before (it holds MARKER) is reused as it is. Any other folder that
+    exists and is not empty is refused, never written into, moved or deleted: it may hold someone's
+    videos. The clips are written into a temporary sibling folder and renamed into place, so an
+    interrupted generation never leaves a half dataset behind.
     """
     root = Path(root)
-    if root.is_dir() and any(root.glob("*.mp4")):
+    if (root / MARKER).is_file() or _made_before_the_marker(root):
         return root
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise FileExistsError(f"{root} exists and was not made by the demo generator: it is left untouched; "
+                              "generate the demo clips into a new folder")  # fmt: skip
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
     rng = np.random.default_rng(seed)
@@ -121,14 +138,14 @@ def generate_demo_videos(
             pace = "slowly" if speed < 1.0 else "quickly"
             caption = f"a {colour} {shape} moving {pace} {direction} on a {background} background"
             (tmp / f"{name}.txt").write_text(caption + "\n", encoding="utf-8")
+        (tmp / MARKER).write_text(f"clips={num_clips} size={size} frames={min_frames}-{max_frames} fps={fps} seed={seed}\n")
         try:
-            tmp.rename(root)
-        except OSError:  # root exists (empty, or another process finished first)
-            if not any(root.glob("*.mp4")):
-                shutil.rmtree(root)
-                tmp.rename(root)
+            tmp.rename(root)  # onto a missing or empty folder only: rename never replaces a non-empty one
+        except OSError:
+            if not (root / MARKER).is_file():  # not another process finishing first
+                raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder (empty after the rename)
     return root
 
 
@@ -141,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("root", help="folder to write (kept as it is if it already holds mp4 files)")
+    parser.add_argument("root", help="a new folder to write (one this command made before is kept as it is)")
     parser.add_argument("--clips", type=int, default=24)
     parser.add_argument("--frames", type=int, nargs=2, default=[33, 65], metavar=("MIN", "MAX"))
     parser.add_argument("--size", type=int, default=64, help="side of the square frames, pixels")
@@ -150,7 +167,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.clips < 1 or not 1 <= args.frames[0] <= args.frames[1]:
         parser.error("--clips must be >= 1 and --frames MIN MAX must satisfy 1 <= MIN <= MAX")
-    root = generate_demo_videos(args.root, args.clips, args.size, args.frames[0], args.frames[1], args.fps, args.seed)
+    try:
+        root = generate_demo_videos(args.root, args.clips, args.size, args.frames[0], args.frames[1], args.fps,
+                                    args.seed)  # fmt: skip
+    except FileExistsError as err:
+        raise SystemExit(f"error: {err}") from None
     print(f"{len(list(root.glob('*.mp4')))} clips in {root}")
 
 

@@ -104,13 +104,21 @@ def precompute(cfg) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(dict_cfg: DictConfig) -> None:
+def run(dict_cfg: DictConfig) -> None:
     try:
         cfg = typed_config(dict_cfg)
         validate(cfg)
         precompute(cfg)
     except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
+
+
+def main() -> None:
+    """The console entry point: the same overrides as training, the same own-videos rule."""
+    from radial_lora.train.help import own_videos_overrides
+
+    sys.argv = [sys.argv[0], *own_videos_overrides(sys.argv[1:])[0]]
+    run()
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@ which clips exist and how they are cut.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from radial_lora.data.cache import LatentCache, cache_meta
 from radial_lora.data.catalog import Catalog, build_catalog
 from radial_lora.data.demo_videos import generate_demo_videos
+from radial_lora.data.sources import describe_folder
 from radial_lora.train.config import Config, ConfigError, DataConfig
 
 
@@ -47,6 +50,10 @@ def usable_clips(cfg: Config, catalog: Catalog):
             catalog.counts.add(reason)
     if not clips:
         sources = ", ".join(s.path for s in cfg.data.sources())
+        if not catalog.rejected:  # not one video was found: say what is there instead
+            found = "; ".join(f"{s.path}: {describe_folder(s.path)}" for s in cfg.data.sources()
+                              if not Path(s.path).is_file())  # fmt: skip
+            raise ConfigError(f"no videos in {sources}" + (f" ({found})" if found else ""))
         raise ConfigError(f"no usable clips in {sources} (rejected: {catalog.counts.summary()}); "
                           f"`python -m data.inspect PATH` lists each file's problem")  # fmt: skip
     return clips, cache

@@ -57,6 +57,29 @@ def read_folder(root: Path) -> list[Entry]:
     return entries
 
 
+def describe_folder(root: Path, limit: int = 6) -> str:
+    """What a folder holds, for an error about it: files by extension and the subfolders."""
+    root = Path(root)
+    if not root.exists():
+        return "it does not exist"
+    if not root.is_dir():
+        return "it is not a folder"
+    by_suffix: dict[str, int] = {}
+    folders = 0
+    for p in root.rglob("*"):
+        if p.is_dir():
+            folders += 1
+        else:
+            suffix = p.suffix.lower() or "(no extension)"
+            by_suffix[suffix] = by_suffix.get(suffix, 0) + 1
+    if not by_suffix and not folders:
+        return "it is empty"
+    common = sorted(by_suffix.items(), key=lambda kv: (-kv[1], kv[0]))
+    files = ", ".join(f"{n} {suffix}" for suffix, n in common[:limit]) + (", ..." if len(common) > limit else "")
+    return (f"found {sum(by_suffix.values())} files ({files or 'none'}) in {folders} subfolders and the top level; "
+            f"videos are {' '.join(VIDEO_SUFFIXES)}, each with a same-named .txt caption")  # fmt: skip
+
+
 def _entry_from_row(row: dict, base: Path, where: str) -> Entry:
     video = row.get("video")
     if not isinstance(video, str) or not video.strip():

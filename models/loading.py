@@ -38,12 +38,19 @@ def _not_found(source: str, err: Exception) -> FileNotFoundError:
     why = str(err).splitlines()[0] if str(err) else type(err).__name__
     return FileNotFoundError(
         f"cannot load model {source!r} ({why[:160]}). Without network access, download it elsewhere "
-        f"(`huggingface-cli download {source} --local-dir DIR`) and set model.path=DIR"
+        f"(`hf download {source} --local-dir DIR`) and set model.path=DIR"
     )
 
 
-def check_model_available(cfg: ModelConfig) -> None:
-    """Fail at once (before data is scanned) if a hub model is neither cached nor reachable."""
+def check_model_available(cfg: ModelConfig, cache_dir: str | None = None) -> None:
+    """Fail at once (before data is scanned) if the model cannot be had: a hub model neither cached
+    nor reachable, or a tiny demo model whose folder is missing outside `cache_dir` (it is built
+    only there: a mistyped model.path must not become a random model written somewhere)."""
+    if cfg.id in TINY_MODELS and cfg.path and not Path(cfg.path, "model_index.json").exists():
+        inside = cache_dir and Path(cfg.path).resolve().is_relative_to(Path(cache_dir).resolve())
+        if not inside:
+            raise FileNotFoundError(f"model.path={cfg.path} holds no model (no model_index.json); the tiny demo model "
+                                    f"is built only under cache_dir={cache_dir}")  # fmt: skip
     if cfg.path or cfg.init == "random" or cfg.id in TINY_MODELS:
         return
     from huggingface_hub import HfApi, try_to_load_from_cache

@@ -4,9 +4,10 @@
     python -m scripts.generate --run outputs/wan_4x --prompt "..." --frames 321 --steps 50 --out fox.mp4
     python -m scripts.generate --run outputs/tiny --prompt "a red square" --steps 4 --device cpu   # the demo's
 
-The run folder's `.hydra/config.yaml` gives the model (`model.path` / hub id), the attention
-(radial mask, backend, and `attention.dense_timesteps`: the first denoising steps run dense, as
-in the paper) and the default size and length (the run's first size and longest clip); its
+The run folder's `config.yaml` gives the model (`model.path` / hub id), the attention (radial
+mask, backend, and `attention.dense_timesteps`: the first denoising steps run dense, as in the
+paper) and the default length (the run's longest clips); the default size is the one most of the
+run's clips were trained at (its `clips.json`). Its
 `lora/` export is loaded with diffusers' `load_lora_weights`, as any diffusers user would.
 Writes an H.264 mp4 and prints its path.
 """
@@ -26,13 +27,31 @@ from radial_lora.train.config import Config, typed_config
 
 
 def run_config(run: Path) -> Config:
-    """The typed config a training run was started with."""
+    """The typed config a training run was started with (config.yaml in its folder; .hydra/ for
+    runs of older versions)."""
     from omegaconf import OmegaConf
 
-    path = run / ".hydra" / "config.yaml"
-    if not path.exists():
-        raise SystemExit(f"error: {path} not found: --run must be a training run's folder (outputs/NAME)")
-    return typed_config(OmegaConf.load(path))
+    for path in (run / "config.yaml", run / ".hydra" / "config.yaml"):
+        if path.exists():
+            return typed_config(OmegaConf.load(path))
+    raise SystemExit(f"error: {run} has no config.yaml: --run must be a training run's folder (outputs/NAME)")
+
+
+def trained_size(run: Path, cfg: Config) -> tuple[int, int, str]:
+    """(height, width, why): the size most of the run's clips were trained at (its clips.json),
+    else the config's first size."""
+    import json
+
+    path = run / "clips.json"
+    if path.exists():
+        buckets = json.loads(path.read_text())["buckets_frames_height_width_count"]
+        if buckets:
+            by_size: dict[tuple[int, int], int] = {}
+            for _, h, w, n in buckets:
+                by_size[h, w] = by_size.get((h, w), 0) + n
+            (height, width), n = max(by_size.items(), key=lambda kv: kv[1])
+            return height, width, f"the size of {n} of the run's clips"
+    return cfg.data.sizes[0][0], cfg.data.sizes[0][1], "the run's first data.sizes (no clips.json)"
 
 
 def to_uint8(video) -> np.ndarray:
@@ -61,11 +80,14 @@ def main(argv: list[str] | None = None) -> Path:
 
     cfg = run_config(args.run)
     frames = args.frames or max(cfg.data.frames)
-    height, width = args.height or cfg.data.sizes[0][0], args.width or cfg.data.sizes[0][1]
+    height, width, why = trained_size(args.run, cfg)
+    if args.height or args.width:
+        height, width, why = args.height or height, args.width or width, "as asked"
     if (frames - 1) % 4 or height % 16 or width % 16:
         raise SystemExit(f"error: --frames must be 4n+1 and --height/--width multiples of 16; got {frames}, "
                          f"{height}x{width}")  # fmt: skip
     device = torch.device(args.device)
+    print(f"size: {height}x{width} ({why}), {frames} frames")
 
     pipe = load_pipeline(cfg.model, device=device)
     if not args.no_lora:

@@ -46,6 +46,12 @@ def demo_videos_dir(tmp_path_factory) -> Path:
     return generate_demo_videos(tmp_path_factory.mktemp("data") / "demo_videos")
 
 
+# The demo data group's clip settings. Tests that train on the demo clips pass them as a user's
+# folder (data.root=...), which selects the videos data group (Wan's 81 frames at 480p): these keep
+# the clips' own small shape.
+DEMO_DATA = ["data.frames=[33]", "data.sizes=[[64,64]]", "data.batch_size=2", "data.cache_dtype=float32"]
+
+
 def run_train(
     cwd: Path, *overrides: str, env: dict | None = None, timeout: int = 600, module: str = "radial_lora.train"
 ) -> subprocess.CompletedProcess:
@@ -70,6 +76,7 @@ def train_cli(tmp_path, tiny_model_dir, demo_videos_dir):
             tmp_path,
             f"model.path={tiny_model_dir}",
             f"data.root={demo_videos_dir}",
+            *DEMO_DATA,
             "data.num_workers=1",
             *overrides,
             env=env,

@@ -16,26 +16,27 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def built_cache(tmp_path_factory, tiny_model_dir, demo_videos_dir):
-    from conftest import run_train
+    from conftest import DEMO_DATA, run_train
 
     cwd = tmp_path_factory.mktemp("precompute")
     cache_dir = cwd / "cache"
-    proc = run_train(cwd, f"model.path={tiny_model_dir}", f"data.root={demo_videos_dir}", f"data.cache={cache_dir}",
-                     module="radial_lora.data.precompute")  # fmt: skip
+    proc = run_train(cwd, f"model.path={tiny_model_dir}", f"data.root={demo_videos_dir}", *DEMO_DATA,
+                     f"data.cache={cache_dir}", module="radial_lora.data.precompute")  # fmt: skip
     assert "cached 24 clips" in proc.stdout, proc.stdout + proc.stderr
     return cache_dir
 
 
 def demo_config(tiny_model_dir, demo_videos_dir, cache_dir, *overrides):
-    from conftest import REPO
+    from conftest import DEMO_DATA, REPO
     from hydra import compose, initialize_config_dir
 
     from radial_lora.train.config import register_configs, typed_config
 
     register_configs()
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):  # as `python -m train` composes it
         return typed_config(compose("train", overrides=[
-            f"model.path={tiny_model_dir}", f"data.root={demo_videos_dir}", f"data.cache={cache_dir}", *overrides]))
+            "data=videos", f"model.path={tiny_model_dir}", f"data.root={demo_videos_dir}", *DEMO_DATA,
+            f"data.cache={cache_dir}", *overrides]))  # fmt: skip
 
 
 def test_cache_round_trip_equals_on_the_fly_encoding(built_cache, tiny_model_dir, demo_videos_dir):

@@ -113,6 +113,12 @@ def test_cross_field_checks_name_the_key():
         ("data.frames=[16]", "data.frames=[16]"),
         ("data.on_error=ignore", "data.on_error='ignore'"),
         ("+lora.ranks=4", "lora.ranks"),
+        ("lora.alpha=0", "lora.alpha=0.0 must be > 0"),
+        ("lora.dropout=2.0", "lora.dropout=2.0 must be in [0, 1)"),
+        ("optim.lr=-1", "optim.lr=-1.0 must be > 0"),
+        ("optim.warmup_steps=-5", "optim.warmup_steps=-5 must be >= 0"),
+        ("optim.max_grad_norm=-1", "optim.max_grad_norm=-1.0 must be >= 0"),
+        ("optim.scheduler=cosnie", "optim.scheduler='cosnie': expected one of linear, cosine"),
     ],
 )
 def test_cli_rejects_bad_config_before_loading_anything(tmp_path, override, needle):
@@ -131,3 +137,11 @@ def test_an_experiment_that_needs_a_latent_cache_says_so(train_cli):
     proc = train_cli("data.require_cache=true", check=False)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("error: data.cache is required here (data.require_cache)")
+
+
+def test_scheduler_names_are_diffusers():
+    from diffusers.optimization import SchedulerType
+
+    from radial_lora.train.config import SCHEDULERS
+
+    assert set(SCHEDULERS) == {s.value for s in SchedulerType}

@@ -38,7 +38,8 @@ def test_ecosystem_packages_import_from_the_repository_root():
     proc = python(code, REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs, ours = proc.stdout.split()
-    assert theirs != "None" and not Path(theirs).is_relative_to(REPO), theirs  # Hugging Face's kernels
+    # Hugging Face's kernels, from site-packages (which may lie inside the checkout: CI's .venv).
+    assert theirs != "None" and "site-packages" in Path(theirs).parts and Path(theirs).parent != REPO / "kernels"
     assert Path(ours) == REPO / "kernels" / "dispatch.py"
 
 

@@ -44,10 +44,11 @@ def test_train_step_benchmark_with_sequence_parallelism(tmp_path):
 
 def test_generate_with_a_trained_lora(train_cli):
     """Train a few steps, then `python -m scripts.generate --run ...`: the run's model, attention and
-    LoRA make an mp4 that decodes to the asked frames and size; the LoRA changes the video."""
+    LoRA make an mp4 that decodes to the asked frames at the size the run's clips were trained at
+    (the square clips took the square bucket, not the first one); the LoRA changes the video."""
     import decord
 
-    train_cli("data.frames=[9]", "data.sizes=[[32,32]]", "data.batch_size=2", "train.steps=3",
+    train_cli("data.frames=[9]", "data.sizes=[[48,32],[32,32]]", "data.batch_size=2", "train.steps=3",
               "train.checkpoint_every=0", "logger.mode=disabled", "optim.lr=1e-2", "name=g")  # fmt: skip
     videos = {}
     for name, extra in (("lora", []), ("base", ["--no-lora"])):
@@ -61,6 +62,7 @@ def test_generate_with_a_trained_lora(train_cli):
         assert f"video written to {out}" in proc.stdout
         assert ("LoRA: outputs/g/lora/pytorch_lora_weights.safetensors" in proc.stdout) == (name == "lora")
         assert "layers radial on reference" in proc.stdout  # the run's attention, not diffusers' default
+        assert "size: 32x32 (the size of 24 of the run's clips), 13 frames" in proc.stdout
         reader = decord.VideoReader(str(out))
         videos[name] = reader.get_batch(list(range(len(reader)))).asnumpy()
         assert videos[name].shape == (13, 32, 32, 3)

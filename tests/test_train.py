@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def test_resume_continues_exactly(train_cli):
 
     def final(name):
         ckpt = train_cli.cwd / f"outputs/{name}/checkpoints/step_000006"
-        state = torch.load(ckpt / "custom_checkpoint_1.pkl", weights_only=False)
+        state = json.loads((ckpt / "train_state.json").read_text())["train_state"]
         return load_file(ckpt / "trainable.safetensors"), state
 
     (straight, s_state), (split, p_state) = final("straight"), final("split")
@@ -133,7 +134,7 @@ def test_sigusr2_prints_every_threads_stack_and_the_run_goes_on():
 
     from conftest import REPO
 
-    code = "import os, signal, train.__main__; os.kill(os.getpid(), signal.SIGUSR2); print('still running')"
+    code = "import os, signal, radial_lora.train.__main__; os.kill(os.getpid(), signal.SIGUSR2); print('still running')"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "still running" in proc.stdout, proc.stderr[-2000:]
     assert "Current thread" in proc.stderr and 'File "<string>", line 1' in proc.stderr

@@ -83,14 +83,17 @@ class ModelConfig:
     id: str = MISSING
     """Hub id of a diffusers-format model, or `tiny-wan` for the demo's tiny random model."""
     path: str | None = None
-    """Local diffusers-format folder; loaded instead of the hub. For `tiny-wan` it is built here once."""
+    """Local diffusers-format folder; loaded instead of the hub. For `tiny-wan` it is built here once,
+    and only if it lies under cache_dir (a mistyped path is an error, not a new random model)."""
     init: str = "pretrained"
     """`pretrained` loads the weights; `random` builds the same architecture with random weights
     (models/random_init.py), for speed and memory work where no weights can be downloaded."""
     transformer_dtype: DType = DType.float32
     """Storage dtype of the frozen transformer weights (LoRA weights are always fp32)."""
     vae_dtype: DType = DType.float32
+    """Storage dtype of the frozen VAE: float32, float16 or bfloat16."""
     text_encoder_dtype: DType = DType.float32
+    """Storage dtype of the frozen text encoder: float32, float16 or bfloat16."""
     max_text_tokens: int = 512
     """Prompt length the text encoder pads/truncates to (Wan: 512)."""
     gradient_checkpointing: bool = False
@@ -135,7 +138,8 @@ class DataConfig:
     mix: list[DatasetSource] = field(default_factory=list)
     """Several datasets with weights, instead of root / metadata."""
     demo: bool = False
-    """Generate the demo dataset (small synthetic H.264 clips with captions) into `root` if absent."""
+    """Generate the demo dataset (small synthetic H.264 clips with captions) into `root`, which
+    must lie under cache_dir: the project writes generated data nowhere else."""
     fps: float | None = 16.0
     """Frame rate clips are sampled at, by timestamps (Wan: 16); null takes the source's own frames."""
     frames: list[int] = field(default_factory=lambda: [81])
@@ -177,6 +181,8 @@ class AttentionConfig:
     """Self-attention: dense, or Radial Attention's static block-sparse mask (arXiv 2506.19852)."""
 
     backend: AttentionBackend = AttentionBackend.dense
+    """dense (exact, SDPA), triton (our kernels), flex (FlexAttention, CUDA only for training) or
+    reference (plain PyTorch, small inputs)."""
     block_size: int = 128
     """Side of the mask's square blocks, in tokens."""
     decay: float = 1.0
@@ -199,8 +205,11 @@ class LoraConfig:
     """peft LoRA adapters on the transformer."""
 
     rank: int = 16
+    """Rank r of each adapter's down/up matrices."""
     alpha: float = 16.0
+    """Scale: the adapter adds (alpha / rank) * B A x."""
     dropout: float = 0.0
+    """Dropout on the adapter's input, in [0, 1)."""
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     """Module names (peft's matching rules) that get adapters."""
 
@@ -210,12 +219,17 @@ class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
     lr: float = 1e-4
+    """Peak learning rate (after warm-up). The one setting of the optimizer a resume may change."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's moment decay rates."""
     weight_decay: float = 1e-4
+    """AdamW's decoupled weight decay."""
     eps: float = 1e-8
+    """AdamW's denominator epsilon."""
     scheduler: str = "constant_with_warmup"
     """Any name diffusers' `get_scheduler` accepts: constant_with_warmup, cosine, linear, ..."""
     warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 to lr."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 disables clipping)."""
 
@@ -225,8 +239,11 @@ class TrainerConfig:
     """How the run is spread over processes and which precision it uses (accelerate)."""
 
     strategy: Strategy = Strategy.single
+    """single, ddp, zero2 or zero3 (DeepSpeed ZeRO stage 2 / 3)."""
     mixed_precision: Precision = Precision.no
+    """Autocast of the forward/backward: no, fp16 or bf16."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
     offload_optimizer: bool = False
     """zero2 / zero3: keep optimizer state in CPU memory (DeepSpeed offload)."""
     offload_params: bool = False
@@ -243,8 +260,11 @@ class LoggerConfig:
     """Experiment tracking with Weights & Biases."""
 
     mode: LoggerMode = LoggerMode.offline
+    """offline (synced later with `wandb sync`), online or disabled; WANDB_MODE wins."""
     project: str = "radial-lora"
+    """W&B project."""
     entity: str | None = None
+    """W&B team or user; null: your default."""
     log_every: int = 1
     """Log metrics every N optimizer steps."""
 
@@ -254,8 +274,11 @@ class TimestepConfig:
     """Noise-level sampling of the flow-matching objective."""
 
     sampling: TimestepSampling = TimestepSampling.uniform
+    """uniform, logit_normal or shifted."""
     logit_mean: float = 0.0
+    """For `logit_normal`: mean of the normal whose sigmoid is sigma."""
     logit_std: float = 1.0
+    """For `logit_normal`: its standard deviation."""
     shift: float = 3.0
     """For `shifted`: sigma' = shift*sigma / (1 + (shift-1)*sigma), weighting noisier levels (Wan uses 3-5)."""
 
@@ -267,6 +290,7 @@ class TrainConfig:
     steps: int = 100
     """Optimizer steps (each is gradient_accumulation_steps micro-batches)."""
     seed: int = 0
+    """Seeds the data order, the noise, the timesteps and the LoRA's initialisation."""
     deterministic: bool = False
     """PyTorch's deterministic algorithms (torch.use_deterministic_algorithms, warning instead of
     stopping at ops that have none; CUBLAS_WORKSPACE_CONFIG set for cuBLAS unless already set):
@@ -278,8 +302,11 @@ class TrainConfig:
     keep_last: int = 2
     """Checkpoints kept in the run directory; older ones are deleted."""
     resume: str | None = None
-    """null: start fresh; `latest`: continue from the newest checkpoint of this run (fresh if none);
-    or a checkpoint folder."""
+    """null: start fresh; `latest`: continue from the newest checkpoint of this run (an error if
+    there is none); `auto`: the same, or start fresh if there is none (what the Slurm script
+    passes); or a checkpoint folder. A resumed run keeps its saved config: only train.steps,
+    stop_after_step, checkpoint_every, keep_last, logger.*, data loader speed settings and
+    cache_dir may change (train/run_config.py)."""
     stop_after_step: int | None = None
     """End this invocation (with a checkpoint) once this step is reached, leaving `steps` and the LR
     schedule as they are; `resume=latest` continues later. For jobs shorter than the run."""
@@ -294,8 +321,10 @@ class Config:
     """Run name; the run directory is `{output_root}/{name}`. No timestamp, so every rank of a
     multi-process run (and a restarted job) finds the same directory."""
     output_root: str = "outputs"
+    """Folder of run directories."""
     cache_dir: str = ".cache"
-    """Where the demo's generated videos and tiny model are kept between runs."""
+    """Where generated data goes, and nowhere else: the demo's videos and tiny model, kept between
+    runs."""
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     attention: AttentionConfig = MISSING
@@ -316,6 +345,12 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 def register_configs() -> None:
     """Register the root schema so `train.yaml` can name it first in its defaults list."""
     ConfigStore.instance().store(name="train_schema", node=Config)
+
+
+# diffusers' get_scheduler names (diffusers.optimization.SchedulerType), listed here so a bad name
+# fails at start without importing diffusers; tests/test_config.py checks the two lists agree.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "piecewise_constant")  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -340,6 +375,10 @@ def typed_config(cfg: DictConfig) -> Config:
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
 
 
+def _inside(path: str | None, folder: str) -> bool:
+    return bool(path) and Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
 def validate(cfg: Config) -> None:
     """Check what the schema's types cannot; raises ConfigError naming the key."""
     checks = [
@@ -362,13 +401,26 @@ def validate(cfg: Config) -> None:
         (cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size} must be >= 1"),
         (cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers} must be >= 0"),
         (cfg.data.prefetch_factor >= 1, f"data.prefetch_factor={cfg.data.prefetch_factor} must be >= 1"),
-        (not (cfg.data.demo and not cfg.data.root), "data.demo=true needs data.root (where the demo clips go)"),
+        (not cfg.data.demo or _inside(cfg.data.root, cfg.cache_dir),
+         f"data.demo=true generates clips, only under cache_dir={cfg.cache_dir} (data.root={cfg.data.root}); "
+         "for your own videos use data=videos data.root=DIR"),
         (cfg.train.steps >= 1, f"train.steps={cfg.train.steps} must be >= 1"),
         (cfg.train.checkpoint_every >= 0, f"train.checkpoint_every={cfg.train.checkpoint_every} must be >= 0"),
         (cfg.train.keep_last >= 0, f"train.keep_last={cfg.train.keep_last} must be >= 0"),
         (cfg.trainer.gradient_accumulation_steps >= 1,
          f"trainer.gradient_accumulation_steps={cfg.trainer.gradient_accumulation_steps} must be >= 1"),
         (cfg.lora.rank >= 1, f"lora.rank={cfg.lora.rank} must be >= 1"),
+        (cfg.lora.alpha > 0, f"lora.alpha={cfg.lora.alpha} must be > 0 (0 makes the LoRA a no-op)"),
+        (0 <= cfg.lora.dropout < 1, f"lora.dropout={cfg.lora.dropout} must be in [0, 1)"),
+        (bool(cfg.lora.target_modules), "lora.target_modules must name at least one module"),
+        (cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be > 0"),
+        (cfg.optim.eps > 0, f"optim.eps={cfg.optim.eps} must be > 0"),
+        (cfg.optim.weight_decay >= 0, f"optim.weight_decay={cfg.optim.weight_decay} must be >= 0"),
+        (all(0 <= b < 1 for b in cfg.optim.betas), f"optim.betas={cfg.optim.betas} must each be in [0, 1)"),
+        (cfg.optim.warmup_steps >= 0, f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= 0"),
+        (cfg.optim.max_grad_norm >= 0, f"optim.max_grad_norm={cfg.optim.max_grad_norm} must be >= 0 (0: no clipping)"),
+        (cfg.optim.scheduler in SCHEDULERS,
+         f"optim.scheduler={cfg.optim.scheduler!r}: expected one of {', '.join(SCHEDULERS)}"),
         (cfg.trainer.sequence_parallel >= 1, f"trainer.sequence_parallel={cfg.trainer.sequence_parallel} must be >= 1"),
         (len(cfg.optim.betas) == 2, f"optim.betas={cfg.optim.betas} must be two numbers"),
         (cfg.model.init in ("pretrained", "random"), f"model.init={cfg.model.init!r}: expected pretrained or random"),

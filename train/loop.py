@@ -7,9 +7,12 @@ log -> checkpoint; then export the LoRA. The same code runs one process or many 
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,8 +25,8 @@ from radial_lora.models.attention import describe, triton_kernels
 from radial_lora.models.loading import check_model_available, load_pipeline, torch_dtype
 from radial_lora.models.lora import export_lora
 from radial_lora.models.setup import check_rotary_covers, prepare_transformer
-from radial_lora.train.checkpoint import TrainState, install_hooks, resolve_resume, save_checkpoint
-from radial_lora.train.config import Config, TrainConfig
+from radial_lora.train.checkpoint import TrainState, install_hooks, load_checkpoint, save_checkpoint
+from radial_lora.train.config import AttentionBackend, Config, ConfigError, TrainConfig
 from radial_lora.train.distributed import (
     autocast_dtype,
     checkpoint_kwargs,
@@ -32,13 +35,33 @@ from radial_lora.train.distributed import (
     model_input_dtype,
     sequence_parallel_group,
 )
-from radial_lora.train.preemption import StopSignals, note_preemption
+from radial_lora.train.preemption import ignore_stop_signals, note_preemption, stop_signals
 from radial_lora.train.step import encode_captions, flow_matching_loss, noisy_inputs, posterior_params, sample_generator
 from radial_lora.train.tracking import peak_memory_gb, start_tracking
+
+# The run's own lines go to the terminal (print) and to {run dir}/train.log through this logger,
+# which configs/train.yaml routes to Hydra's file handler only.
+log = logging.getLogger("radial_lora.run")
+CLIPS_FILE = "clips.json"
+"""In the run folder: the clips' buckets and counts, so generation can use a size the run trained on."""
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient stopped being finite: the run stops before saving anything."""
+
+
+@dataclass
+class RunResult:
+    """How a run ended: finished (its LoRA exported), or stopped early by a signal."""
+
+    step: int
+    steps: int
+    lora_file: Path | None = None
+    """The final LoRA (None when stopped early: the newest checkpoint holds its LoRA)."""
+    stopped_by: str | None = None
+    """The signal that stopped the run early (SIGINT, SIGTERM, SIGUSR1), or None."""
+    checkpoint: Path | None = None
+    """The newest checkpoint saved by this invocation, if any."""
 
 
 def check_finite(accelerator, step: int, step_losses: torch.Tensor, grad_norm, run_dir: Path) -> None:
@@ -71,26 +94,34 @@ def seed_everything(train_cfg: TrainConfig) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def train(cfg: Config, resolved_config: dict) -> Path:
-    """Run training as configured; returns the absolute path of the exported LoRA file."""
+def train(cfg: Config, resolved_config: dict, resume_from: Path | None = None, notes: list[str] = (),
+          choices: dict | None = None) -> RunResult:  # fmt: skip
+    """Run training as configured, from `resume_from` (a checkpoint folder) if given; `notes` are
+    lines for the log (what a resume changed). `resolved_config` goes into W&B and, with `choices`
+    (the config group options), into every checkpoint."""
     from diffusers.optimization import get_scheduler
 
     run_dir = Path(cfg.output_root, cfg.name).resolve()
-    stop = StopSignals()  # before anything slow: a warning signal during set-up must not kill the run
+    stop = stop_signals()  # installed by the entry point already; a signal during set-up is kept
     accelerator = make_accelerator(cfg, run_dir)
     device, main = accelerator.device, accelerator.is_main_process
+    if cfg.attention.backend == AttentionBackend.flex and device.type != "cuda":
+        raise ConfigError("attention.backend=flex: PyTorch's FlexAttention has no backward on CPU; train with "
+                          "attention.backend=triton (its CPU interpreter, TRITON_INTERPRET=1) or reference")  # fmt: skip
 
     def say(message: str) -> None:
-        """Print once per run (accelerator.print prints once per node)."""
+        """Print once per run (accelerator.print prints once per node), and keep it in train.log."""
         if main:
             print(message, flush=True)
+            log.info(message)
 
-    resume_from = resolve_resume(cfg.train.resume, run_dir)
+    for note in notes:
+        say(note)
     # Sequence parallelism: each group of `sp` processes shares one clip (its tokens split), so
     # data is sharded over groups (data ranks), not processes.
     sp = cfg.trainer.sequence_parallel
     sp_group, data_rank, data_ranks = sequence_parallel_group(sp)
-    check_model_available(cfg.model)
+    check_model_available(cfg.model, cache_dir=cfg.cache_dir)
     seed_everything(cfg.train)
     if cfg.train.deterministic:
         say("deterministic: torch.use_deterministic_algorithms on (train.deterministic)")
@@ -102,6 +133,10 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     buckets = ", ".join(f"{f}x{h}x{w}: {n}" for (f, h, w), n in catalog.bucket_counts().items())
     from_cache = f"; latents from {cfg.data.cache}" if cache else ""
     say(f"data: {len(clips)} clips ({buckets}); rejected: {catalog.counts.summary()}{from_cache}")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        counts = [[*bucket, n] for bucket, n in catalog.bucket_counts().items()]
+        Path(run_dir, CLIPS_FILE).write_text(json.dumps({"buckets_frames_height_width_count": counts}) + "\n")
     dataset = ClipDataset(
         clips, fps=cfg.data.fps, seed=cfg.train.seed, on_error=cfg.data.on_error,
         decode_threads=cfg.data.decode_threads, random_window=cache is None, cache=cache,
@@ -140,12 +175,21 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     model_dtype = model_input_dtype(cfg, accelerator, model_dtype)
     save_kwargs, load_kwargs = checkpoint_kwargs(accelerator)
-    state = TrainState()
-    accelerator.register_for_checkpointing(lr_scheduler, state)
+    state = TrainState()  # saved as JSON with the scheduler's state: nothing registered to be pickled
     install_hooks(accelerator)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from), **load_kwargs)
+        saved = load_checkpoint(accelerator, resume_from, **load_kwargs)
+        state.load_state_dict(saved["train_state"])
+        lr_scheduler.load_state_dict(saved["lr_scheduler"])
         say(f"Resumed from {resume_from} at step {state.step}")
+        if lr_scheduler.base_lrs != [cfg.optim.lr] * len(lr_scheduler.base_lrs):
+            # The scheduler's saved base rate would win over the config's: a resume "with a lower
+            # optim.lr" (the advice after a divergence) must get that rate, at the schedule's point.
+            lr_scheduler.base_lrs = [cfg.optim.lr] * len(lr_scheduler.base_lrs)
+            for group, lr in zip(optimizer.param_groups, lr_scheduler.get_lr()):
+                group["lr"] = lr
+            lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+            say(f"optim.lr={cfg.optim.lr} from now on (the learning rate is {lr_scheduler._last_lr[0]:.3g} at this step)")
 
     sampler = BucketBatchSampler(
         [c.bucket for c in clips], cfg.data.batch_size, cfg.train.seed, data_rank,
@@ -160,6 +204,7 @@ def train(cfg: Config, resolved_config: dict) -> Path:
         num_workers=workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None,
+        worker_init_fn=ignore_stop_signals if workers > 0 else None,
     )
     batches = iter(loader)
 
@@ -168,8 +213,6 @@ def train(cfg: Config, resolved_config: dict) -> Path:
         with gathered(accelerator, params):
             return export_lora(accelerator.unwrap_model(transformer), folder, is_main_process=main)
 
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     start_tracking(accelerator, cfg.logger, cfg.name, run_dir, resolved_config)
     accelerator.log({f"data/rejected/{r}": n for r, n in catalog.counts.items()} | {"data/clips": len(clips)}, step=0)
     skipped = RejectCounts()  # clips that failed to decode mid-run (replaced by the next of their bucket)
@@ -187,6 +230,13 @@ def train(cfg: Config, resolved_config: dict) -> Path:
     losses, grad_norm, step_times = [], torch.zeros((), device=device), []
 
     stop_at = min(cfg.train.steps, cfg.train.stop_after_step or cfg.train.steps)
+    result = RunResult(step=state.step, steps=cfg.train.steps)
+    if stop.should_stop(accelerator):  # a signal during set-up: nothing new to save
+        result.stopped_by = stop.received or "a signal to another process"
+        say(f"Stopped by {result.stopped_by} before the first step; nothing trained in this start")
+        if main:
+            note_preemption(state.step, stop.received or "signal")
+        stop_at = state.step
     while state.step < stop_at:
         # --- one optimizer step = `accum` micro-batches ---
         for _ in range(accum):
@@ -233,6 +283,9 @@ def train(cfg: Config, resolved_config: dict) -> Path:
             }
             metrics |= {f"data/skipped/{r}": n for r, n in total_skipped().items()}
             accelerator.log(metrics, step=state.step)
+            if main:
+                log.info("step %d/%d: %s", state.step, cfg.train.steps,
+                         ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))  # fmt: skip
             step_times.append(step_time)
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{metrics['lr']:.2e}")
             losses, last_log_time, last_log_step = [], now, state.step
@@ -241,10 +294,12 @@ def train(cfg: Config, resolved_config: dict) -> Path:
         every = cfg.train.checkpoint_every
         stopping = stop.should_stop(accelerator) and state.step < stop_at
         if (every > 0 and state.step % every == 0) or state.step == stop_at or stopping:
-            save_checkpoint(accelerator, run_dir, state.step, cfg.train.keep_last, export=export, **save_kwargs)
+            train_state = {"train_state": state.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+            result.checkpoint = save_checkpoint(accelerator, run_dir, state.step, cfg.train.keep_last, train_state,
+                                                export=export, config=resolved_config, choices=choices,
+                                                **save_kwargs)  # fmt: skip
         if stopping:
-            why = stop.received or "a signal to another process"
-            say(f"Stopped by {why} after step {state.step}; checkpoint saved, resume with train.resume=latest")
+            result.stopped_by = stop.received or "a signal to another process"
             if main:
                 note_preemption(state.step, stop.received or "signal")
             break
@@ -257,7 +312,9 @@ def train(cfg: Config, resolved_config: dict) -> Path:
             f"(median step {median:.3f} s after the first 2 logged); peak {memory} {peak_memory_gb(device):.2f} GB "
             f"on rank 0")  # fmt: skip
     say(f"data: clips failing to decode mid-run (each replaced by another): {total_skipped().summary()}")
-    lora_file = export(run_dir / "lora")
+    result.step = state.step
+    if result.stopped_by is None:  # an interrupted run has its LoRA in the checkpoint, not in lora/
+        result.lora_file = export(run_dir / "lora")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return lora_file
+    return result
