@@ -14,7 +14,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from radial_lora.data.policy import RejectCounts
+from radial_lora.data.policy import LISTING_PROBLEMS, RejectCounts
 from radial_lora.data.sources import Entry, read_source
 from radial_lora.data.video import BadVideo, VideoInfo, fits, probe
 
@@ -66,7 +66,7 @@ def choose_frames(info: VideoInfo, fps: float | None, frames: list[int], too_sho
 
 def _check(entry: Entry, fps, frames, sizes, too_short, decode_check) -> tuple | str:
     """(bucket, size, mtime, source size) of a usable entry, or the reason it is rejected."""
-    if entry.problem == "bad_metadata_row":
+    if entry.problem in LISTING_PROBLEMS:
         return entry.problem
     try:
         info = probe(entry.video, decode_check=decode_check)

@@ -25,7 +25,13 @@ REASONS = {
     "empty_caption": "the caption is empty or only whitespace",
     "caption_not_utf8": "the caption file is not UTF-8 text",
     "bad_metadata_row": "a metadata line that is not valid JSON or has no video path",
+    "caption_unreadable": "the caption cannot be read (no permission, a folder named .txt, an I/O error)",
+    "not_a_file": "a folder (or other non-file) with a video's name",
+    "broken_link": "a symbolic link whose target does not exist",
+    "duplicate": "the same video listed again in one dataset (the first listing is kept)",
 }
+# Problems of the listing itself: rejected before the video is opened.
+LISTING_PROBLEMS = ("bad_metadata_row", "not_a_file", "broken_link", "duplicate")
 
 
 class RejectCounts(Counter):

@@ -45,15 +45,23 @@ def read_caption_file(path: Path) -> tuple[str | None, str | None]:
         caption = path.read_bytes().decode("utf-8").strip()
     except UnicodeDecodeError:
         return None, "caption_not_utf8"
+    except OSError:  # PermissionError, IsADirectoryError, an I/O error
+        return None, "caption_unreadable"
     return caption, _caption_problem(caption)
 
 
 def read_folder(root: Path) -> list[Entry]:
-    """Videos under `root` (recursive, sorted) with their `.txt` captions."""
+    """Videos under `root` (recursive, sorted) with their `.txt` captions; a broken link or a
+    folder with a video's name is an entry with its problem, not silently left out."""
     entries = []
-    for video in sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()):
-        caption, problem = read_caption_file(video.with_suffix(".txt"))
-        entries.append(Entry(str(video.resolve()), caption, problem))
+    for video in sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES):
+        if video.is_symlink() and not video.exists():
+            entries.append(Entry(str(video), None, "broken_link"))
+        elif not video.is_file():
+            entries.append(Entry(str(video), None, "not_a_file"))
+        else:
+            caption, problem = read_caption_file(video.with_suffix(".txt"))
+            entries.append(Entry(str(video.resolve()), caption, problem))
     return entries
 
 
@@ -122,14 +130,26 @@ def read_jsonl(path: Path) -> list[Entry]:
 
 
 def read_source(path: str | Path) -> list[Entry]:
-    """Entries of a folder, a .csv or a .jsonl; raises FileNotFoundError / ValueError if unreadable."""
+    """Entries of a folder, a .csv or a .jsonl; raises FileNotFoundError / ValueError if unreadable.
+    A video listed again in the same source is kept once; the later listings become `duplicate`
+    entries (named `VIDEO (listed again at N)`), so they are counted."""
     path = Path(path)
     if path.is_dir():
-        return read_folder(path)
-    if not path.exists():
+        entries = read_folder(path)
+    elif not path.exists():
         raise FileNotFoundError(f"dataset {path} does not exist")
-    if path.suffix == ".csv":
-        return read_csv(path)
-    if path.suffix == ".jsonl":
-        return read_jsonl(path)
-    raise ValueError(f"dataset {path} is not a folder, a .csv or a .jsonl")
+    elif path.suffix == ".csv":
+        entries = read_csv(path)
+    elif path.suffix == ".jsonl":
+        entries = read_jsonl(path)
+    else:
+        raise ValueError(f"dataset {path} is not a folder, a .csv or a .jsonl")
+    seen: set[str] = set()
+    unique = []
+    for i, entry in enumerate(entries):
+        if entry.problem != "bad_metadata_row" and entry.video in seen:
+            unique.append(Entry(f"{entry.video} (listed again at {i + 1})", None, "duplicate"))
+            continue
+        seen.add(entry.video)
+        unique.append(entry)
+    return unique

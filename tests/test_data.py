@@ -271,4 +271,40 @@ def test_inspect_reports_usable_and_rejects(corpus, tmp_path):
     proc = run_inspect(str(bad), "--json")
     assert proc.returncode == 1 and json.loads(proc.stdout) == {
         "usable": 0, "rejected": {"empty_file": 1}, "files": {str((bad / "zero.mp4").resolve()): "empty_file"},
-    }  # fmt: skip
+        "settings": {"fps": 16.0, "frames": [81], "sizes": [[480, 832], [832, 480], [624, 624]], "too_short": "shorter"},
+    }  # fmt: skip  (the videos data group's settings: what training on your videos uses)
+
+
+def test_odd_entries_are_rejected_by_reason_and_counted(demo_videos_dir, tmp_path):
+    """What a real folder or metadata file holds besides good clips: an unreadable caption, a folder
+    named like a caption or a video, a broken link, the same video listed twice. Each is one
+    counted reject with its reason, never a crash and never dropped without a word."""
+    import shutil
+
+    root = tmp_path / "odd"
+    root.mkdir()
+    clips = sorted(demo_videos_dir.glob("*.mp4"))[:4]
+    for clip in clips:
+        shutil.copy(clip, root / clip.name)
+        shutil.copy(clip.with_suffix(".txt"), root / clip.with_suffix(".txt").name)
+    (root / clips[0].with_suffix(".txt").name).unlink()
+    (root / clips[0].with_suffix(".txt").name).mkdir()  # a folder named x.txt
+    (root / "folder.mp4").mkdir()  # a folder named like a video
+    (root / "gone.mp4").symlink_to(root / "nowhere.mp4")  # a broken link
+    locked = root / clips[1].with_suffix(".txt").name
+    locked.chmod(0)  # no permission (root reads it anyway: then it is a good caption)
+    catalog = catalog_of(root)
+    expected_caption = "caption_unreadable" if not os.access(locked, os.R_OK) else None
+    assert catalog.rejected[str((root / clips[0].name).resolve())] == "caption_unreadable"
+    assert catalog.rejected[str(root / "folder.mp4")] == "not_a_file"
+    assert catalog.rejected[str(root / "gone.mp4")] == "broken_link"
+    assert catalog.rejected.get(str((root / clips[1].name).resolve())) == expected_caption
+    locked.chmod(0o644)
+
+    metadata = tmp_path / "metadata.jsonl"
+    rows = [{"video": str(clips[2]), "caption": "a"}, {"video": str(clips[3]), "caption": "b"},
+            {"video": str(clips[2]), "caption": "a again"}]  # fmt: skip
+    metadata.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    catalog = catalog_of(metadata)
+    assert len(catalog.clips) == 2 and catalog.counts["duplicate"] == 1
+    assert [c.caption for c in catalog.clips if c.video == str(clips[2].resolve())] == ["a"]  # the first kept
