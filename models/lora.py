@@ -32,10 +32,34 @@ def add_lora(transformer, cfg: LoraConfig) -> list[torch.nn.Parameter]:
     )
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError(f"lora.target_modules={list(cfg.target_modules)} matched no module of the transformer")
+        raise ConfigError(f"lora.target_modules={list(cfg.target_modules)} matched no module of the transformer")
     for p in trainable:
         p.data = p.data.float()
     return trainable
+
+
+def check_targets_exist(target_modules: list[str]) -> None:
+    """Each of lora.target_modules must match a module of Wan's transformer, checked at start on
+    the architecture alone (a two-block WanTransformer3DModel on the meta device: every Wan2.1 size
+    has the same module names), so a typo fails before any data is scanned or weights loaded
+    rather than silently training fewer adapters."""
+    from diffusers import WanTransformer3DModel
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from radial_lora.models.tiny_wan import PRESETS
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(patch_size=(1, 2, 2), in_channels=4, out_channels=4, text_dim=32,
+                                      rope_max_seq_len=1024, **PRESETS["tiny"])  # fmt: skip
+    names = [name for name, _ in model.named_modules() if name]
+    for target in target_modules:
+        config = PeftLoraConfig(target_modules=[target])
+        if not any(check_target_module_exists(config, name) for name in names):
+            block = dict(model.blocks[0].named_modules())
+            leaves = [n for n, m in block.items() if n and not list(m.children()) and "norm" not in n]
+            raise ConfigError(f"lora.target_modules: {target!r} matches no module of Wan's transformer "
+                              f"(a block's layers: {', '.join(leaves)})")  # fmt: skip
 
 
 def check_lora_inside_blocks(transformer) -> None:

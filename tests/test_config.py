@@ -145,3 +145,11 @@ def test_scheduler_names_are_diffusers():
     from radial_lora.train.config import SCHEDULERS
 
     assert set(SCHEDULERS) == {s.value for s in SchedulerType}
+
+
+def test_lora_targets_that_match_nothing_fail_at_start(train_cli):
+    """A misspelled target among good ones: one line before any data is scanned or model loaded."""
+    proc = train_cli("lora.target_modules=[to_q,to_kk]", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "lora.target_modules: 'to_kk' matches no module of Wan's transformer" in proc.stderr
+    assert "attn1.to_k" in proc.stderr and "data: " not in proc.stdout

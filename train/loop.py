@@ -23,7 +23,7 @@ from radial_lora.data.policy import REASONS, RejectCounts
 from radial_lora.data.setup import catalog_for, usable_clips
 from radial_lora.models.attention import describe, triton_kernels
 from radial_lora.models.loading import check_model_available, load_pipeline, torch_dtype
-from radial_lora.models.lora import export_lora
+from radial_lora.models.lora import check_targets_exist, export_lora
 from radial_lora.models.setup import check_rotary_covers, prepare_transformer
 from radial_lora.train.checkpoint import TrainState, install_hooks, load_checkpoint, save_checkpoint
 from radial_lora.train.config import AttentionBackend, Config, ConfigError, TrainConfig
@@ -122,6 +122,7 @@ def train(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
     sp = cfg.trainer.sequence_parallel
     sp_group, data_rank, data_ranks = sequence_parallel_group(sp)
     check_model_available(cfg.model, cache_dir=cfg.cache_dir)
+    check_targets_exist(list(cfg.lora.target_modules))
     seed_everything(cfg.train)
     if cfg.train.deterministic:
         say("deterministic: torch.use_deterministic_algorithms on (train.deterministic)")
