@@ -273,3 +273,28 @@ def test_resume_with_a_lower_learning_rate_uses_it(train_cli):
     assert "changed on the command line: optim.lr: 0.001 -> 1e-05" in resumed.stdout
     log = (train_cli.cwd / "outputs/lr/train.log").read_text()
     assert "step 4/4:" in log and "lr 1e-05," in log.split("step 4/4:")[1].splitlines()[0]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs: room for one checkpoint of the FAST run (about 0.6 MB) and the run's other
+    files, not for a second one beside it. Needs root (CI runs as root)."""
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1000k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(train_cli, small_disk):
+    proc = train_cli(*FAST, "name=full", f"output_root={small_disk}", "train.steps=4", "train.checkpoint_every=1",
+                     "train.keep_last=1", check=False)  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert "could not write checkpoint step_00000" in line and "No space left on device" in line
+    kept = sorted((small_disk / "full/checkpoints").iterdir())
+    assert [p.name for p in kept] == ["step_000001"] and (kept[0] / "checkpoint.json").is_file()
+    assert "the newest complete checkpoint, step_000001, is intact" in line
+    assert (kept[0] / "trainable.safetensors").stat().st_size > 0

@@ -62,7 +62,7 @@ def run(dict_cfg: DictConfig) -> None:
 
     from hydra.core.hydra_config import HydraConfig
 
-    from radial_lora.train.checkpoint import checkpoint_step, resolve_resume
+    from radial_lora.train.checkpoint import CheckpointWriteError, checkpoint_step, resolve_resume
     from radial_lora.train.loop import TrainingDiverged, train
     from radial_lora.train.run_config import CHOICES, RUN_CONFIG, group_choices, resume_config, write_start
 
@@ -95,7 +95,7 @@ def run(dict_cfg: DictConfig) -> None:
         if RANK0:
             write_start(run_dir, effective, overrides, choices, fresh=resume_from is None)
         result = train(cfg, resolved, resume_from=resume_from, notes=notes, choices=choices)
-    except (*USER_ERRORS, TrainingDiverged) as err:
+    except (*USER_ERRORS, TrainingDiverged, CheckpointWriteError) as err:
         log.error("error: %s", err)
         sys.exit(f"error: {err}")
     if result.stopped_by is not None:

@@ -16,6 +16,7 @@ would pick.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -207,19 +208,27 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep_last: int, train
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), **save_kwargs)
-    if export is not None:
-        export(tmp)
+    error: OSError | None = None
+    try:  # a full disk or a permission error: every process learns of it below, none waits forever
+        accelerator.save_state(str(tmp), **save_kwargs)
+        if export is not None:
+            export(tmp)
+        if accelerator.is_main_process:
+            if config is not None:
+                OmegaConf.save(OmegaConf.create(config), Path(tmp, CONFIG_FILE))
+            if choices is not None:
+                OmegaConf.save(OmegaConf.create(choices), Path(tmp, CHOICES_FILE))
+            Path(tmp, TRAIN_STATE_FILE).write_text(json.dumps(train_state, indent=1))
+            Path(tmp, MARKER_FILE).write_text(json.dumps({"step": step}))
+            _fsync_tree(tmp)  # on disk before the name says it is complete (a power cut, a node loss)
+    except OSError as err:
+        error = err
+    except RuntimeError as err:  # torch.save's zip writer reports a full disk as a position mismatch
+        if "unexpected pos" not in str(err) and shutil.disk_usage(tmp.parent).free > 2**20:
+            raise
+        error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+    _raise_if_any_failed(accelerator, error, final, run_dir, tmp)
     if accelerator.is_main_process:
-        if config is not None:
-            OmegaConf.save(OmegaConf.create(config), Path(tmp, CONFIG_FILE))
-        if choices is not None:
-            OmegaConf.save(OmegaConf.create(choices), Path(tmp, CHOICES_FILE))
-        Path(tmp, TRAIN_STATE_FILE).write_text(json.dumps(train_state, indent=1))
-        Path(tmp, MARKER_FILE).write_text(json.dumps({"step": step}))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _fsync_tree(tmp)  # on disk before the name says it is complete (a power cut, a node loss)
         if final.exists():  # the same step saved again (a stop signal at a checkpoint step)
             _delete(final)
         tmp.rename(final)
@@ -230,6 +239,34 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep_last: int, train
             shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint (or the final LoRA) could not be written: full disk, permissions, I/O."""
+
+
+def write_error(what: str, err: OSError, run_dir: Path) -> CheckpointWriteError:
+    """The one-line error for a failed write, naming the path, the cause and what is left."""
+    where = err.filename or run_dir
+    kept = checkpoint_dirs(run_dir)
+    left = (f"the newest complete checkpoint, {kept[-1].name}, is intact: fix that and continue with "
+            "train.resume=latest") if kept else "no checkpoint was saved yet"  # fmt: skip
+    return CheckpointWriteError(f"could not write {what}: {err.strerror or err} ({where}); {left}")
+
+
+def _raise_if_any_failed(accelerator, error: OSError | None, final: Path, run_dir: Path, tmp: Path) -> None:
+    """A collective: every process raises if any failed to write its part (its own error, or the
+    first process's report), after the partial folder is removed, so the space is given back."""
+    import torch
+
+    failed = torch.tensor([1 if error is not None else 0], device=accelerator.device)
+    if accelerator.reduce(failed, reduction="sum").item() == 0:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is None:
+        error = OSError(0, "another process failed to write its part", str(tmp))
+    raise write_error(f"checkpoint {final.name}", error, run_dir)
 
 
 _DELETING = ".deleting"
