@@ -34,6 +34,32 @@ def model_source(cfg: ModelConfig) -> str:
     return cfg.id
 
 
+def weights_fingerprint(cfg: ModelConfig) -> str | None:
+    """A cheap fingerprint of the base model's weights: for each weight file of the local folder
+    (model.path, or the hub id's cached snapshot), its relative path, size and a hash of its first
+    MiB (the safetensors header: every tensor's name, dtype, shape and offsets, then data). It tells
+    another checkpoint of the same architecture from the trained one without reading GBs. None
+    when there is no local folder (random init, or a hub model not cached yet)."""
+    import hashlib
+
+    if cfg.init == "random":
+        return None
+    folder = Path(cfg.path) if cfg.path else None
+    if folder is None:
+        from huggingface_hub import try_to_load_from_cache
+
+        index = try_to_load_from_cache(cfg.id, "model_index.json")
+        folder = Path(index).parent if isinstance(index, str) else None
+    if folder is None or not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin", ".pth") and p.is_file()):
+        with open(path, "rb") as f:
+            head = f.read(2**20)
+        digest.update(f"{path.relative_to(folder)}:{path.stat().st_size}:".encode() + hashlib.sha256(head).digest())
+    return digest.hexdigest()[:16]
+
+
 def _not_found(source: str, err: Exception) -> FileNotFoundError:
     why = str(err).splitlines()[0] if str(err) else type(err).__name__
     return FileNotFoundError(

@@ -298,3 +298,20 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(train_cli, small_
     assert [p.name for p in kept] == ["step_000001"] and (kept[0] / "checkpoint.json").is_file()
     assert "the newest complete checkpoint, step_000001, is intact" in line
     assert (kept[0] / "trainable.safetensors").stat().st_size > 0
+
+
+def test_resume_on_other_base_weights_is_refused(train_cli, tmp_path):
+    """Same architecture, same model.path, other weights (a re-downloaded or swapped checkpoint):
+    the checkpoint's fingerprint of the base weights does not match, and resume says so."""
+    import shutil
+
+    from radial_lora.models.tiny_wan import build_tiny_wan
+
+    model = tmp_path / "base"
+    shutil.copytree(build_tiny_wan(tmp_path / "seed0", seed=0), model)
+    train_cli(*FAST, "name=fp", f"model.path={model}", "train.steps=1")
+    shutil.rmtree(model)
+    shutil.copytree(build_tiny_wan(tmp_path / "seed1", seed=1), model)
+    proc = train_cli(*FAST, "name=fp", f"model.path={model}", "train.resume=latest", "train.steps=2", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "the base model's weights differ from those step_000001 was trained on" in proc.stderr

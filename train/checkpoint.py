@@ -192,8 +192,19 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(json.loads(Path(checkpoint, MARKER_FILE).read_text())["step"])
 
 
+def check_same_base_model(checkpoint: Path, fingerprint: str | None, model_source: str) -> None:
+    """Refuse to resume onto other base weights than the checkpoint was trained on (its LoRA and
+    optimizer state mean nothing there). Checkpoints without a fingerprint pass."""
+    saved = json.loads(Path(checkpoint, MARKER_FILE).read_text()).get("model_fingerprint")
+    if saved is not None and fingerprint is not None and saved != fingerprint:
+        raise ConfigError(f"{model_source}: the base model's weights differ from those {checkpoint.name} was trained "
+                          f"on (fingerprint {fingerprint}, checkpoint {saved}); resume on the same weights, or start "
+                          "a new run (name=NEW)")  # fmt: skip
+
+
 def save_checkpoint(accelerator, run_dir: Path, step: int, keep_last: int, train_state: dict, export=None,
-                    config: dict | None = None, choices: dict | None = None, **save_kwargs) -> Path:  # fmt: skip
+                    config: dict | None = None, choices: dict | None = None, model_fingerprint: str | None = None,
+                    **save_kwargs) -> Path:  # fmt: skip
     """Save a checkpoint for `step` atomically and delete all but the newest `keep_last` (0: keep all).
 
     `export(folder)`, if given, writes extra files (the LoRA export) into the checkpoint before it
@@ -219,7 +230,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep_last: int, train
             if choices is not None:
                 OmegaConf.save(OmegaConf.create(choices), Path(tmp, CHOICES_FILE))
             Path(tmp, TRAIN_STATE_FILE).write_text(json.dumps(train_state, indent=1))
-            Path(tmp, MARKER_FILE).write_text(json.dumps({"step": step}))
+            Path(tmp, MARKER_FILE).write_text(json.dumps({"step": step, "model_fingerprint": model_fingerprint}))
             _fsync_tree(tmp)  # on disk before the name says it is complete (a power cut, a node loss)
     except OSError as err:
         error = err

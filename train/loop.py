@@ -22,10 +22,17 @@ from radial_lora.data.dataset import BucketBatchSampler, ClipDataset, collate
 from radial_lora.data.policy import REASONS, RejectCounts
 from radial_lora.data.setup import catalog_for, usable_clips
 from radial_lora.models.attention import describe, triton_kernels
-from radial_lora.models.loading import check_model_available, load_pipeline, torch_dtype
+from radial_lora.models.loading import check_model_available, load_pipeline, torch_dtype, weights_fingerprint
 from radial_lora.models.lora import check_targets_exist, export_lora
 from radial_lora.models.setup import check_rotary_covers, prepare_transformer
-from radial_lora.train.checkpoint import TrainState, install_hooks, load_checkpoint, save_checkpoint, write_error
+from radial_lora.train.checkpoint import (
+    TrainState,
+    check_same_base_model,
+    install_hooks,
+    load_checkpoint,
+    save_checkpoint,
+    write_error,
+)
 from radial_lora.train.config import AttentionBackend, Config, ConfigError, TrainConfig
 from radial_lora.train.distributed import (
     autocast_dtype,
@@ -123,6 +130,9 @@ def train(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
     sp_group, data_rank, data_ranks = sequence_parallel_group(sp)
     check_model_available(cfg.model, cache_dir=cfg.cache_dir)
     check_targets_exist(list(cfg.lora.target_modules))
+    fingerprint = weights_fingerprint(cfg.model)
+    if resume_from is not None:
+        check_same_base_model(resume_from, fingerprint, f"model.path={cfg.model.path or cfg.model.id}")
     seed_everything(cfg.train)
     if cfg.train.deterministic:
         say("deterministic: torch.use_deterministic_algorithms on (train.deterministic)")
@@ -147,6 +157,7 @@ def train(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
     with accelerator.main_process_first():  # rank 0 builds the tiny demo model if it is missing
         # From a latent cache the prompts come embedded: the text encoder is not loaded at all.
         pipe = load_pipeline(cfg.model, device=device, text_encoder=cache is None)
+    fingerprint = fingerprint or weights_fingerprint(cfg.model)  # the demo's tiny model exists only now
     pipe.vae.requires_grad_(False).eval()
     if pipe.text_encoder is not None:
         pipe.text_encoder.requires_grad_(False).eval()
@@ -299,7 +310,7 @@ def train(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
                 train_state = {"train_state": state.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
                 result.checkpoint = save_checkpoint(accelerator, run_dir, state.step, cfg.train.keep_last, train_state,
                                                     export=export, config=resolved_config, choices=choices,
-                                                    **save_kwargs)  # fmt: skip
+                                                    model_fingerprint=fingerprint, **save_kwargs)  # fmt: skip
             if stopping:
                 result.stopped_by = stop.received or "a signal to another process"
                 if main:
