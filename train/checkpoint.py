@@ -30,11 +30,10 @@ from safetensors.torch import load_file, save_file
 
 from radial_lora.models.lora import load_trainable_state_dict, trainable_state_dict
 from radial_lora.train.config import ConfigError
+from radial_lora.train.run_config import CHOICES, RUN_CONFIG
 
 TRAINABLE_FILE = "trainable.safetensors"
 MARKER_FILE = "checkpoint.json"
-CONFIG_FILE = "config.yaml"
-CHOICES_FILE = "choices.yaml"
 TRAIN_STATE_FILE = "train_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -226,9 +225,9 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep_last: int, train
             export(tmp)
         if accelerator.is_main_process:
             if config is not None:
-                OmegaConf.save(OmegaConf.create(config), Path(tmp, CONFIG_FILE))
+                OmegaConf.save(OmegaConf.create(config), Path(tmp, RUN_CONFIG))
             if choices is not None:
-                OmegaConf.save(OmegaConf.create(choices), Path(tmp, CHOICES_FILE))
+                OmegaConf.save(OmegaConf.create(choices), Path(tmp, CHOICES))
             Path(tmp, TRAIN_STATE_FILE).write_text(json.dumps(train_state, indent=1))
             Path(tmp, MARKER_FILE).write_text(json.dumps({"step": step, "model_fingerprint": model_fingerprint}))
             _fsync_tree(tmp)  # on disk before the name says it is complete (a power cut, a node loss)

@@ -7,6 +7,7 @@ log -> checkpoint; then export the LoRA. The same code runs one process or many 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -219,6 +220,11 @@ def train(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
         worker_init_fn=ignore_stop_signals if workers > 0 else None,
     )
     batches = iter(loader)
+    # Workers ignore stop signals (Slurm's SIGTERM to the group must not kill them mid-step), so
+    # multiprocessing's exit, which terminates them and then joins them, would wait for them
+    # forever after an error. Registered after multiprocessing's own exit hook, this runs first and
+    # ends them the way the iterator does when it is released (a no-op if that happened already).
+    atexit.register(getattr(batches, "_shutdown_workers", lambda: None))
 
     def export(folder: Path) -> Path:
         """Write the LoRA (every process calls this: under ZeRO-3 the adapters are gathered first)."""
@@ -243,84 +249,81 @@ def train(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
 
     stop_at = min(cfg.train.steps, cfg.train.stop_after_step or cfg.train.steps)
     result = RunResult(step=state.step, steps=cfg.train.steps)
-    if stop.should_stop(accelerator):  # a signal during set-up: nothing new to save
+
+    def stopped_early() -> None:
+        """Record the stop and leave the batch script its requeue note (rank 0)."""
         result.stopped_by = stop.received or "a signal to another process"
-        say(f"Stopped by {result.stopped_by} before the first step; nothing trained in this start")
         if main:
             note_preemption(state.step, stop.received or "signal")
+
+    if stop.should_stop(accelerator):  # a signal during set-up: nothing new to save
+        stopped_early()
+        say(f"Stopped by {result.stopped_by} before the first step; nothing trained in this start")
         stop_at = state.step
-    try:
-        while state.step < stop_at:
-            # --- one optimizer step = `accum` micro-batches ---
-            for _ in range(accum):
-                batch = next(batches)
-                for _, reason in batch["skipped"]:
-                    skipped.add(reason)
-                if "latent_params" in batch:  # from the cache
-                    posteriors, text = batch["latent_params"], batch["text"].to(device)
-                else:
-                    posteriors = posterior_params(pipe.vae, batch["frames"])
-                    text = encode_captions(pipe, batch["captions"], cfg.model.max_text_tokens, device)
-                first = data_rank * cfg.data.batch_size  # this slice's place in the global batch
-                gens = [sample_generator(cfg.train.seed, state.batches_seen, first + j, device)
-                        for j in range(posteriors.shape[0])]  # fmt: skip
-                state.batches_seen += 1
-                latents, sigmas, noise = noisy_inputs(pipe.vae, posteriors, gens, cfg.train.timesteps, device)
-                with accelerator.accumulate(transformer):
-                    loss = flow_matching_loss(transformer, latents, text, sigmas, noise, model_dtype)
-                    # Gradients are averaged over all processes, but the `sp` processes of a group
-                    # each hold part of one clip's gradient: x sp makes the average their sum.
-                    accelerator.backward(loss * sp if sp > 1 else loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(params, max_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach())
-            check_finite(accelerator, state.step + 1, torch.stack(losses[-accum:]), grad_norm, run_dir)
-            lr_scheduler.step()
-            state.step += 1
-            progress.update(1)
+    while state.step < stop_at:
+        # --- one optimizer step = `accum` micro-batches ---
+        for _ in range(accum):
+            batch = next(batches)
+            for _, reason in batch["skipped"]:
+                skipped.add(reason)
+            if "latent_params" in batch:  # from the cache
+                posteriors, text = batch["latent_params"], batch["text"].to(device)
+            else:
+                posteriors = posterior_params(pipe.vae, batch["frames"])
+                text = encode_captions(pipe, batch["captions"], cfg.model.max_text_tokens, device)
+            first = data_rank * cfg.data.batch_size  # this slice's place in the global batch
+            gens = [sample_generator(cfg.train.seed, state.batches_seen, first + j, device)
+                    for j in range(posteriors.shape[0])]  # fmt: skip
+            state.batches_seen += 1
+            latents, sigmas, noise = noisy_inputs(pipe.vae, posteriors, gens, cfg.train.timesteps, device)
+            with accelerator.accumulate(transformer):
+                loss = flow_matching_loss(transformer, latents, text, sigmas, noise, model_dtype)
+                # Gradients are averaged over all processes, but the `sp` processes of a group
+                # each hold part of one clip's gradient: x sp makes the average their sum.
+                accelerator.backward(loss * sp if sp > 1 else loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        check_finite(accelerator, state.step + 1, torch.stack(losses[-accum:]), grad_norm, run_dir)
+        lr_scheduler.step()
+        state.step += 1
+        progress.update(1)
 
-            # --- log: averaged over the micro-batches since the last log and over processes ---
-            if state.step % cfg.logger.log_every == 0 or state.step == stop_at:
-                mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-                now, steps_done = time.perf_counter(), state.step - last_log_step
-                step_time = (now - last_log_time) / steps_done
-                metrics = {
-                    "loss": mean_loss,
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "step_time_s": step_time,
-                    "samples_per_s": samples_per_step / step_time,
-                    "peak_memory_gb": peak_memory_gb(device),
-                }
-                metrics |= {f"data/skipped/{r}": n for r, n in total_skipped().items()}
-                accelerator.log(metrics, step=state.step)
-                if main:
-                    log.info("step %d/%d: %s", state.step, cfg.train.steps,
-                             ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))  # fmt: skip
-                step_times.append(step_time)
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{metrics['lr']:.2e}")
-                losses, last_log_time, last_log_step = [], now, state.step
+        # --- log: averaged over the micro-batches since the last log and over processes ---
+        if state.step % cfg.logger.log_every == 0 or state.step == stop_at:
+            mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            now, steps_done = time.perf_counter(), state.step - last_log_step
+            step_time = (now - last_log_time) / steps_done
+            metrics = {
+                "loss": mean_loss,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "step_time_s": step_time,
+                "samples_per_s": samples_per_step / step_time,
+                "peak_memory_gb": peak_memory_gb(device),
+            }
+            metrics |= {f"data/skipped/{r}": n for r, n in total_skipped().items()}
+            accelerator.log(metrics, step=state.step)
+            if main:
+                log.info("step %d/%d: %s", state.step, cfg.train.steps,
+                         ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))  # fmt: skip
+            step_times.append(step_time)
+            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{metrics['lr']:.2e}")
+            losses, last_log_time, last_log_step = [], now, state.step
 
-            # --- checkpoint (resumable state + a LoRA export), always at the last step or on a stop signal ---
-            every = cfg.train.checkpoint_every
-            stopping = stop.should_stop(accelerator) and state.step < stop_at
-            if (every > 0 and state.step % every == 0) or state.step == stop_at or stopping:
-                train_state = {"train_state": state.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
-                result.checkpoint = save_checkpoint(accelerator, run_dir, state.step, cfg.train.keep_last, train_state,
-                                                    export=export, config=resolved_config, choices=choices,
-                                                    model_fingerprint=fingerprint, **save_kwargs)  # fmt: skip
-            if stopping:
-                result.stopped_by = stop.received or "a signal to another process"
-                if main:
-                    note_preemption(state.step, stop.received or "signal")
-                break
-    finally:
-        # Workers ignore stop signals (so Slurm's SIGTERM to the group cannot kill them mid-step);
-        # on an error the main process must therefore end them itself, as the iterator does when
-        # it is released, or the interpreter's exit would wait for them forever.
-        getattr(batches, "_shutdown_workers", lambda: None)()
+        # --- checkpoint (resumable state + a LoRA export), always at the last step or on a stop signal ---
+        every = cfg.train.checkpoint_every
+        stopping = stop.should_stop(accelerator) and state.step < stop_at
+        if (every > 0 and state.step % every == 0) or state.step == stop_at or stopping:
+            train_state = {"train_state": state.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+            result.checkpoint = save_checkpoint(accelerator, run_dir, state.step, cfg.train.keep_last, train_state,
+                                                export=export, config=resolved_config, choices=choices,
+                                                model_fingerprint=fingerprint, **save_kwargs)  # fmt: skip
+        if stopping:
+            stopped_early()
+            break
     progress.close()
     if len(step_times) > 2:  # the first steps include compilation, autotuning and warm-up
         median = sorted(step_times[2:])[len(step_times[2:]) // 2]

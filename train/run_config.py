@@ -30,8 +30,7 @@ CHOICES = "choices.yaml"
 """Beside each config.yaml: the option of each config group it was composed with (model=..., ...)."""
 STARTS = "starts"
 
-# Keys a resumed run may change (a key, or a prefix ending in "."), and the keys it may not get
-# from the checkpoint's config because they say how this start was asked for.
+# Keys a resumed run may change (a key, or a prefix ending in ".").
 RESUMABLE = (
     "train.steps",
     "train.stop_after_step",
