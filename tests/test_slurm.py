@@ -1,6 +1,7 @@
 """The SLURM launcher for real: a two-node Slurm cluster on this machine runs the project's own
-sbatch script (2 nodes x 1 CPU process, gloo, ZeRO-2), and a job stopped by SIGUSR1 requeues
-itself and resumes.
+sbatch script (2 nodes x 1 CPU process, gloo, ZeRO-2); a job stopped by SIGUSR1 requeues itself
+and resumes; jobs ended by SIGTERM (a time limit, a plain scancel) save and resume when submitted
+again.
 
 `.ci/run` starts the cluster and exports SLURM_CONF; without one, the tests start their own with
 scripts/slurm/local_cluster.sh when Slurm's daemons are installed and we are root, and skip
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -92,6 +94,12 @@ def cluster_report(env) -> str:
     return "\n--- cluster ---\n" + "\n".join(parts)
 
 
+def latest_step(text: str) -> int:
+    """The highest step a progress bar shows in a log (tqdm redraws a few times a second, so a
+    given step may never be printed)."""
+    return max((int(n) for n in re.findall(r"(\d+)/\d+ \[", text)), default=0)
+
+
 def job_state(env, job: str) -> str:
     out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=env, capture_output=True, text=True)
     return out.stdout.strip()
@@ -170,3 +178,56 @@ def test_signal_checkpoints_requeues_and_resumes(slurm_env, tmp_path, tiny_model
     assert [json.loads((ckpts / d / "checkpoint.json").read_text())["step"] for d in sorted(os.listdir(ckpts))] == [
         stopped, steps]  # fmt: skip
     assert text.count("LoRA exported to") == 1  # at the end: the stopped job's LoRA is in its checkpoint
+
+
+def test_time_limit_and_scancel_save_and_the_job_resumes(slurm_env, tmp_path, tiny_model_dir, demo_videos_dir):
+    """SIGTERM from Slurm itself, to every process of the job (the batch script, srun, the
+    launchers, the ranks and their DataLoader workers): first at a time limit with no warning
+    signal asked for, then from a plain `scancel`. Each time the ranks save within KillWait and
+    the job ends (Slurm ended the batch script too: nothing requeues); the same command submitted
+    again resumes where it stopped."""
+    # The script without its `--signal=USR1@120` line: what a time limit does to a job that asked
+    # for no warning (with it, a one-minute limit would warn at once).
+    bare = tmp_path / "no_warning.sbatch"
+    bare.write_text("".join(line for line in SBATCH.read_text().splitlines(keepends=True)
+                            if not line.startswith("#SBATCH --signal")))  # fmt: skip
+    overrides = [o for o in common(tiny_model_dir, demo_videos_dir, "terminated", 100_000, 100_000)
+                 if not o.startswith("train.steps=")] + ["logger.log_every=50"]  # fmt: skip
+
+    def stopped_at(out: Path) -> int:
+        text = log(out)
+        assert "Traceback" not in text, text[-3000:]
+        return int(text.split("Interrupted by SIGTERM at step ")[1].split()[0])
+
+    def state(job: str) -> str:
+        out = subprocess.run(["scontrol", "show", "job", job], env=slurm_env, capture_output=True, text=True).stdout
+        return out.split("JobState=")[1].split()[0]
+
+    out = subprocess.run(["sbatch", "--parsable", "--time=1", str(bare), "train.steps=100000", *overrides], cwd=tmp_path,
+                         env=slurm_env, capture_output=True, text=True, check=True, timeout=30)  # fmt: skip
+    job = out.stdout.strip().split(";")[0]
+    timed_log = tmp_path / f"slurm-radial-lora-{job}.out"
+    wait_for(lambda: job_gone(slurm_env, job), 300, lambda: f"job {job} to reach its limit:\n{log(timed_log)[-3000:]}",
+             slurm_env)  # fmt: skip
+    first = stopped_at(timed_log)
+    assert state(job) == "TIMEOUT" and f"continue with: scontrol requeue {job}" in log(timed_log)
+
+    job, cancelled_log = submit(slurm_env, tmp_path, "train.steps=100000", *overrides)
+    wait_for(lambda: latest_step(log(cancelled_log)) >= first + 20, 300,
+             lambda: f"job {job} to resume and train:\n{log(cancelled_log)[-3000:]}", slurm_env)  # fmt: skip
+    subprocess.run(["scancel", job], env=slurm_env, check=True)
+    wait_for(lambda: job_gone(slurm_env, job), 120, lambda: f"job {job} to end:\n{log(cancelled_log)[-3000:]}", slurm_env)
+    text = log(cancelled_log)
+    second = stopped_at(cancelled_log)
+    assert f"at step {first}" in text.split("Resumed from")[1].splitlines()[0]
+    assert second >= first + 20 and state(job) == "CANCELLED" and "requeueing" not in text
+
+    resume_unavailable_nodes(slurm_env)
+    job, final_log = submit(slurm_env, tmp_path, f"train.steps={second + 2}", *overrides)
+    wait_for(lambda: job_gone(slurm_env, job), 300, lambda: f"job {job} to finish:\n{log(final_log)[-3000:]}", slurm_env)
+    text = log(final_log)
+    assert f"at step {second}" in text.split("Resumed from")[1].splitlines()[0], text[-3000:]
+    assert "LoRA exported to" in text
+    ckpts = tmp_path / "outputs/terminated/checkpoints"
+    assert [json.loads((ckpts / d / "checkpoint.json").read_text())["step"] for d in sorted(os.listdir(ckpts))] == [
+        second, second + 2]  # fmt: skip

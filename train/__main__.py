@@ -47,10 +47,17 @@ def say(message: str) -> None:
         print(message, flush=True)
 
 
-def resume_command(dict_cfg: DictConfig) -> str:
-    """The command that continues this run."""
+def resume_command(dict_cfg: DictConfig, stopped_by: str) -> str:
+    """How to continue this run. Under scripts/slurm/train.sbatch (it sets the requeue-note
+    variable) the job resumes by itself once requeued: the script requeues it after SIGUSR1; after
+    SIGTERM (scancel, a time limit) Slurm has ended the script too, so the user requeues it."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and os.environ.get("RADIAL_LORA_PREEMPTED_FILE"):
+        if stopped_by == "SIGUSR1":
+            return "the batch script requeues the job, which resumes from it (train.resume=auto)"
+        return f"continue with: scontrol requeue {job} (the job resumes from it: train.resume=auto)"
     where = "" if dict_cfg.output_root == "outputs" else f" output_root={dict_cfg.output_root}"
-    return f"python -m train name={dict_cfg.name}{where} train.resume=latest"
+    return f"continue with: python -m train name={dict_cfg.name}{where} train.resume=latest"
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -103,7 +110,7 @@ def run(dict_cfg: DictConfig) -> None:
 
         if checkpoint_dirs(run_dir):
             where = f"checkpoint {result.checkpoint}" if result.checkpoint else "no new checkpoint"
-            then = f"continue with: {resume_command(dict_cfg)}"
+            then = resume_command(dict_cfg, result.stopped_by)
         else:
             where, then = "nothing saved", "start it again with the same command"
         message = f"Interrupted by {result.stopped_by} at step {result.step} of {result.steps} ({where}); {then}"
