@@ -315,3 +315,68 @@ def test_resume_on_other_base_weights_is_refused(train_cli, tmp_path):
     proc = train_cli(*FAST, "name=fp", f"model.path={model}", "train.resume=latest", "train.steps=2", check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "the base model's weights differ from those step_000001 was trained on" in proc.stderr
+
+
+@pytest.fixture
+def immutable(tmp_path):
+    """`immutable(folder)` makes a folder refuse new entries, renames and deletions, even to root
+    (chattr +i; chmod does not stop root, and CI runs as root); undone afterwards."""
+    made = []
+
+    def make(folder: Path) -> None:
+        done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"chattr +i does not work here: {done.stderr.strip()}")
+        made.append(folder)
+
+    yield make
+    for folder in made:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_line(train_cli, tmp_path, immutable):
+    root = tmp_path / "read_only"
+    root.mkdir()
+    immutable(root)
+    proc = train_cli(*FAST, "name=refused", f"output_root={root}", "train.steps=2", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip() == f"error: cannot write the run folder {root}/refused (output_root/name): " \
+                                  "Operation not permitted"  # fmt: skip
+
+
+def test_a_permission_error_mid_run_is_one_line_and_keeps_the_last_checkpoint(train_cli, tiny_model_dir,
+                                                                             demo_videos_dir, immutable):  # fmt: skip
+    """The checkpoints folder stops accepting writes while the run trains (an operator's chmod, a
+    quota, a remount): the run ends at its next checkpoint with one line naming the folder and the
+    cause, and every checkpoint it leaves is complete."""
+    cwd = train_cli.cwd
+    args = [sys.executable, "-m", "radial_lora.train", f"model.path={tiny_model_dir}", f"data.root={demo_videos_dir}",
+            *DEMO_DATA, *FAST, "name=locked", "train.steps=200", "train.checkpoint_every=2", "train.keep_last=0",
+            "data.num_workers=1"]  # fmt: skip
+    ckpts = cwd / "outputs/locked/checkpoints"
+    with open(cwd / "locked.err", "w") as err:
+        proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 300
+        while not (ckpts / "step_000002/checkpoint.json").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "no first checkpoint"
+            time.sleep(0.05)
+        immutable(ckpts)
+        code = proc.wait(timeout=300)
+    stderr = (cwd / "locked.err").read_text()
+    assert code != 0 and "Traceback" not in stderr, stderr[-3000:]
+    (line,) = [x for x in stderr.splitlines() if x.startswith("error:")]
+    kept = sorted(p.name for p in ckpts.iterdir())
+    assert kept and all((ckpts / name / "checkpoint.json").is_file() for name in kept), kept
+    assert line.startswith("error: could not write checkpoint step_") and "Operation not permitted" in line
+    assert str(ckpts) in line and f"the newest complete checkpoint, {kept[-1]}, is intact" in line
+
+
+def test_a_final_lora_that_cannot_be_written_is_one_line(train_cli, immutable):
+    lora = train_cli.cwd / "outputs/final/lora"
+    lora.mkdir(parents=True)
+    immutable(lora)
+    proc = train_cli(*FAST, "name=final", "train.steps=2", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: could not write the final LoRA: Operation not permitted"), line
+    assert "the newest complete checkpoint, step_000002, is intact" in line

@@ -60,6 +60,15 @@ def resume_command(dict_cfg: DictConfig, stopped_by: str) -> str:
     return f"continue with: python -m train name={dict_cfg.name}{where} train.resume=latest"
 
 
+def close_progress_bars() -> None:
+    """End the line of a progress bar an error interrupted, so the error is a line of its own
+    (tqdm keeps every open bar in its class's `_instances`)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def run(dict_cfg: DictConfig) -> None:
     """Resolve what to run (fresh, or the checkpoint's config plus the command line's changes),
@@ -69,9 +78,16 @@ def run(dict_cfg: DictConfig) -> None:
 
     from hydra.core.hydra_config import HydraConfig
 
-    from radial_lora.train.checkpoint import CheckpointWriteError, checkpoint_step, resolve_resume
+    from radial_lora.train.checkpoint import CheckpointWriteError, checkpoint_step, resolve_resume, write_error
     from radial_lora.train.loop import TrainingDiverged, train
-    from radial_lora.train.run_config import CHOICES, RUN_CONFIG, group_choices, resume_config, write_start
+    from radial_lora.train.run_config import (
+        CHOICES,
+        RUN_CONFIG,
+        group_choices,
+        resume_config,
+        resumed_choices,
+        write_start,
+    )
 
     log = logging.getLogger("radial_lora.run")
     overrides = list(HydraConfig.get().overrides.task)
@@ -90,7 +106,7 @@ def run(dict_cfg: DictConfig) -> None:
                 saved_choices = OmegaConf.load(folder / CHOICES) if (folder / CHOICES).is_file() else None
                 effective, changes = resume_config(OmegaConf.load(folder / RUN_CONFIG), dict_cfg, overrides,
                                                    checkpoint_step(resume_from), saved_choices)  # fmt: skip
-                choices = dict(saved_choices) if saved_choices is not None else choices
+                choices = resumed_choices(dict(saved_choices) if saved_choices else None, choices, overrides)
                 notes.append(f"resume: the run's config from {folder / RUN_CONFIG}"
                              + "".join(f"\n  changed on the command line: {c}" for c in changes))  # fmt: skip
             else:
@@ -100,10 +116,14 @@ def run(dict_cfg: DictConfig) -> None:
         validate(cfg)
         resolved = OmegaConf.to_container(effective, resolve=True, enum_to_str=True)
         if RANK0:
-            write_start(run_dir, effective, overrides, choices, fresh=resume_from is None)
+            try:
+                write_start(run_dir, effective, overrides, choices, fresh=resume_from is None)
+            except OSError as err:  # a full disk, a folder made read-only since the run began
+                raise write_error("the run's config", err, run_dir) from None
         result = train(cfg, resolved, resume_from=resume_from, notes=notes, choices=choices)
     except (*USER_ERRORS, TrainingDiverged, CheckpointWriteError) as err:
         log.error("error: %s", err)
+        close_progress_bars()
         sys.exit(f"error: {err}")
     if result.stopped_by is not None:
         from radial_lora.train.checkpoint import checkpoint_dirs

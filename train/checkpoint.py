@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import pickle
 import re
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from radial_lora.models.lora import load_trainable_state_dict, trainable_state_dict
@@ -231,24 +234,48 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep_last: int, train
             Path(tmp, TRAIN_STATE_FILE).write_text(json.dumps(train_state, indent=1))
             Path(tmp, MARKER_FILE).write_text(json.dumps({"step": step, "model_fingerprint": model_fingerprint}))
             _fsync_tree(tmp)  # on disk before the name says it is complete (a power cut, a node loss)
-    except OSError as err:
-        error = err
+    except (OSError, SafetensorError) as err:
+        error = io_error(err)
     except RuntimeError as err:  # torch.save's zip writer reports a full disk as a position mismatch
         if "unexpected pos" not in str(err) and shutil.disk_usage(tmp.parent).free > 2**20:
             raise
         error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
-    _raise_if_any_failed(accelerator, error, final, run_dir, tmp)
+    raise_if_any_failed(accelerator, error, f"checkpoint {final.name}", run_dir, tmp)
     if accelerator.is_main_process:
-        if final.exists():  # the same step saved again (a stop signal at a checkpoint step)
-            _delete(final)
-        tmp.rename(final)
-        _fsync_dir(final.parent)
-        for old in checkpoint_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
-            _delete(old)
-        for leftover in final.parent.glob(f"*{_DELETING}"):  # from a run killed mid-rotation
-            shutil.rmtree(leftover, ignore_errors=True)
+        try:
+            if final.exists():  # the same step saved again (a stop signal at a checkpoint step)
+                _delete(final)
+            tmp.rename(final)
+            _fsync_dir(final.parent)
+        except OSError as err:
+            error = err
+    raise_if_any_failed(accelerator, error, f"checkpoint {final.name}", run_dir, tmp)  # a failed rename
+    if accelerator.is_main_process:
+        try:
+            for old in checkpoint_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
+                _delete(old)
+            for leftover in final.parent.glob(f"*{_DELETING}"):  # from a run killed mid-rotation
+                shutil.rmtree(leftover)
+        except OSError as err:  # the new checkpoint is complete: training goes on, the user is told
+            message = (f"warning: could not delete an old checkpoint: {err.strerror or err} ({err.filename}); "
+                       f"{final.name} is complete, training goes on")  # fmt: skip
+            print(message, file=sys.stderr, flush=True)
+            logging.getLogger("radial_lora.run").warning(message)  # train.log
     accelerator.wait_for_everyone()
     return final
+
+
+_SAFETENSORS_IO = re.compile(r'I/O error: (.*?) \(os error (\d+)\)(?: at path "(.*)")?')
+
+
+def io_error(err: Exception) -> OSError:
+    """The OSError behind a failed write: `err` itself, or the one safetensors reports only as text
+    (`I/O error: No space left on device (os error 28) at path "..."`); re-raises anything else."""
+    if isinstance(err, OSError):
+        return err
+    if found := _SAFETENSORS_IO.search(str(err)):
+        return OSError(int(found.group(2)), found.group(1), found.group(3))
+    raise err
 
 
 class CheckpointWriteError(RuntimeError):
@@ -264,19 +291,21 @@ def write_error(what: str, err: OSError, run_dir: Path) -> CheckpointWriteError:
     return CheckpointWriteError(f"could not write {what}: {err.strerror or err} ({where}); {left}")
 
 
-def _raise_if_any_failed(accelerator, error: OSError | None, final: Path, run_dir: Path, tmp: Path) -> None:
-    """A collective: every process raises if any failed to write its part (its own error, or the
-    first process's report), after the partial folder is removed, so the space is given back."""
+def raise_if_any_failed(accelerator, error: OSError | None, what: str, run_dir: Path,
+                        partial: Path | None = None) -> None:  # fmt: skip
+    """A collective: every process raises if any failed to write its part of `what` (its own
+    error, or word of another's), after the partial folder is removed, so the space is given back.
+    No process is left waiting in a later collective for one that gave up."""
     import torch
 
     failed = torch.tensor([1 if error is not None else 0], device=accelerator.device)
     if accelerator.reduce(failed, reduction="sum").item() == 0:
         return
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if accelerator.is_main_process and partial is not None:
+        shutil.rmtree(partial, ignore_errors=True)
     if error is None:
-        error = OSError(0, "another process failed to write its part", str(tmp))
-    raise write_error(f"checkpoint {final.name}", error, run_dir)
+        error = OSError(0, "another process failed to write its part", str(partial or run_dir))
+    raise write_error(what, error, run_dir)
 
 
 _DELETING = ".deleting"

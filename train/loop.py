@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from radial_lora.data.dataset import BucketBatchSampler, ClipDataset, collate
@@ -30,9 +31,10 @@ from radial_lora.train.checkpoint import (
     TrainState,
     check_same_base_model,
     install_hooks,
+    io_error,
     load_checkpoint,
+    raise_if_any_failed,
     save_checkpoint,
-    write_error,
 )
 from radial_lora.train.config import AttentionBackend, Config, ConfigError, TrainConfig
 from radial_lora.train.distributed import (
@@ -334,10 +336,12 @@ def train(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
     say(f"data: clips failing to decode mid-run (each replaced by another): {total_skipped().summary()}")
     result.step = state.step
     if result.stopped_by is None:  # an interrupted run has its LoRA in the checkpoint, not in lora/
+        error = None
         try:
             result.lora_file = export(run_dir / "lora")
-        except OSError as err:
-            raise write_error("the final LoRA", err, run_dir) from None
+        except (OSError, SafetensorError) as err:  # on rank 0, which writes; the others learn of it here
+            error = io_error(err)
+        raise_if_any_failed(accelerator, error, "the final LoRA", run_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

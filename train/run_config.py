@@ -16,10 +16,12 @@ each start's effective config, options and command line.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from radial_lora.train.config import CONFIG_DIR, ConfigError
@@ -116,6 +118,17 @@ def group_choices(hydra_choices) -> dict[str, str]:
     return {g: str(hydra_choices[g]) for g in CONFIG_GROUPS if hydra_choices.get(g) is not None}
 
 
+def resumed_choices(saved: dict[str, str] | None, current: dict[str, str], overrides: list[str]) -> dict[str, str]:
+    """A resumed run's group options: the checkpoint's, with those the command line names taken
+    from this start (resume_config has checked that what they set may change)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if saved is None:
+        return current
+    named = {o.key_or_group for o in OverridesParser.create().parse_overrides(overrides)}
+    return {**saved, **{g: option for g, option in current.items() if g in named}}
+
+
 def _select(cfg: DictConfig, key: str) -> Any:
     value = OmegaConf.select(cfg, key, default=_ABSENT)
     return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
@@ -172,3 +185,21 @@ def write_start(run_dir: Path, effective: DictConfig, overrides: list[str], choi
         OmegaConf.save(effective, Path(run_dir, RUN_CONFIG), resolve=True)
         OmegaConf.save(OmegaConf.create(choices), Path(run_dir, CHOICES))
     return folder
+
+
+class RunFolderCheck(Callback):
+    """Hydra callback (configs/train.yaml): before Hydra opens the run's log file in the run
+    folder, make sure the folder can be created and written, so a read-only or full output_root
+    is one line naming the folder and the cause instead of a traceback from Hydra's own mkdir.
+    It exits (SystemExit) rather than raising: Hydra turns a callback's exceptions into warnings."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = Path(config.hydra.run.dir)
+        probe = folder / f".write-test-{os.getpid()}"  # one per process: every rank checks
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise SystemExit(f"error: cannot write the run folder {folder} (output_root/name): "
+                             f"{err.strerror or err}") from None  # fmt: skip
