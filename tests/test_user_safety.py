@@ -157,7 +157,9 @@ def test_a_signal_to_the_process_group_saves_and_resumes_exactly(sig, train_cli,
     args = [sys.executable, "-m", "radial_lora.train", f"model.path={tiny_model_dir}", f"data.root={demo_videos_dir}",
             *DEMO_DATA, *common, "name=cut"]  # fmt: skip (what train_cli runs)
     with open(cwd / "cut.out", "w") as out, open(cwd / "cut.err", "w") as err:
-        proc = subprocess.Popen(args, cwd=cwd, stdout=out, stderr=err, start_new_session=True)
+        # The requeue note a batch script asks for (scripts/slurm/train.sbatch sets this variable).
+        env = {**os.environ, "RADIAL_LORA_PREEMPTED_FILE": str(cwd / "preempted")}
+        proc = subprocess.Popen(args, cwd=cwd, stdout=out, stderr=err, start_new_session=True, env=env)
         wait_for(cwd / "outputs/cut/train.log", "step 2/12")
         os.killpg(proc.pid, sig)
         code = proc.wait(timeout=300)
@@ -170,6 +172,7 @@ def test_a_signal_to_the_process_group_saves_and_resumes_exactly(sig, train_cli,
     assert not (cwd / "outputs/cut/lora").exists()  # an unfinished run does not look finished
     step = int(last.split(" at step ")[1].split()[0])
     assert step < 12 and (cwd / f"outputs/cut/checkpoints/step_{step:06d}").is_dir()
+    assert (cwd / "preempted").read_text() == f"{signal.Signals(sig).name} at step {step}\n"
     train_cli(*common, "name=cut", "train.resume=latest")
     a = load_file(cwd / "outputs/straight/lora/pytorch_lora_weights.safetensors")
     b = load_file(cwd / "outputs/cut/lora/pytorch_lora_weights.safetensors")
