@@ -1,6 +1,6 @@
 """The latent and text cache: VAE posteriors and prompt embeddings, encoded once.
 
-Layout of a cache folder (written by `python -m data.precompute`):
+Layout of a cache folder (written by `python -m scripts.precompute`):
   index.json                      {"meta": {...}, "entries": {video: {...}}, "failed": {video: reason}}
   shard_r{rank}_{n:04d}.safetensors  tensors "{key}.latent_params" [2C, T', H', W'] (the VAE
                                      posterior's mean and log-variance) and "{key}.text" [L, D]
@@ -56,13 +56,13 @@ class LatentCache:
         self.root = Path(root)
         index_file = self.root / INDEX
         if not index_file.exists():
-            raise FileNotFoundError(f"data.cache={root} has no {INDEX}: build it with `python -m data.precompute`")
+            raise FileNotFoundError(f"data.cache={root} has no {INDEX}: build it with `python -m scripts.precompute`")
         index = json.loads(index_file.read_text())
         differs = {k: (index["meta"].get(k), v) for k, v in expected_meta.items() if index["meta"].get(k) != v}
         if differs:
             what = "; ".join(f"{k}: cache has {a!r}, run wants {b!r}" for k, (a, b) in differs.items())
             raise ValueError(f"data.cache={root} was built for other settings ({what}); rebuild it with "
-                             "`python -m data.precompute` or point data.cache elsewhere")  # fmt: skip
+                             "`python -m scripts.precompute` or point data.cache elsewhere")  # fmt: skip
         self.meta, self.entries, self.failed = index["meta"], index["entries"], index.get("failed", {})
         self.text_tokens = expected_meta["max_text_tokens"]
         self._files: dict[str, object] = {}
@@ -84,7 +84,7 @@ class LatentCache:
                 kept.append(clip)
         if stale:
             raise ValueError(f"{len(stale)} clips are not in data.cache={self.root} or changed since it was built "
-                             f"(e.g. {stale[0]}); run `python -m data.precompute` again")  # fmt: skip
+                             f"(e.g. {stale[0]}); run `python -m scripts.precompute` again")  # fmt: skip
         return kept, failed
 
     def load(self, clip: Clip) -> dict:

@@ -1,7 +1,7 @@
 """The catalog: every usable clip of the configured datasets, with its bucket; the rest rejected.
 
 Built the same way (deterministically) on every process before training, and by
-`python -m data.inspect`. A bucket is (frames, height, width): the size is the configured one
+`python -m scripts.inspect_data`. A bucket is (frames, height, width): the size is the configured one
 closest in aspect ratio to the video; the frame count is the longest configured one the video
 is long enough for at the target fps (`too_short=shorter`), or only the longest
 (`too_short=skip`). Videos too short for every allowed length are rejected as `too_short`.

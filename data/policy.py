@@ -1,6 +1,6 @@
 """The bad-input policy: every way an input can be unusable, and what happens then.
 
-Before training (and in `python -m data.inspect`), every listed entry is checked: its caption is
+Before training (and in `python -m scripts.inspect_data`), every listed entry is checked: its caption is
 read and its video opened, its frame count and timing read, its first and last frame decoded.
 Entries that fail are rejected and counted by reason; the run prints the counts and logs them to
 W&B, and stops at start only if nothing is usable.

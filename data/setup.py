@@ -1,6 +1,6 @@
 """From a run's config to its data: the catalog, the cache, the dataset and the batch sampler.
 
-Shared by training (train/loop.py), `python -m data.precompute` and the tests, so they agree on
+Shared by training (train/loop.py), `python -m scripts.precompute` and the tests, so they agree on
 which clips exist and how they are cut.
 """
 
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from radial_lora.configs.schema import Config, ConfigError, DataConfig
 from radial_lora.data.cache import LatentCache, cache_meta
 from radial_lora.data.catalog import Catalog, build_catalog
 from radial_lora.data.demo_videos import generate_demo_videos
 from radial_lora.data.sources import describe_folder
-from radial_lora.train.config import Config, ConfigError, DataConfig
 
 
 def catalog_for(cfg: DataConfig, seed: int = 0) -> Catalog:
@@ -55,5 +55,5 @@ def usable_clips(cfg: Config, catalog: Catalog):
                               if not Path(s.path).is_file())  # fmt: skip
             raise ConfigError(f"no videos in {sources}" + (f" ({found})" if found else ""))
         raise ConfigError(f"no usable clips in {sources} (rejected: {catalog.counts.summary()}); "
-                          f"`python -m data.inspect PATH` lists each file's problem")  # fmt: skip
+                          f"`python -m scripts.inspect_data PATH` lists each file's problem")  # fmt: skip
     return clips, cache

@@ -37,7 +37,7 @@ default, except under torch.use_deterministic_algorithms (its dQ adds land in va
 kernels/triton_attention.py GLUON_CHOICES; docs/benchmarks/attention.md, session 8).
 
 GPU only (Gluon has no CPU interpreter): tests/test_gluon_attention.py runs them on the lent GPU;
-on CPU, tests/test_scripts.py compiles them for sm_90 (scripts/kernel_sass.py) with the installed
+on CPU, tests/test_scripts.py compiles them for sm_90 (scripts/lab/kernel_sass.py) with the installed
 Triton, which is newer than the GPU image's 3.6.
 """
 

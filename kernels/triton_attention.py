@@ -106,7 +106,7 @@ def _configs(choices):
 
 
 # Small tiles serve small mask blocks (and are the interpreter's only choice). On an H100 at the
-# wan_4x shape every tile was timed alone (scripts/tune_attention.py, docs/benchmarks/): forward
+# wan_4x shape every tile was timed alone (scripts/lab/tune_attention.py, docs/benchmarks/): forward
 # 128x128 (8 warps, 3 stages) 450 TFLOP/s vs 404 for 128x64; dK/dV 64x64 (4 warps, 3 stages); dQ
 # 128x128 (8 warps, 2 stages); the autotuner chooses among these and their neighbours.
 _SMALL = [(32, 32, 4, 2), (16, 16, 4, 2)]
@@ -621,7 +621,7 @@ def compact_mask(block_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
     the longest start first and the grid's last wave is short ones. A radial mask keeps its first
     frame's blocks for every row (the attention sink): at the wan_4x shape those key blocks have
     5.3x the mean count, and in block order they start late enough in the last head to leave the
-    GPU waiting on them (a list-scheduling model of 132 SMs, scripts/launch_order_model.py: 5.3-6.6%
+    GPU waiting on them (a list-scheduling model of 132 SMs, scripts/lab/launch_order_model.py: 5.3-6.6%
     over the ideal makespan in block order, 0.1-0.6% in this order; measured:
     docs/benchmarks/attention.md, session 9).
     """

@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import torch
 
+from radial_lora.configs.schema import AttentionBackend, AttentionConfig, ConfigError
 from radial_lora.kernels.dispatch import attention, prepare_mask
 from radial_lora.kernels.radial_mask import radial_block_mask
-from radial_lora.train.config import AttentionBackend, AttentionConfig, ConfigError
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

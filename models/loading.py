@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from radial_lora.train.config import ModelConfig
+from radial_lora.configs.schema import ModelConfig
 
 # Small random models built on the spot (models/tiny_wan.py): model id -> preset.
 TINY_MODELS = {"tiny-wan": "tiny", "tiny-wan-gpu": "gpu"}

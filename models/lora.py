@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from radial_lora.train.config import ConfigError, LoraConfig
+from radial_lora.configs.schema import ConfigError, LoraConfig
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 

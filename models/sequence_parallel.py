@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
-from radial_lora.train.config import ConfigError
+from radial_lora.configs.schema import ConfigError
 
 
 class SequenceParallel:

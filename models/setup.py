@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from radial_lora.configs.schema import AttentionConfig, ConfigError, LoraConfig, ModelConfig
 from radial_lora.models.attention import set_self_attention
 from radial_lora.models.checkpointing import enable_checkpointing
 from radial_lora.models.lora import add_lora, check_lora_inside_blocks
 from radial_lora.models.sequence_parallel import enable_sequence_parallel
-from radial_lora.train.config import AttentionConfig, ConfigError, LoraConfig, ModelConfig
 
 
 def prepare_transformer(

@@ -27,10 +27,10 @@ import time
 import torch
 import torch.distributed as dist
 
+from radial_lora.configs.schema import AttentionConfig, LoraConfig, ModelConfig, TimestepConfig
 from radial_lora.models.attention import describe
 from radial_lora.models.setup import prepare_transformer
 from radial_lora.scripts.report import write_report
-from radial_lora.train.config import AttentionConfig, LoraConfig, ModelConfig, TimestepConfig
 from radial_lora.train.step import flow_matching_loss, sample_sigmas
 
 

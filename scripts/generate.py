@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from radial_lora.configs.schema import Config, typed_config
 from radial_lora.models.attention import describe, set_self_attention
 from radial_lora.models.loading import load_pipeline
 from radial_lora.models.lora import LORA_WEIGHT_NAME
-from radial_lora.train.config import Config, typed_config
 
 
 def run_config(run: Path) -> Config:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from radial_lora.configs.schema import AttentionConfig, ConfigError
 from radial_lora.models.attention import describe, set_self_attention, triton_kernels
-from radial_lora.train.config import AttentionConfig, ConfigError
 
 RADIAL = dict(block_size=16, decay=1.0, sink=True)
 

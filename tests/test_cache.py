@@ -1,4 +1,4 @@
-"""The latent cache: built by `python -m data.precompute`, equal to on-the-fly encoding, refused
+"""The latent cache: built by `python -m scripts.precompute`, equal to on-the-fly encoding, refused
 when built for other settings or stale; and training from it."""
 
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from radial_lora.configs.schema import ConfigError
 from radial_lora.data.cache import LatentCache
 from radial_lora.data.setup import catalog_for, meta_for
 from radial_lora.data.video import decode_clip
-from radial_lora.train.config import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def built_cache(tmp_path_factory, tiny_model_dir, demo_videos_dir):
     cwd = tmp_path_factory.mktemp("precompute")
     cache_dir = cwd / "cache"
     proc = run_train(cwd, f"model.path={tiny_model_dir}", f"data.root={demo_videos_dir}", *DEMO_DATA,
-                     f"data.cache={cache_dir}", module="radial_lora.data.precompute")  # fmt: skip
+                     f"data.cache={cache_dir}", module="radial_lora.scripts.precompute")  # fmt: skip
     assert "cached 24 clips" in proc.stdout, proc.stdout + proc.stderr
     return cache_dir
 
@@ -30,7 +30,7 @@ def demo_config(tiny_model_dir, demo_videos_dir, cache_dir, *overrides):
     from conftest import DEMO_DATA, REPO
     from hydra import compose, initialize_config_dir
 
-    from radial_lora.train.config import register_configs, typed_config
+    from radial_lora.configs.schema import register_configs, typed_config
 
     register_configs()
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):  # as `python -m train` composes it

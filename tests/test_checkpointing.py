@@ -10,9 +10,9 @@ from torch._dynamo import register_backend
 from torch._dynamo.backends.common import aot_autograd
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from radial_lora.configs.schema import AttentionConfig, LoraConfig, ModelConfig
 from radial_lora.models.checkpointing import attention_ops, is_self_attention
 from radial_lora.models.setup import prepare_transformer
-from radial_lora.train.config import AttentionConfig, LoraConfig, ModelConfig
 
 RADIAL = dict(block_size=16, decay=1.0, sink=True)
 

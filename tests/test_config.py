@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from radial_lora.train.config import Config, ConfigError, register_configs, typed_config, validate
+from radial_lora.configs.schema import Config, ConfigError, register_configs, typed_config, validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ["model", "data", "attention", "lora", "optim", "trainer", "logger"]
@@ -142,7 +142,7 @@ def test_an_experiment_that_needs_a_latent_cache_says_so(train_cli):
 def test_scheduler_names_are_diffusers():
     from diffusers.optimization import SchedulerType
 
-    from radial_lora.train.config import SCHEDULERS
+    from radial_lora.configs.schema import SCHEDULERS
 
     assert set(SCHEDULERS) == {s.value for s in SchedulerType}
 

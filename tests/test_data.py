@@ -54,10 +54,10 @@ def test_demo_dataset_is_real_h264_with_captions(demo_videos_dir):
         assert 33 <= len(reader) <= 65 and reader[0].shape == (64, 64, 3)
 
 
-def test_demo_videos_command_writes_clips_of_the_asked_length(tmp_path, capsys):
+def test_synthetic_videos_command_writes_clips_of_the_asked_length(tmp_path, capsys):
     import decord
 
-    from radial_lora.data.demo_videos import main
+    from radial_lora.scripts.synthetic_videos import main
 
     main([str(tmp_path / "long"), "--clips", "2", "--frames", "81", "83", "--size", "32"])
     assert "2 clips in" in capsys.readouterr().out
@@ -249,7 +249,7 @@ def test_a_clip_failing_mid_run_costs_one_sample(corpus, tmp_path):
 
 
 def run_inspect(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data.inspect", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "scripts.inspect_data", *args], capture_output=True, text=True,
                           cwd=HERE.parent)  # fmt: skip
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from radial_lora.train.config import Config, DataConfig, OptimConfig, Precision, Strategy, TrainerConfig
+from radial_lora.configs.schema import Config, DataConfig, OptimConfig, Precision, Strategy, TrainerConfig
 from radial_lora.train.distributed import deepspeed_config
 
 pytestmark = pytest.mark.slow

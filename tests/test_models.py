@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from radial_lora.configs.schema import AttentionConfig, LoraConfig, ModelConfig, TimestepConfig
 from radial_lora.models.attention import WanSelfAttnProcessor, set_self_attention
 from radial_lora.models.lora import LORA_WEIGHT_NAME, add_lora, export_lora
-from radial_lora.train.config import AttentionConfig, LoraConfig, ModelConfig, TimestepConfig
 from radial_lora.train.step import flow_matching_loss, sample_sigmas
 
 DENSE = AttentionConfig(backend="dense")
@@ -49,8 +49,8 @@ def test_tiny_model_is_a_real_wan_pipeline(tiny_model_dir):
 
 
 def test_clips_beyond_the_rotary_table_are_refused_in_one_line(tiny_model_dir):
+    from radial_lora.configs.schema import ConfigError
     from radial_lora.models.setup import check_rotary_covers
-    from radial_lora.train.config import ConfigError
 
     pipe = load(tiny_model_dir)  # rope_max_seq_len 1024, VAE x4 in time and x8 in space, patch 1x2x2
     check_rotary_covers(pipe, [321, 81], [[480, 832]])

@@ -69,8 +69,8 @@ def test_wheel_holds_one_top_level_package_and_the_configs(wheel):
     assert top == {"radial_lora"}
     shipped = {n.removeprefix("radial_lora/configs/") for n in names if n.startswith("radial_lora/configs/")}
     in_checkout = {str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml")}
-    assert shipped == in_checkout
-    for folder in ("train", "data", "models", "kernels", "scripts"):
+    assert shipped == in_checkout | {"schema.py"}
+    for folder in ("train", "data", "models", "kernels", "scripts", "scripts/lab"):
         modules = {p.name for p in (REPO / folder).glob("*.py")}
         assert modules <= {Path(n).name for n in names if n.startswith(f"radial_lora/{folder}/")}, folder
     assert "radial_lora/scripts/slurm/train.sbatch" in names

@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from radial_lora.train.config import CONFIG_DIR, ConfigError, register_configs
+from radial_lora.configs.schema import CONFIG_DIR, ConfigError, register_configs
 from radial_lora.train.run_config import resume_config, resumed_choices
 
 

@@ -70,13 +70,13 @@ def test_generate_with_a_trained_lora(train_cli):
 
 
 def test_kernel_sass_report_shows_tma_loads_on_hopper():
-    """scripts/kernel_sass.py compiles the real forward kernels for sm_90 without a GPU: pointer loads
+    """scripts/lab/kernel_sass.py compiles the real forward kernels for sm_90 without a GPU: pointer loads
     become cp.async (LDGSTS), the TMA path real tensor-memory-accelerator loads; the Gluon forward
     and backward kernels compile with the installed Triton (the CPU machine's is newer than the GPU image's)
     into warp-specialized partitions that hand registers over (USETMAXREG), without spills (the
     fused backward aside), the forward and dQ with their pipelined waits."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
-    command = [sys.executable, str(REPO / "scripts/kernel_sass.py"), "--kernel", "fwd", "gluon", "gluon_dkdv",
+    command = [sys.executable, str(REPO / "scripts/lab/kernel_sass.py"), "--kernel", "fwd", "gluon", "gluon_dkdv",
                "gluon_dq", "gluon_fused"]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -105,12 +105,12 @@ def test_kernel_sass_report_shows_tma_loads_on_hopper():
 
 @pytest.mark.gpu
 def test_tile_sweep_times_every_candidate(tmp_path):
-    """scripts/tune_attention.py at a small shape: a row per dQ tile and load mode, all timed."""
-    proc = subprocess.run([sys.executable, str(REPO / "scripts/tune_attention.py"), "--frames", "5",
+    """scripts/lab/tune_attention.py at a small shape: a row per dQ tile and load mode, all timed."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/lab/tune_attention.py"), "--frames", "5",
                            "--tokens-per-frame", "512", "--heads", "2", "--kernels", "dq", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from radial_lora.scripts.tune_attention import CANDIDATES
+    from radial_lora.scripts.lab.tune_attention import CANDIDATES
 
     (record,) = tmp_path.glob("attention_tuning_*.json")
     rows = json.loads(record.read_text())["rows"]
@@ -119,12 +119,12 @@ def test_tile_sweep_times_every_candidate(tmp_path):
 
 
 def test_launch_order_model_favours_heavy_first():
-    """scripts/launch_order_model.py: list scheduling of the wan_4x shape's programs on 132 SMs
+    """scripts/lab/launch_order_model.py: list scheduling of the wan_4x shape's programs on 132 SMs
     finishes sooner in compact_mask's heavy-first order than in block order, and never before the
     ideal (total work / SMs)."""
     from radial_lora.kernels.radial_mask import radial_block_mask
     from radial_lora.kernels.triton_attention import compact_mask
-    from radial_lora.scripts.launch_order_model import makespan
+    from radial_lora.scripts.lab.launch_order_model import makespan
 
     _, _, _, q_count, _, q_order = compact_mask(radial_block_mask(81, 1560, decay=1.0))
     cost = [float(c) + 2 for c in q_count.tolist()]

@@ -144,7 +144,7 @@ def test_train_deterministic_turns_on_pytorch_deterministic_mode(monkeypatch, de
     """train.deterministic=true: the seed, PyTorch's deterministic algorithms (warn-only, so an op
     without a deterministic version cannot stop a run) and cuBLAS's workspace setting. (What the
     attention op then runs on Hopper: tests/test_gluon_attention.py.)"""
-    from radial_lora.train.config import TrainConfig
+    from radial_lora.configs.schema import TrainConfig
     from radial_lora.train.loop import seed_everything
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)

@@ -202,10 +202,10 @@ def test_help_says_what_each_key_means():
 
 
 def test_inspect_checks_with_the_runs_settings(own_videos, tmp_path):
-    """data.inspect with training's overrides, and with a run's saved config: the same clips the
+    """scripts.inspect_data with training's overrides, and with a run's saved config: the same clips the
     run sees (its defaults are the videos data group's, not a size of their own)."""
     def inspect(*args):
-        return subprocess.run([sys.executable, "-m", "radial_lora.data.inspect", *args], cwd=tmp_path,
+        return subprocess.run([sys.executable, "-m", "radial_lora.scripts.inspect_data", *args], cwd=tmp_path,
                               capture_output=True, text=True, timeout=300)  # fmt: skip
 
     default = inspect(str(own_videos))  # videos.yaml: 81 frames at 16 fps, longer than these clips

@@ -26,7 +26,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from radial_lora.train.config import CONFIG_DIR, ConfigError, register_configs, typed_config, validate  # noqa: E402
+from radial_lora.configs.schema import CONFIG_DIR, ConfigError, register_configs, typed_config, validate  # noqa: E402
 from radial_lora.train.help import own_videos_overrides, print_help  # noqa: E402
 
 register_configs()

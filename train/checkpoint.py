@@ -31,8 +31,8 @@ from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from radial_lora.configs.schema import ConfigError
 from radial_lora.models.lora import load_trainable_state_dict, trainable_state_dict
-from radial_lora.train.config import ConfigError
 from radial_lora.train.run_config import CHOICES, RUN_CONFIG
 
 TRAINABLE_FILE = "trainable.safetensors"

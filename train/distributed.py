@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from radial_lora.train.config import Config, ConfigError, Precision, Strategy
+from radial_lora.configs.schema import Config, ConfigError, Precision, Strategy
 
 ZERO_STAGES = {Strategy.zero2: 2, Strategy.zero3: 3}
 

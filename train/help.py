@@ -1,6 +1,6 @@
 """The command line around Hydra: `--help` that says what every key means, and the own-videos rule.
 
-`--help` is written from the schema itself (train/config.py: each field's docstring), so it cannot
+`--help` is written from the schema itself (configs/schema.py: each field's docstring), so it cannot
 drift from the code; Hydra's own help stays at `--hydra-help`.
 """
 
@@ -13,7 +13,7 @@ import textwrap
 import typing
 from pathlib import Path
 
-from radial_lora.train import config as schema
+from radial_lora.configs import schema
 
 _SOURCE = re.compile(r"^\+{0,2}data\.(root|metadata|mix)=(.*)$")
 _DATA_GROUP = re.compile(r"^\+{0,2}data=")

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from radial_lora.configs.schema import AttentionBackend, Config, ConfigError, TrainConfig
 from radial_lora.data.dataset import BucketBatchSampler, ClipDataset, collate
 from radial_lora.data.policy import REASONS, RejectCounts
 from radial_lora.data.setup import catalog_for, usable_clips
@@ -36,7 +37,6 @@ from radial_lora.train.checkpoint import (
     raise_if_any_failed,
     save_checkpoint,
 )
-from radial_lora.train.config import AttentionBackend, Config, ConfigError, TrainConfig
 from radial_lora.train.distributed import (
     autocast_dtype,
     checkpoint_kwargs,

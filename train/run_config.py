@@ -24,7 +24,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from radial_lora.train.config import CONFIG_DIR, ConfigError
+from radial_lora.configs.schema import CONFIG_DIR, ConfigError
 
 RUN_CONFIG = "config.yaml"
 """The run's config as first started, in the run folder; also each checkpoint's own config."""

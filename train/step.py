@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from radial_lora.configs.schema import TimestepConfig, TimestepSampling
 from radial_lora.data.video import to_vae_input
-from radial_lora.train.config import TimestepConfig, TimestepSampling
 
 
 def sample_generator(seed: int, batch_number: int, sample: int, device) -> torch.Generator:

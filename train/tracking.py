@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from radial_lora.train.config import LoggerConfig
+from radial_lora.configs.schema import LoggerConfig
 
 
 def wandb_mode(cfg: LoggerConfig) -> str:

@@ -1,7 +1,7 @@
 """Time the Hopper Gluon kernels directly, one variant against another, at the wan_4x shape.
 
-    python scripts/bench_gluon_variants.py                                  # launch order A/B
-    python scripts/bench_gluon_variants.py --set FUSED_TILE.STAGES=2,3      # and a tile knob
+    python scripts/lab/bench_gluon_variants.py                                  # launch order A/B
+    python scripts/lab/bench_gluon_variants.py --set FUSED_TILE.STAGES=2,3      # and a tile knob
 
 What kernels/gluon_attention.py's choices rest on: each kernel (forward, one-kernel backward,
 dK/dV, dQ) launched in mask-block order and in the heavy-first order compact_mask gives it, and,

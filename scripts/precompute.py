@@ -1,4 +1,4 @@
-"""`python -m data.precompute [+experiment=NAME] data.cache=DIR`: encode the run's clips once.
+"""`python -m scripts.precompute [+experiment=NAME] data.cache=DIR`: encode the run's clips once.
 
 Takes the same Hydra config as training, lists the same usable clips, and writes each clip's VAE
 posterior (of the window at the start of the video) and its caption's text embedding into
@@ -18,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from radial_lora.train.config import CONFIG_DIR, ConfigError, register_configs, typed_config, validate
+from radial_lora.configs.schema import CONFIG_DIR, ConfigError, register_configs, typed_config, validate
 
 register_configs()
 SHARD_BYTES = 2 * 2**30  # start a new shard file after about this many bytes

@@ -161,7 +161,7 @@ class DataConfig:
     decode_threads: int = 1
     """Threads decord may use per worker; bounded so workers don't oversubscribe the cores."""
     cache: str | None = None
-    """Folder of precomputed latents and text embeddings (`python -m data.precompute`); null
+    """Folder of precomputed latents and text embeddings (`python -m scripts.precompute`); null
     encodes on the fly."""
     cache_dtype: DType = DType.bfloat16
     """Storage dtype of cached latents and embeddings."""
@@ -335,11 +335,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-# The Hydra tree, as an absolute path: configs/ beside this folder in a checkout (editable install)
+# The Hydra tree, as an absolute path: this folder, configs/, in a checkout (editable install)
 # and radial_lora/configs in a built one. Absolute, because Hydra resolves a relative config_path
 # against the importing package when the entry point is a console script, and `radial_lora` is a
 # namespace package that importlib.resources cannot list in an editable install.
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+CONFIG_DIR = str(Path(__file__).resolve().parent)
 
 
 def register_configs() -> None:
@@ -383,7 +383,7 @@ def validate(cfg: Config) -> None:
     """Check what the schema's types cannot; raises ConfigError naming the key."""
     checks = [
         (cfg.data.cache is not None or not cfg.data.require_cache,
-         "data.cache is required here (data.require_cache): encode the clips once with `python -m data.precompute "
+         "data.cache is required here (data.require_cache): encode the clips once with `python -m scripts.precompute "
          "<the same overrides> data.cache=DIR`, then train with data.cache=DIR"),
         (bool(cfg.data.frames) and all(f >= 1 and (f - 1) % 4 == 0 for f in cfg.data.frames),
          f"data.frames={cfg.data.frames} must be 4n+1 each (e.g. 17, 33, 81): Wan's VAE keeps the first frame "

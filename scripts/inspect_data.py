@@ -1,4 +1,4 @@
-"""`python -m data.inspect [PATH] [OVERRIDES ...] [--run RUN] [--json]`: which clips are usable, and why not the rest.
+"""`python -m scripts.inspect_data [PATH] [OVERRIDES ...] [--run RUN] [--json]`: which clips are usable, and why not the rest.
 
 PATH is a folder of videos with .txt captions, a metadata.csv or a metadata.jsonl. The clips are
 checked with the data settings training will use: those of the Hydra overrides given (as for
@@ -29,7 +29,7 @@ def data_settings(overrides: list[str], run: Path | None):
     """The DataConfig training would use: a run's saved one, or the composed config's."""
     from omegaconf import OmegaConf
 
-    from radial_lora.train.config import CONFIG_DIR, DataConfig, register_configs, typed_config
+    from radial_lora.configs.schema import CONFIG_DIR, DataConfig, register_configs, typed_config
 
     if run is not None:
         saved = Path(run, "config.yaml")  # the run's config as first started (train/run_config.py)

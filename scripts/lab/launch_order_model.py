@@ -1,7 +1,7 @@
 """How much the kernels' launch order should matter: a list-scheduling model of one GPU.
 
-    python -m scripts.launch_order_model                       # the wan_4x shape, 12 heads
-    python -m scripts.launch_order_model --heads 40 --frames 21
+    python -m scripts.lab.launch_order_model                       # the wan_4x shape, 12 heads
+    python -m scripts.lab.launch_order_model --heads 40 --frames 21
 
 Each program (one mask block of one head) holds one of the GPU's SMs (the Hopper kernels use
 192-224 KB of shared memory) for a time proportional to its kept count plus a small fixed cost;

@@ -1,8 +1,8 @@
 """Time every launch configuration of our attention kernels one at a time, on one GPU.
 
-    python scripts/tune_attention.py                          # Wan2.1-1.3B, 480p, 321 frames
-    python scripts/tune_attention.py --frames 21 --heads 40   # another shape
-    python scripts/tune_attention.py --out docs/benchmarks    # also write a markdown + JSON record
+    python scripts/lab/tune_attention.py                          # Wan2.1-1.3B, 480p, 321 frames
+    python scripts/lab/tune_attention.py --frames 21 --heads 40   # another shape
+    python scripts/lab/tune_attention.py --out docs/benchmarks    # also write a markdown + JSON record
 
 The autotuner keeps only its winner; this shows the whole field, which is what the kernel's
 config lists (`kernels/triton_attention.py`) are cut from, and what to rerun on a new card.
@@ -31,7 +31,7 @@ from radial_lora.kernels.triton_attention import block_sparse_attention
 from radial_lora.scripts.report import write_report
 
 # (BLOCK_M, BLOCK_N, warps, stages): the tiles that fit Hopper's registers and shared memory at
-# head dim 128 (scripts/kernel_sass.py shows which spill), around the current winners.
+# head dim 128 (scripts/lab/kernel_sass.py shows which spill), around the current winners.
 CANDIDATES = {
     "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 32, 8, 4),
             (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3)],

@@ -1,7 +1,7 @@
 """Compile our attention kernels for Hopper (sm_90) offline and count what their SASS does.
 
-    python scripts/kernel_sass.py                        # every kernel, pointer and TMA loads
-    python scripts/kernel_sass.py --kernel fwd --block 128 64 --warps 8 --stages 3 --dump /tmp/fwd.sass
+    python scripts/lab/kernel_sass.py                        # every kernel, pointer and TMA loads
+    python scripts/lab/kernel_sass.py --kernel fwd --block 128 64 --warps 8 --stages 3 --dump /tmp/fwd.sass
 
 No GPU needed: Triton compiles for a `GPUTarget("cuda", 90, 32)` and its bundled `cuobjdump`
 disassembles the cubin. Counts, per kernel and load mode: `HGMMA` (Hopper's asynchronous
@@ -15,7 +15,7 @@ the divisibility-by-16 hints an aligned launch gets. The Triton installed here c
 be newer than the GPU image's: say which when quoting the numbers. Another Triton compiles the same
 way without touching the environment, e.g. the GPU image's:
     pip install --no-deps --target /tmp/t36 triton==3.6.0
-    PYTHONPATH=/tmp/t36 python scripts/kernel_sass.py
+    PYTHONPATH=/tmp/t36 python scripts/lab/kernel_sass.py
 """
 
 from __future__ import annotations

@@ -1,0 +1,59 @@
+"""The folders are layers, and imports run only downward (docs/layers.md has the picture):
+
+    scripts (programs, benchmarks, lab tools)
+    train (the entry point, the loop, the step, checkpoints, tracking)
+    models   data   (siblings: neither imports the other)
+    kernels
+    configs (the typed schema, ConfigError, the Hydra tree)
+
+Every `import radial_lora.X...` in a folder's modules, at the top or inside a function, must name
+a folder its layer may use. A new upward import fails here with the file and line that made it."""
+
+from __future__ import annotations
+
+import ast
+
+import pytest
+from conftest import REPO
+
+MAY_IMPORT = {
+    "configs": set(),
+    "kernels": {"configs"},
+    "models": {"configs", "kernels"},
+    "data": {"configs"},
+    "train": {"configs", "kernels", "models", "data"},
+    "scripts": {"configs", "kernels", "models", "data", "train"},
+}
+
+
+def our_imports(path):
+    """(line, folder) of every import of a radial_lora folder in one file."""
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+            if node.module == "radial_lora":  # from radial_lora import kernels
+                names = [f"radial_lora.{a.name}" for a in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "radial_lora" and len(parts) > 1:
+                yield node.lineno, parts[1]
+
+
+@pytest.mark.parametrize("folder", sorted(MAY_IMPORT))
+def test_imports_run_only_downward(folder):
+    files = sorted((REPO / folder).rglob("*.py"))
+    assert files or folder == "configs", f"no modules in {folder}/"
+    upward = [f"{p.relative_to(REPO)}:{line} imports radial_lora.{target}"
+              for p in files for line, target in our_imports(p)
+              if target != folder and target not in MAY_IMPORT[folder]]  # fmt: skip
+    assert not upward, f"{folder}/ may import only {sorted(MAY_IMPORT[folder]) or 'nothing of ours'}:\n" + "\n".join(upward)
+
+
+def test_every_folder_of_the_package_has_a_layer():
+    import tomllib
+
+    mapped = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    assert {name.split(".")[1] for name in mapped} == set(MAY_IMPORT)
