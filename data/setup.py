@@ -21,14 +21,14 @@ def catalog_for(cfg: DataConfig, seed: int = 0) -> Catalog:
         generate_demo_videos(cfg.root, seed=seed)
     return build_catalog(
         [s.path for s in cfg.sources()], fps=cfg.fps, frames=list(cfg.frames), sizes=[tuple(s) for s in cfg.sizes],
-        too_short=cfg.too_short,
+        too_short=cfg.too_short.value,
     )  # fmt: skip
 
 
 def meta_for(cfg: Config) -> dict:
     """The cache meta this run needs."""
     d = cfg.data
-    return cache_meta(cfg.model.id, cfg.model.path, d.fps, list(d.frames), [list(s) for s in d.sizes], d.too_short,
+    return cache_meta(cfg.model.id, cfg.model.path, d.fps, list(d.frames), [list(s) for s in d.sizes], d.too_short.value,
                       cfg.model.max_text_tokens, d.cache_dtype.value)  # fmt: skip
 
 

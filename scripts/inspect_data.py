@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         fps = data.fps if args.fps is None else (args.fps or None)
         frames = args.frames or list(data.frames)
         sizes = args.sizes or [tuple(s) for s in data.sizes]
-        too_short = args.too_short or data.too_short
+        too_short = args.too_short or data.too_short.value
         catalog = build_catalog(sources, fps=fps, frames=frames, sizes=sizes, too_short=too_short)
     except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
         print(f"error: {err}", file=sys.stderr)

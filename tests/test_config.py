@@ -50,6 +50,82 @@ def test_wan_experiments():
         validate(typed_config(compose_cfg("+experiment=wan_4x")))
 
 
+def _leaves(node, prefix: str = "") -> dict:
+    """{dotted key: value} of a YAML mapping; lists are values."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _own_settings(path: Path) -> dict:
+    """The keys a config file sets itself (not its defaults list or Hydra's settings)."""
+    from omegaconf import OmegaConf
+
+    body = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    return _leaves({k: v for k, v in body.items() if k not in ("defaults", "hydra")})
+
+
+def _schema_default(key: str):
+    import typing
+
+    from omegaconf import OmegaConf
+
+    group, _, rest = key.partition(".")
+    kind = typing.get_type_hints(Config).get(group)
+    if rest and kind is not None and group != "train":
+        return OmegaConf.select(OmegaConf.structured(kind), rest, default="<no default>")
+    return OmegaConf.select(OmegaConf.structured(Config), key, default="<no default>")
+
+
+@pytest.mark.parametrize("path", [CONFIGS / "train.yaml"] + [CONFIGS / g / f"{o}.yaml" for g in GROUPS for o in options(g)],
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_group_files_state_only_what_they_change_from_the_schema(path):
+    """The schema (configs/schema.py) is the one home of every default; a group file that restated
+    one would be a second home that drifts. Group keys are relative to their group."""
+    prefix = "" if path.name == "train.yaml" else f"{path.parent.name}."
+    restated = {k: v for k, v in _own_settings(path).items() if _schema_default(prefix + k) == v}
+    assert not restated, f"{path.relative_to(CONFIGS)} restates schema defaults: {restated}"
+
+
+def _base_of(experiment: Path) -> list[str]:
+    """The overrides that compose what an experiment builds on: its parent experiment and the
+    group options its defaults list selects."""
+    from omegaconf import OmegaConf
+
+    base = []
+    for entry in OmegaConf.to_container(OmegaConf.load(experiment)).get("defaults", []):
+        if isinstance(entry, str) and entry != "_self_":
+            base.append(f"+experiment={entry}")
+        elif isinstance(entry, dict):
+            (group, option), = entry.items()
+            base.append(f"{group.removeprefix('override /')}={option}")
+    return base
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiments_state_only_what_they_change(name):
+    """An experiment states what differs from the groups and the experiment it builds on, so a
+    value seen there is one the experiment chose, and a group chosen beside it is not overridden."""
+    from omegaconf import OmegaConf
+
+    path = CONFIGS / "experiment" / f"{name}.yaml"
+    base, full = compose_cfg(*_base_of(path)), compose_cfg(f"+experiment={name}")
+    unchanged = {k: v for k in _own_settings(path)
+                 if (v := OmegaConf.select(base, k)) == OmegaConf.select(full, k)}  # fmt: skip
+    assert not unchanged, f"experiment/{name}.yaml restates what it builds on: {unchanged}"
+
+
+def test_a_group_named_beside_an_experiment_wins():
+    """`+experiment=wan_4x attention=dense` is the dense arm of the 4x run: the experiment's own
+    settings stay, the attention is the group's."""
+    cfg = typed_config(compose_cfg("+experiment=wan_4x", "attention=dense", "data.root=/videos"))
+    assert (cfg.attention.backend.value, cfg.attention.dense_layers, cfg.lora.rank) == ("dense", 0, 128)
+
+
 def test_default_is_the_tiny_experiment():
     assert typed_config(compose_cfg()) == typed_config(compose_cfg("+experiment=tiny"))
 
@@ -111,14 +187,14 @@ def test_cross_field_checks_name_the_key():
         ("optim.lr=fast", "optim.lr"),
         ("train.timesteps.sampling=cubic", "train.timesteps.sampling"),
         ("data.frames=[16]", "data.frames=[16]"),
-        ("data.on_error=ignore", "data.on_error='ignore'"),
+        ("data.on_error=ignore", "Invalid value 'ignore', expected one of [skip, raise]"),
         ("+lora.ranks=4", "lora.ranks"),
         ("lora.alpha=0", "lora.alpha=0.0 must be > 0"),
         ("lora.dropout=2.0", "lora.dropout=2.0 must be in [0, 1)"),
         ("optim.lr=-1", "optim.lr=-1.0 must be > 0"),
         ("optim.warmup_steps=-5", "optim.warmup_steps=-5 must be >= 0"),
         ("optim.max_grad_norm=-1", "optim.max_grad_norm=-1.0 must be >= 0"),
-        ("optim.scheduler=cosnie", "optim.scheduler='cosnie': expected one of linear, cosine"),
+        ("optim.scheduler=cosnie", "Invalid value 'cosnie', expected one of [linear, cosine,"),
     ],
 )
 def test_cli_rejects_bad_config_before_loading_anything(tmp_path, override, needle):

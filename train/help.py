@@ -42,6 +42,15 @@ def field_docs() -> dict[tuple[str, str], str]:
     return docs
 
 
+def _shown(value) -> str:
+    """A default as one would type it on the command line."""
+    if isinstance(value, schema.Enum):
+        return value.value
+    if value is None:
+        return "null"
+    return str(value).replace(" ", "")
+
+
 def _rows(cls, prefix: str, docs: dict) -> list[tuple[str, str]]:
     rows = []
     hints = typing.get_type_hints(cls)
@@ -51,9 +60,12 @@ def _rows(cls, prefix: str, docs: dict) -> list[tuple[str, str]]:
             rows += _rows(kind, f"{prefix}{f.name}.", docs)
             continue
         doc = docs.get((cls.__name__, f.name), "")
-        if not doc and isinstance(kind, type) and issubclass(kind, schema.Enum):
-            doc = "one of " + ", ".join(m.value for m in kind)
-        rows.append((f"{prefix}{f.name}", doc))
+        if isinstance(kind, type) and issubclass(kind, schema.Enum) and not all(m.value in doc for m in kind):
+            doc += " (one of " + ", ".join(m.value for m in kind) + ")"
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is not dataclasses.MISSING and default != "???":
+            doc += f" [default: {_shown(default)}]"
+        rows.append((f"{prefix}{f.name}", doc.strip()))
     return rows
 
 
@@ -68,7 +80,8 @@ def print_help() -> None:
         options = ", ".join(sorted(p.stem for p in group.glob("*.yaml")))
         flag = "+experiment" if group.name == "experiment" else group.name
         print(f"  {flag + '=':13s} {options}")
-    print("\nKeys:")
+    print("\nKeys, with the schema's defaults (configs/schema.py); the demo (train.yaml), the group options and")
+    print("the experiments change some of them, and `--cfg job` prints what a command composes:")
     docs = field_docs()
     for key, doc in _rows(schema.Config, "", docs):
         lines = textwrap.wrap(doc, 64) or [""]

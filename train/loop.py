@@ -152,7 +152,7 @@ def train(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
         counts = [[*bucket, n] for bucket, n in catalog.bucket_counts().items()]
         Path(run_dir, CLIPS_FILE).write_text(json.dumps({"buckets_frames_height_width_count": counts}) + "\n")
     dataset = ClipDataset(
-        clips, fps=cfg.data.fps, seed=cfg.train.seed, on_error=cfg.data.on_error,
+        clips, fps=cfg.data.fps, seed=cfg.train.seed, on_error=cfg.data.on_error.value,
         decode_threads=cfg.data.decode_threads, random_window=cache is None, cache=cache,
     )  # fmt: skip
 
@@ -185,7 +185,7 @@ def train(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
     )
     # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
     lr_scheduler = get_scheduler(
-        cfg.optim.scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.train.steps
+        cfg.optim.scheduler.value, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.train.steps
     )
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     model_dtype = model_input_dtype(cfg, accelerator, model_dtype)
