@@ -14,11 +14,14 @@ from radial_lora.kernels.flex import block_sparse_attention_flex, flex_block_mas
 from radial_lora.kernels.reference import block_sparse_attention_reference
 
 
-def block_sparse_attention_triton(q, k, v, block_mask, *, block_size=128, scale=None):
-    """Our Triton kernels (imported on first use: Triton is only needed when they are)."""
-    from radial_lora.kernels.triton_attention import block_sparse_attention
+def block_sparse_attention_triton(q, k, v, block_mask, *, block_size=128, scale=None, kernels=None):
+    """Our Triton/Gluon kernels (imported on first use: Triton is only needed when they are);
+    `kernels` a kernel_choice.KernelChoice, None for its defaults."""
+    from radial_lora.kernels.kernel_choice import KernelChoice
+    from radial_lora.kernels.sparse_attention import block_sparse_attention
 
-    return block_sparse_attention(q, k, v, block_mask, block_size=block_size, scale=scale)
+    return block_sparse_attention(q, k, v, block_mask, block_size=block_size, scale=scale,
+                                  kernels=kernels or KernelChoice())  # fmt: skip
 
 
 SPARSE_BACKENDS = {
@@ -37,7 +40,7 @@ def prepare_mask(backend: str, block_mask: torch.Tensor, seq_len: int, block_siz
     every block), while a cache hit traces into a plain tensor input.
     """
     if backend == "triton":
-        from radial_lora.kernels.triton_attention import compact_mask
+        from radial_lora.kernels.compact_mask import compact_mask
 
         compact_mask(block_mask)
     elif backend == "flex":
@@ -52,8 +55,10 @@ def attention(
     backend: str = "dense",
     block_mask: torch.Tensor | None = None,
     block_size: int = 128,
+    kernels=None,
 ) -> torch.Tensor:
-    """Non-causal softmax(q k^T / sqrt(D)) v, dense or over the kept blocks of `block_mask`."""
+    """Non-causal softmax(q k^T / sqrt(D)) v, dense or over the kept blocks of `block_mask`;
+    `kernels` (a kernel_choice.KernelChoice) picks the triton backend's kernels."""
     if backend == "dense":
         # torch picks cuDNN / flash / memory-efficient / math by device and dtype.
         return F.scaled_dot_product_attention(q, k, v)
@@ -61,4 +66,6 @@ def attention(
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if block_mask is None:
         raise ValueError(f"attention backend {backend!r} needs a block_mask")
+    if backend == "triton":
+        return block_sparse_attention_triton(q, k, v, block_mask, block_size=block_size, kernels=kernels)
     return SPARSE_BACKENDS[backend](q, k, v, block_mask, block_size=block_size)

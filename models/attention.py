@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from radial_lora.configs.schema import AttentionBackend, AttentionConfig, ConfigError
+from radial_lora.configs.schema import AttentionBackend, AttentionConfig, ConfigError, GluonKernels, TmaLoads
 from radial_lora.kernels.dispatch import attention, prepare_mask
 from radial_lora.kernels.radial_mask import radial_block_mask
 
@@ -80,6 +80,8 @@ class AttentionRouting:
     mask: torch.Tensor | None = None
     """The radial block mask of the current forward, built by the pre-hook: outside the
     transformer blocks, so a compiled block sees a plain tensor input (no graph break)."""
+    kernels: Any = None
+    """kernels.kernel_choice.KernelChoice of the triton backend (cfg.kernels as the op takes it)."""
     calls: dict = field(default_factory=lambda: {"dense": 0, "radial": 0})
     """How many attention calls went each way (for tests and logs; eager calls only: counting
     inside a compiled block would make every call a new graph)."""
@@ -158,7 +160,8 @@ class WanSelfAttnProcessor:
             mask = routing.block_mask(q.device)
 
         def radial(q, k, v):
-            return attention(q, k, v, backend=cfg.backend.value, block_mask=mask, block_size=cfg.block_size)
+            return attention(q, k, v, backend=cfg.backend.value, block_mask=mask, block_size=cfg.block_size,
+                             kernels=routing.kernels)  # fmt: skip
 
         if dense is None or not bool(dense.any()):
             routing.count("radial")
@@ -189,6 +192,10 @@ def set_self_attention(transformer, cfg: AttentionConfig, mode: str = "train") -
     else:
         raise ValueError(f"mode must be 'train' or 'generate', got {mode!r}")
     routing = AttentionRouting(cfg, rule)
+    if cfg.backend == AttentionBackend.triton:
+        from radial_lora.kernels.kernel_choice import KernelChoice  # imports Triton: only for this backend
+
+        routing.kernels = KernelChoice(gluon=GluonKernels(cfg.kernels.gluon).value, tma=TmaLoads(cfg.kernels.tma).value)
     for layer, block in enumerate(transformer.blocks):
         block.attn1.set_processor(WanSelfAttnProcessor(layer, routing))
     patch_t, patch_h, patch_w = transformer.config.patch_size
@@ -218,15 +225,16 @@ def _radial_processors(transformer) -> list:
 
 def triton_kernels(transformer, device: torch.device, dtype: torch.dtype) -> str | None:
     """Which of our kernels the radial layers will run for inputs of this device and dtype
-    (kernels.triton_attention.kernel_plan), or None when no layer is radial on the triton backend.
-    A ConfigError if they cannot run here (no GPU; Gluon kernels RADIAL_GLUON requires)."""
+    (kernels.kernel_choice.kernel_plan), or None when no layer is radial on the triton backend.
+    A ConfigError if they cannot run here (no GPU; Gluon kernels attention.kernels.gluon requires)."""
     radial = _radial_processors(transformer)
     if not radial or radial[0].routing.cfg.backend != AttentionBackend.triton:
         return None
-    from radial_lora.kernels.triton_attention import kernel_plan
+    from radial_lora.kernels.kernel_choice import kernel_plan
 
+    routing = radial[0].routing
     try:
-        return kernel_plan(device, dtype, transformer.config.attention_head_dim, radial[0].routing.cfg.block_size)
+        return kernel_plan(routing.kernels, device, dtype, transformer.config.attention_head_dim, routing.cfg.block_size)
     except RuntimeError as e:
         raise ConfigError(f"attention.backend=triton: {e}") from None
 

@@ -33,7 +33,7 @@ def attention_ops() -> set:
         aten._scaled_dot_product_flash_attention_for_cpu.default,
     }
     try:
-        import radial_lora.kernels.triton_attention  # noqa: F401  registers radial_lora::block_sparse_attn_fwd
+        import radial_lora.kernels.sparse_attention  # noqa: F401  registers radial_lora::block_sparse_attn_fwd
 
         ops.add(torch.ops.radial_lora.block_sparse_attn_fwd.default)
     except ImportError:  # no Triton on this machine: the triton backend cannot run here anyway

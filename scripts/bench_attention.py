@@ -1,11 +1,11 @@
 """Attention benchmark on one GPU: our radial kernels vs FlexAttention vs dense SDPA.
 
 "ours" is what the op runs by default: on an H100/H200 the warp-specialized Gluon kernels
-(kernels/gluon_attention.py), the forward and the one-kernel backward (dQ summed by TMA
+(kernels/gluon_kernels.py), the forward and the one-kernel backward (dQ summed by TMA
 reduce-adds); "ours, split backward" the Gluon forward with the Gluon dK/dV and dQ kernels
-(RADIAL_GLUON=auto_split, deterministic; what the default runs under
+(attention.kernels.gluon=auto_split, deterministic; what the default runs under
 torch.use_deterministic_algorithms); "ours, gluon forward only" the Gluon forward with the Triton
-backward (RADIAL_GLUON=auto_fwd);
+backward (gluon=auto_fwd);
 "ours, triton only" Triton kernels throughout.
 
     python scripts/bench_attention.py                      # all shapes, writes docs/benchmarks/
@@ -34,8 +34,9 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from radial_lora.kernels.flex import block_sparse_attention_flex
+from radial_lora.kernels.kernel_choice import KernelChoice
 from radial_lora.kernels.radial_mask import block_density, radial_block_mask
-from radial_lora.kernels.triton_attention import block_sparse_attention, gluon_kernels
+from radial_lora.kernels.sparse_attention import block_sparse_attention
 from radial_lora.scripts.report import write_report
 
 MODELS = {"Wan2.1-1.3B": 12, "Wan2.1-14B": 40}
@@ -98,14 +99,14 @@ def bench_shape(model, heads, shape_name, frames, tokens_per_frame):
         mask = radial_block_mask(frames, tokens_per_frame, block_size=BLOCK, decay=decay, device="cuda")
         density = block_density(mask)
         # The rows as the module docstring names them: the op's default, then other kernel choices.
-        for name, fn, gluon in (("ours", block_sparse_attention, "auto"),
-                                ("ours, split backward", block_sparse_attention, "auto_split"),
-                                ("ours, gluon forward only", block_sparse_attention, "auto_fwd"),
-                                ("ours, triton only", block_sparse_attention, "none"),
-                                ("flex", block_sparse_attention_flex, "auto")):  # fmt: skip
-            with gluon_kernels(gluon):
-                times = time_fwd_bwd(lambda q, k, v: fn(q, k, v, mask, block_size=BLOCK), q, k, v, d_out)
+        for name, gluon in (("ours", "auto"), ("ours, split backward", "auto_split"),
+                            ("ours, gluon forward only", "auto_fwd"), ("ours, triton only", "none")):  # fmt: skip
+            choice = KernelChoice(gluon=gluon)
+            times = time_fwd_bwd(lambda q, k, v: block_sparse_attention(q, k, v, mask, block_size=BLOCK, kernels=choice),
+                                 q, k, v, d_out)  # fmt: skip
             record(name, decay, density, *times)
+        times = time_fwd_bwd(lambda q, k, v: block_sparse_attention_flex(q, k, v, mask, block_size=BLOCK), q, k, v, d_out)
+        record("flex", decay, density, *times)
     return rows
 
 
@@ -183,16 +184,14 @@ def main():
     stem = f"attention_{meta['card'].replace(' ', '_')}_{meta['date']}"
     out = write_report(args.out, stem, meta, rows, markdown(rows, meta))
     plot(rows, out / f"{stem}.png")
-    from radial_lora.kernels import triton_attention as ta
+    from radial_lora.kernels import gluon_kernels, triton_kernels
 
     tuned = {name: {str(key): str(cfg) for key, cfg in kernel.cache.items()}
-             for name, kernel in (("fwd", ta._fwd_kernel), ("dkdv", ta._bwd_dkdv_kernel), ("dq", ta._bwd_dq_kernel))}
-    from radial_lora.kernels import gluon_attention
-
-    tuned["gluon fwd"] = dict(gluon_attention.TILE)  # fixed, not autotuned
-    tuned["gluon dkdv"] = dict(gluon_attention.DKDV_TILE)
-    tuned["gluon dq"] = dict(gluon_attention.DQ_TILE)
-    tuned["gluon fused backward"] = dict(gluon_attention.FUSED_TILE)
+             for name, kernel in triton_kernels.AUTOTUNED.items()}  # fmt: skip
+    tuned["gluon fwd"] = dict(gluon_kernels.FORWARD_TILE)  # fixed, not autotuned
+    tuned["gluon dkdv"] = dict(gluon_kernels.DKDV_TILE)
+    tuned["gluon dq"] = dict(gluon_kernels.DQ_TILE)
+    tuned["gluon fused backward"] = dict(gluon_kernels.FUSED_TILE)
     (out / f"{stem}_tuned.json").write_text(json.dumps(tuned, indent=1))
     print(json.dumps(tuned, indent=1))
     print(markdown(rows, meta))

@@ -27,7 +27,16 @@ import time
 import torch
 import torch.distributed as dist
 
-from radial_lora.configs.schema import AttentionConfig, LoraConfig, ModelConfig, TimestepConfig
+from radial_lora.configs.schema import (
+    KERNEL_ENVIRONMENT,
+    AttentionConfig,
+    GluonKernels,
+    KernelConfig,
+    LoraConfig,
+    ModelConfig,
+    TimestepConfig,
+    TmaLoads,
+)
 from radial_lora.models.attention import describe
 from radial_lora.models.setup import prepare_transformer
 from radial_lora.scripts.report import write_report
@@ -66,7 +75,8 @@ def one_config(args, backend: str, frames: int, group) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     transformer = transformer_for(args.model, args.preset, device, dtype)
-    attention = AttentionConfig(backend=backend, block_size=args.block_size, decay=args.decay, dense_layers=1)
+    attention = AttentionConfig(backend=backend, block_size=args.block_size, decay=args.decay, dense_layers=1,
+                                kernels=KernelConfig(gluon=args.gluon, tma=args.tma))  # fmt: skip
     # What training does with the same settings (models/setup.py): checkpointing always on.
     model = ModelConfig(id=args.preset or args.model, gradient_checkpointing=True,
                         checkpoint_keep_attention=args.keep_attention, compile_blocks=args.compile)  # fmt: skip
@@ -127,6 +137,12 @@ def main():
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--decay", type=float, default=0.2)
+    # The triton backend's kernels (attention.kernels), defaulting as a training run does: the
+    # config's default unless RADIAL_GLUON / RADIAL_TRITON_TMA override it.
+    parser.add_argument("--gluon", choices=[m.value for m in GluonKernels],
+                        default=os.environ.get(KERNEL_ENVIRONMENT["gluon"], KernelConfig().gluon.value))
+    parser.add_argument("--tma", choices=[m.value for m in TmaLoads],
+                        default=os.environ.get(KERNEL_ENVIRONMENT["tma"], KernelConfig().tma.value))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
@@ -152,11 +168,10 @@ def main():
             return
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     # Settings that change what fits or how fast (the 14B at 4x on 2 GPUs needed expandable
-    # segments; RADIAL_TRITON_TMA and RADIAL_GLUON pick the kernels), written into the command.
-    env = "".join(f"{name}={os.environ[name]} " for name in ("PYTORCH_CUDA_ALLOC_CONF", "RADIAL_TRITON_TMA",
-                                                             "RADIAL_GLUON") if name in os.environ)  # fmt: skip
+    # segments), written into the command.
+    env = "".join(f"{name}={os.environ[name]} " for name in ("PYTORCH_CUDA_ALLOC_CONF",) if name in os.environ)
     meta = {"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "command": env + "python " + " ".join(sys.argv)}  # fmt: skip
+            "command": env + "python " + " ".join(sys.argv), "kernels": {"gluon": args.gluon, "tma": args.tma}}  # fmt: skip
     spread = f", each clip over {args.sequence_parallel} GPUs (peak memory: the busiest)" if args.sequence_parallel > 1 else ""
     lines = [f"# LoRA training step: {device}{spread}, {meta['date']}", "", f"Command: `{meta['command']}`", "",
              "| model | video frames | tokens | backend | step (s) | peak GPU memory (GB) |", "|---|---|---|---|---|---|"]  # fmt: skip

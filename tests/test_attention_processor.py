@@ -58,17 +58,21 @@ def test_describe_counts_layers(transformer):
 
 def test_the_run_says_which_triton_kernels_it_runs(transformer, monkeypatch):
     """The log line of the triton backend's kernels (on CPU: Triton in the interpreter); a Gluon
-    kernel that RADIAL_GLUON requires but cannot run is refused at start; other backends: no line."""
-    from radial_lora.kernels import triton_attention as ta
+    kernel that attention.kernels.gluon requires but cannot run is refused at start; other
+    backends: no line."""
+    from radial_lora.configs.schema import KernelConfig
+    from radial_lora.kernels import kernel_choice
 
     set_self_attention(transformer, AttentionConfig(backend="triton", **RADIAL))
     cpu = torch.device("cpu")
     assert triton_kernels(transformer, cpu, torch.float32) == (
-        "Triton forward, dK/dV, dQ (Triton's CPU interpreter) (RADIAL_GLUON=auto)")
-    refused = "attention.backend=triton: RADIAL_GLUON=fwd_dq needs an sm_90 GPU"
-    with ta.gluon_kernels("fwd_dq"), pytest.raises(ConfigError, match=refused):
+        "Triton forward, dK/dV, dQ (Triton's CPU interpreter) (gluon=auto, tma=backward)")
+    set_self_attention(transformer, AttentionConfig(backend="triton", **RADIAL, kernels=KernelConfig(gluon="fwd_dq")))
+    refused = "attention.backend=triton: attention.kernels.gluon=fwd_dq needs an sm_90 GPU"
+    with pytest.raises(ConfigError, match=refused):
         triton_kernels(transformer, cpu, torch.float32)
-    monkeypatch.setattr(ta, "INTERPRET", False)  # a CPU run without Triton's interpreter
+    set_self_attention(transformer, AttentionConfig(backend="triton", **RADIAL))
+    monkeypatch.setattr(kernel_choice, "INTERPRET", False)  # a CPU run without Triton's interpreter
     with pytest.raises(ConfigError, match=r"attention.backend=triton: the triton attention backend needs a CUDA GPU"):
         triton_kernels(transformer, cpu, torch.float32)
     monkeypatch.undo()

@@ -175,7 +175,7 @@ def test_gpu_kept_blocks_launch_one_attention_forward(keep, compile_blocks, gluo
     recomputation), each kept block once."""
     from diffusers import WanTransformer3DModel
 
-    from radial_lora.kernels import triton_attention as ta
+    from radial_lora.configs.schema import KernelConfig
 
     if gluon == "fwd" and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon forward needs an sm_90 GPU")
@@ -187,7 +187,8 @@ def test_gpu_kept_blocks_launch_one_attention_forward(keep, compile_blocks, gluo
                                   freq_dim=32).to("cuda", torch.bfloat16)  # fmt: skip
     how = ModelConfig(id="wan", gradient_checkpointing=True, checkpoint_keep_attention=keep,
                       compile_blocks=compile_blocks)  # fmt: skip
-    prepare_transformer(model, how, AttentionConfig(backend="triton", block_size=128, decay=1.0), LoraConfig(rank=4))
+    attention = AttentionConfig(backend="triton", block_size=128, decay=1.0, kernels=KernelConfig(gluon=gluon))
+    prepare_transformer(model, how, attention, LoraConfig(rank=4))
     x = torch.randn(1, 16, 5, 16, 16, device="cuda", dtype=torch.bfloat16)  # 5 x 64 = 320 tokens: 3 mask blocks
     text = torch.randn(1, 7, 32, device="cuda", dtype=torch.bfloat16)
 
@@ -195,8 +196,7 @@ def test_gpu_kept_blocks_launch_one_attention_forward(keep, compile_blocks, gluo
         out = model(hidden_states=x, timestep=torch.tensor([500.0], device="cuda"), encoder_hidden_states=text).sample
         out.float().square().mean().backward()
 
-    with ta.gluon_kernels(gluon):
-        step()  # compiles
-        launches = attention_forward_launches(step)
+    step()  # compiles
+    launches = attention_forward_launches(step)
     kept = blocks if keep < 0 else keep
     assert launches == 2 * blocks - kept

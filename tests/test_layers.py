@@ -57,3 +57,32 @@ def test_every_folder_of_the_package_has_a_layer():
 
     mapped = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     assert {name.split(".")[1] for name in mapped} == set(MAY_IMPORT)
+
+
+def private_uses(path):
+    """(line, name) of every private name (leading underscore) a file takes from our modules."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    ours = set()  # local names bound to our modules
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            ours |= {a.asname or a.name for a in node.names if a.name.startswith("radial_lora.") and a.asname}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("radial_lora"):
+            for alias in node.names:
+                if alias.name.startswith("_"):
+                    found.append((node.lineno, f"{node.module}.{alias.name}"))
+                ours.add(alias.asname or alias.name)  # a module or a name: attributes of either count
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ours
+                and node.attr.startswith("_") and not node.attr.startswith("__")):  # fmt: skip
+            found.append((node.lineno, f"{node.value.id}.{node.attr}"))
+    return found
+
+
+def test_programs_use_only_public_names_of_the_libraries():
+    """Lab tools, benchmarks and user commands reach the kernels and models through their public
+    names (a kernel's tile through kernels' only_tile, not by patching a dict), so a library can
+    change its insides without breaking a program silently."""
+    files = sorted((REPO / "scripts").rglob("*.py"))
+    private = [f"{p.relative_to(REPO)}:{line} uses {name}" for p in files for line, name in private_uses(p)]
+    assert not private, "\n".join(private)

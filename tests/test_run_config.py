@@ -7,8 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from radial_lora.configs.schema import CONFIG_DIR, ConfigError, register_configs
-from radial_lora.train.run_config import resume_config, resumed_choices
+from radial_lora.configs.schema import CONFIG_DIR, ConfigError, register_configs, typed_config
+from radial_lora.train.run_config import kernel_overrides, resume_config, resumed_choices
 
 
 def composed(*overrides: str):
@@ -19,7 +19,8 @@ def composed(*overrides: str):
 
 def saved_run():
     """What a checkpoint holds: the resolved config of the run as it was started."""
-    return OmegaConf.create(OmegaConf.to_container(composed("optim.lr=2e-4", "train.steps=100"), resolve=True))
+    return OmegaConf.create(OmegaConf.to_container(composed("optim.lr=2e-4", "train.steps=100"), resolve=True,
+                                                   enum_to_str=True))  # as config.yaml holds it  # fmt: skip
 
 
 def test_resume_takes_the_checkpoints_config_and_only_the_command_lines_changes():
@@ -48,3 +49,24 @@ def test_the_recorded_group_options_follow_the_command_line():
     assert resumed_choices(saved, now, ["trainer=ddp", "optim.lr=1e-5"])["trainer"] == "ddp"
     assert resumed_choices(saved, now, ["optim.lr=1e-5"]) == saved  # defaults that moved change nothing
     assert resumed_choices(None, now, []) == now  # a checkpoint that kept no options
+
+
+def test_kernel_choice_is_config_and_the_environment_override_is_said_and_recorded(monkeypatch):
+    """attention.kernels is part of the run's config (so config.yaml and W&B record it); RADIAL_GLUON
+    / RADIAL_TRITON_TMA override it with a line saying so, in the config that gets recorded; a bad
+    value is one line naming the variable; a resume may change the kernels (same attention)."""
+    monkeypatch.delenv("RADIAL_GLUON", raising=False)
+    monkeypatch.delenv("RADIAL_TRITON_TMA", raising=False)
+    cfg = composed("attention=radial")
+    assert kernel_overrides(cfg) == (cfg, [])
+    assert (cfg.attention.kernels.gluon, cfg.attention.kernels.tma) == ("auto", "backward")
+    monkeypatch.setenv("RADIAL_GLUON", "none")
+    changed, notes = kernel_overrides(cfg)
+    assert notes == ["RADIAL_GLUON=none (environment) overrides attention.kernels.gluon=auto"]
+    assert typed_config(changed).attention.kernels.gluon.value == "none" and cfg.attention.kernels.gluon == "auto"
+    monkeypatch.setenv("RADIAL_TRITON_TMA", "sometimes")
+    with pytest.raises(ConfigError, match=r"RADIAL_TRITON_TMA=sometimes \(environment\): Invalid value 'sometimes'"):
+        kernel_overrides(cfg)
+    merged, changes = resume_config(saved_run(), composed("attention.kernels.gluon=auto_split"),
+                                    ["attention.kernels.gluon=auto_split"], checkpoint_step=50)  # fmt: skip
+    assert changes == ["attention.kernels.gluon: 'auto' -> 'auto_split'"] and merged.attention.kernels.gluon == "auto_split"

@@ -122,8 +122,8 @@ def test_launch_order_model_favours_heavy_first():
     """scripts/lab/launch_order_model.py: list scheduling of the wan_4x shape's programs on 132 SMs
     finishes sooner in compact_mask's heavy-first order than in block order, and never before the
     ideal (total work / SMs)."""
+    from radial_lora.kernels.compact_mask import compact_mask
     from radial_lora.kernels.radial_mask import radial_block_mask
-    from radial_lora.kernels.triton_attention import compact_mask
     from radial_lora.scripts.lab.launch_order_model import makespan
 
     _, _, _, q_count, _, q_order = compact_mask(radial_block_mask(81, 1560, decay=1.0))

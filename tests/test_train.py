@@ -143,7 +143,7 @@ def test_sigusr2_prints_every_threads_stack_and_the_run_goes_on():
 def test_train_deterministic_turns_on_pytorch_deterministic_mode(monkeypatch, deterministic_restored):
     """train.deterministic=true: the seed, PyTorch's deterministic algorithms (warn-only, so an op
     without a deterministic version cannot stop a run) and cuBLAS's workspace setting. (What the
-    attention op then runs on Hopper: tests/test_gluon_attention.py.)"""
+    attention op then runs on Hopper: tests/test_gluon_kernels.py.)"""
     from radial_lora.configs.schema import TrainConfig
     from radial_lora.train.loop import seed_everything
 

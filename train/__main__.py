@@ -84,6 +84,7 @@ def run(dict_cfg: DictConfig) -> None:
         CHOICES,
         RUN_CONFIG,
         group_choices,
+        kernel_overrides,
         resume_config,
         resumed_choices,
         write_start,
@@ -112,6 +113,8 @@ def run(dict_cfg: DictConfig) -> None:
             else:
                 notes.append(f"resume: {resume_from} keeps no config (an older checkpoint): running the config as "
                              "composed from the command line")  # fmt: skip
+        effective, overridden = kernel_overrides(effective)
+        notes.extend(overridden)
         cfg = typed_config(effective)
         validate(cfg)
         resolved = OmegaConf.to_container(effective, resolve=True, enum_to_str=True)

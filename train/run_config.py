@@ -5,7 +5,7 @@ config saved in the checkpoint it resumes from (each checkpoint holds the resolv
 written under), and only what the command line explicitly changes goes on top, each change listed.
 What may change on resume is an allow-list (`RESUMABLE`): how long to train, how often to save,
 the learning rate (the schedule's shape stays; its base rate is the new one), logging, loader
-speed knobs. Anything else (the model, the LoRA, the data, the attention, the
+speed knobs, the attention kernels (which kernels compute the same attention). Anything else (the model, the LoRA, the data, the attention, the
 optimizer's settings) would make the checkpoint's state mean something else, so it is refused in
 one line naming the key.
 
@@ -16,15 +16,17 @@ each start's effective config, options and command line.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
-from radial_lora.configs.schema import CONFIG_DIR, ConfigError
+from radial_lora.configs.schema import CONFIG_DIR, KERNEL_ENVIRONMENT, ConfigError
 
 RUN_CONFIG = "config.yaml"
 """The run's config as first started, in the run folder; also each checkpoint's own config."""
@@ -45,6 +47,7 @@ RESUMABLE = (
     "data.prefetch_factor",
     "data.decode_threads",
     "cache_dir",
+    "attention.kernels.",
 )
 # Settings of one invocation, not of the run: a resumed run takes them from its own command line
 # (or their defaults), never from the checkpoint (a stop_after_step that ended the last job must
@@ -203,3 +206,25 @@ class RunFolderCheck(Callback):
         except OSError as err:
             raise SystemExit(f"error: cannot write the run folder {folder} (output_root/name): "
                              f"{err.strerror or err}") from None  # fmt: skip
+
+
+def kernel_overrides(cfg: DictConfig) -> tuple[DictConfig, list[str]]:
+    """`cfg` with attention.kernels.* set from their environment variables (KERNEL_ENVIRONMENT)
+    where those are set, and a line for each, so the run's log and its recorded config say which
+    kernels ran. An invalid value is a ConfigError naming the variable."""
+    changed, notes = cfg, []
+    for key, variable in KERNEL_ENVIRONMENT.items():
+        value = os.environ.get(variable)
+        if value is None or value == OmegaConf.select(cfg, f"attention.kernels.{key}"):
+            continue
+        if changed is cfg:
+            changed = copy.deepcopy(cfg)
+        was = OmegaConf.select(cfg, f"attention.kernels.{key}")
+        was = getattr(was, "value", was)  # an enum member in a typed config
+        try:
+            with open_dict(changed):
+                OmegaConf.update(changed, f"attention.kernels.{key}", value)
+        except OmegaConfBaseException as err:  # a value the schema's enum does not have
+            raise ConfigError(f"{variable}={value} (environment): {str(err.msg).splitlines()[0]}") from None
+        notes.append(f"{variable}={value} (environment) overrides attention.kernels.{key}={was}")
+    return changed, notes

@@ -3,9 +3,9 @@
     python scripts/lab/bench_gluon_variants.py                                  # launch order A/B
     python scripts/lab/bench_gluon_variants.py --set FUSED_TILE.STAGES=2,3      # and a tile knob
 
-What kernels/gluon_attention.py's choices rest on: each kernel (forward, one-kernel backward,
+What kernels/gluon_kernels.py's choices rest on: each kernel (forward, one-kernel backward,
 dK/dV, dQ) launched in mask-block order and in the heavy-first order compact_mask gives it, and,
-with --set, each value of a knob of TILE / DKDV_TILE / DQ_TILE / FUSED_TILE (heavy-first). First
+with --set, each value of a knob of FORWARD_TILE / DKDV_TILE / DQ_TILE / FUSED_TILE (heavy-first). First
 every variant is checked against the fp32 PyTorch reference under the tolerance rule (2x the bf16
 reference's own error) at two small shapes; then each is timed (median of ~1.5 s of CUDA-event
 timed runs) at 126,360 tokens (Wan2.1 480p, 321 frames) x 12 heads x 128, bf16, radial masks at
@@ -19,18 +19,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from unittest import mock
 
 import torch
 import triton
 
-from radial_lora.kernels import gluon_attention as ga
+from radial_lora.kernels import gluon_kernels as ga
+from radial_lora.kernels.compact_mask import compact_mask
 from radial_lora.kernels.radial_mask import radial_block_mask
 from radial_lora.kernels.reference import block_sparse_attention_reference
-from radial_lora.kernels.triton_attention import LOG2E, compact_mask
+from radial_lora.kernels.sparse_attention import LOG2E
 
-TILES = {"TILE": ga.TILE, "DKDV_TILE": ga.DKDV_TILE, "DQ_TILE": ga.DQ_TILE, "FUSED_TILE": ga.FUSED_TILE}
-KERNEL_TILE = {"forward": "TILE", "fused": "FUSED_TILE", "dkdv": "DKDV_TILE", "dq": "DQ_TILE"}
+KERNEL_TILE = {"forward": "FORWARD_TILE", "fused": "FUSED_TILE", "dkdv": "DKDV_TILE", "dq": "DQ_TILE"}
+# gluon_kernels.only_tile's name for each kernel
+TILE_KERNEL = {"forward": "fwd", "fused": "fused", "dkdv": "dkdv", "dq": "dq"}
 
 
 def run(kernel: str, inputs, indices, heavy_first: bool):
@@ -96,7 +97,8 @@ def knob_set(knob):
     if knob is None:
         return contextlib.nullcontext()
     table, key, value = knob
-    return mock.patch.dict(TILES[table], {key: value})
+    kernel = next(k for k, t in KERNEL_TILE.items() if t == table)
+    return ga.only_tile(TILE_KERNEL[kernel], **{key: value})
 
 
 def main():

@@ -32,14 +32,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from radial_lora.kernels import gluon_attention as ga
-from radial_lora.kernels import triton_attention as ta
+from radial_lora.kernels import gluon_kernels as ga
+from radial_lora.kernels import triton_kernels as tk
 
-KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel, "gluon": ga._fwd_kernel,
-           "gluon_dkdv": ga._dkdv_kernel, "gluon_dq": ga._dq_kernel, "gluon_fused": ga._fused_bwd_kernel}
-# The tiles the H100 autotuning picked (kernels/triton_attention.py): (BLOCK_M, BLOCK_N, warps, stages).
+KERNELS = {"fwd": tk.forward_kernel, "dkdv": tk.dkdv_kernel, "dq": tk.dq_kernel, "gluon": ga.forward_kernel,
+           "gluon_dkdv": ga.dkdv_kernel, "gluon_dq": ga.dq_kernel, "gluon_fused": ga.fused_backward_kernel}
+# The tiles the H100 autotuning picked (kernels/triton_kernels.py): (BLOCK_M, BLOCK_N, warps, stages).
 TUNED = {"fwd": (128, 128, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2),
-         "gluon": (128, ga.TILE["BLOCK_N"], 4, ga.TILE["STAGES"]),  # gluon: 4 warps + two 4-warp partitions
+         "gluon": (128, ga.FORWARD_TILE["BLOCK_N"], 4, ga.FORWARD_TILE["STAGES"]),  # 4 warps + two 4-warp partitions
          "gluon_dkdv": (ga.DKDV_TILE["BLOCK_M"], 128, 4, ga.DKDV_TILE["STAGES"]),
          "gluon_dq": (128, ga.DQ_TILE["BLOCK_N"], 4, ga.DQ_TILE["STAGES"]),
          "gluon_fused": (ga.FUSED_TILE["BLOCK_M"], 128, 4, ga.FUSED_TILE["STAGES"])}

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import heapq
 
+from radial_lora.kernels.compact_mask import compact_mask
 from radial_lora.kernels.radial_mask import radial_block_mask
-from radial_lora.kernels.triton_attention import compact_mask
 
 
 def makespan(costs, sms: int) -> float:

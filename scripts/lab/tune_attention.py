@@ -5,29 +5,30 @@
     python scripts/lab/tune_attention.py --out docs/benchmarks    # also write a markdown + JSON record
 
 The autotuner keeps only its winner; this shows the whole field, which is what the kernel's
-config lists (`kernels/triton_attention.py`) are cut from, and what to rerun on a new card.
+config lists (`kernels/triton_kernels.py`) are cut from, and what to rerun on a new card.
 Each kernel gets each candidate tile alone while the other kernels keep one fixed tile, so a
 forward row is the forward kernel's time and a backward row is the whole backward (delta, dK/dV
 and dQ kernels) with only the named kernel's tile changed. Both load modes (pointer and TMA)
-are timed. The Gluon kernels (kernels/gluon_attention.py, Hopper only, TMA only) have fixed tiles
+are timed. The Gluon kernels (kernels/gluon_kernels.py, Hopper only, TMA only) have fixed tiles
 rather than an autotuner: `--kernels gluon gluon_dkdv gluon_dq` times their candidates the same
-way, the values to put in gluon_attention.TILE / DKDV_TILE / DQ_TILE. Radial mask, bf16, batch 1,
+way, the values to put in gluon_kernels.FORWARD_TILE / DKDV_TILE / DQ_TILE. Radial mask, bf16, batch 1,
 head dim 128; times are medians of CUDA-event runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import sys
 
 import torch
 import triton
 
-from radial_lora.kernels import gluon_attention
-from radial_lora.kernels import triton_attention as ta
+from radial_lora.kernels import gluon_kernels, triton_kernels
+from radial_lora.kernels.kernel_choice import KernelChoice
 from radial_lora.kernels.radial_mask import block_density, radial_block_mask
-from radial_lora.kernels.triton_attention import block_sparse_attention
+from radial_lora.kernels.sparse_attention import block_sparse_attention
 from radial_lora.scripts.report import write_report
 
 # (BLOCK_M, BLOCK_N, warps, stages): the tiles that fit Hopper's registers and shared memory at
@@ -45,25 +46,22 @@ CANDIDATES = {
 CANDIDATES["gluon"] = [(128, 128, 12, 3), (128, 128, 12, 2), (128, 64, 12, 4), (128, 64, 12, 3)]
 CANDIDATES["gluon_dq"] = [(128, 64, 12, 4), (128, 64, 12, 3), (128, 128, 12, 2)]
 CANDIDATES["gluon_dkdv"] = [(64, 128, 12, 2), (64, 128, 12, 3), (32, 128, 12, 2), (32, 128, 12, 3), (32, 128, 12, 4)]
-KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel}
-# Each Gluon kernel: its tile dict in kernels/gluon_attention.py, the tile side it sweeps (the
-# other is the 128-row mask block), and the RADIAL_GLUON choice that runs it alone.
-GLUON = {"gluon": (gluon_attention.TILE, "BLOCK_N", "fwd"),
-         "gluon_dkdv": (gluon_attention.DKDV_TILE, "BLOCK_M", "fwd_dkdv"),
-         "gluon_dq": (gluon_attention.DQ_TILE, "BLOCK_N", "fwd_dq")}
+KERNELS = tuple(triton_kernels.AUTOTUNED)  # fwd, dkdv, dq
+# Each Gluon kernel: its name for gluon_kernels.only_tile, the tile side it sweeps (the other is
+# the 128-row mask block), and the attention.kernels.gluon choice that runs it alone.
+GLUON = {"gluon": ("fwd", "BLOCK_N", "fwd"), "gluon_dkdv": ("dkdv", "BLOCK_M", "fwd_dkdv"),
+         "gluon_dq": ("dq", "BLOCK_N", "fwd_dq")}
 # While one kernel is swept the others run these (the 2026-11-26 H100 winners).
 FIXED = {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2)}
 
 
-def use(kernel_name: str, tile) -> None:
-    """Make the named kernel's autotuner run exactly this tile."""
+def use(kernel_name: str, tile):
+    """A context in which the named kernel runs exactly this tile."""
     m, n, warps, stages = tile
     if kernel_name in GLUON:  # the Hopper kernels: fixed tiles (3 warpgroups), no autotuner
-        tiles, side, _ = GLUON[kernel_name]
-        tiles.update({side: m if side == "BLOCK_M" else n, "STAGES": stages})
-        return
-    KERNELS[kernel_name].configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)]
-    KERNELS[kernel_name].cache.clear()
+        kernel, side, _ = GLUON[kernel_name]
+        return gluon_kernels.only_tile(kernel, **{side: m if side == "BLOCK_M" else n, "STAGES": stages})
+    return triton_kernels.only_tile(kernel_name, tile)
 
 
 def main():
@@ -92,17 +90,18 @@ def main():
     for name in args.kernels:
         for tile in CANDIDATES[name]:
             for tma in (True,) if name in GLUON else (False, True):  # Gluon: TMA loads only
+                tiles = contextlib.ExitStack()
                 for other, fixed in FIXED.items():
-                    use(other, tile if other == name else fixed)
+                    tiles.enter_context(use(other, tile if other == name else fixed))
                 if name in GLUON:
-                    use(name, tile)
+                    tiles.enter_context(use(name, tile))
                 # Gluon rows run that Gluon kernel only; the others Triton throughout.
-                gluon = GLUON[name][2] if name in GLUON else "none"
-                with ta.tma_loads("all" if tma else "none"), ta.gluon_kernels(gluon):
+                choice = KernelChoice(gluon=GLUON[name][2] if name in GLUON else "none", tma="all" if tma else "none")
+                with tiles:
                     try:
-                        out = block_sparse_attention(q, k, v, mask)
+                        out = block_sparse_attention(q, k, v, mask, kernels=choice)
                         if name in ("fwd", "gluon"):  # the forward alone; other rows the whole backward
-                            ms = triton.testing.do_bench(lambda: block_sparse_attention(q, k, v, mask),
+                            ms = triton.testing.do_bench(lambda: block_sparse_attention(q, k, v, mask, kernels=choice),
                                                          warmup=25, rep=250, return_mode="median")  # fmt: skip
                             tflops = flops / ms / 1e9
                         else:

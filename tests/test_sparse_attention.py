@@ -15,9 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from radial_lora.kernels.compact_mask import compact_mask
+from radial_lora.kernels.kernel_choice import KernelChoice
 from radial_lora.kernels.radial_mask import radial_block_mask
 from radial_lora.kernels.reference import block_sparse_attention_reference
-from radial_lora.kernels.triton_attention import block_sparse_attention, compact_mask
+from radial_lora.kernels.sparse_attention import block_sparse_attention
 
 GPU = torch.cuda.is_available()
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +48,7 @@ def run(fn, inputs, dtype, **kwargs):
     return [out.double()] + [t.grad.double() for t in leaves]
 
 
-def check_against_reference(inputs, mask, block_size, dtype):
+def check_against_reference(inputs, mask, block_size, dtype, kernels=KernelChoice()):
     truth_dtype = torch.float64 if dtype == torch.float32 else torch.float32
 
     def plain(q, k, v, block_mask, block_size):  # PyTorch at the kernel's own precision
@@ -54,7 +56,7 @@ def check_against_reference(inputs, mask, block_size, dtype):
 
     truth = run(block_sparse_attention_reference, inputs, truth_dtype, block_mask=mask, block_size=block_size)
     baseline = run(plain, inputs, dtype, block_mask=mask, block_size=block_size)
-    ours = run(block_sparse_attention, inputs, dtype, block_mask=mask, block_size=block_size)
+    ours = run(block_sparse_attention, inputs, dtype, block_mask=mask, block_size=block_size, kernels=kernels)
     for name, t, b, o in zip(["out", "dq", "dk", "dv"], truth, baseline, ours):
         assert torch.isfinite(o).all(), name
         err, allowed = (o - t).abs().max().item(), 2 * (b - t).abs().max().item()
@@ -144,34 +146,59 @@ def test_bad_inputs_fail_clearly():
 
 
 def test_tma_loads_equal_pointer_loads_and_odd_layouts_fall_back(monkeypatch):
-    """The TMA descriptor loads (RADIAL_TRITON_TMA) give bit-identical outputs and gradients to
+    """The TMA descriptor loads (attention.kernels.tma) give bit-identical outputs and gradients to
     pointer loads, partial last block included, and a layout TMA cannot read keeps pointer loads."""
-    import radial_lora.kernels.triton_attention as ta
+    import radial_lora.kernels.sparse_attention as op
+    from radial_lora.kernels.kernel_choice import tma_ok
 
     mask = radial_block_mask(3, 40, block_size=32)
     inputs = random_inputs((1, 2, 120, 64), torch.float32, "cpu")  # 120 tokens: the last block partial
-    monkeypatch.setattr(ta, "TMA_KERNELS", ta.TMA_CHOICES["none"])
-    plain = run(block_sparse_attention, inputs, torch.float32, block_mask=mask, block_size=32)
-    monkeypatch.setattr(ta, "TMA_KERNELS", ta.TMA_CHOICES["all"])
-    chosen, check = [], ta._tma_ok
-    monkeypatch.setattr(ta, "_tma_ok", lambda *args: chosen.append((args[0], check(*args))) or chosen[-1][1])
-    tma = run(block_sparse_attention, inputs, torch.float32, block_mask=mask, block_size=32)
+    plain = run(block_sparse_attention, inputs, torch.float32, block_mask=mask, block_size=32,
+                kernels=KernelChoice(tma="none"))  # fmt: skip
+    chosen = []
+    monkeypatch.setattr(op, "tma_ok", lambda *args: chosen.append((args[0], tma_ok(*args))) or chosen[-1][1])
+    tma = run(block_sparse_attention, inputs, torch.float32, block_mask=mask, block_size=32,
+              kernels=KernelChoice(tma="all"))  # fmt: skip
     assert chosen == [("fwd", True), ("dkdv", True), ("dq", True)]
     for name, a, b in zip(["out", "dq", "dk", "dv"], plain, tma):
         assert torch.equal(a, b), name
     padded = torch.randn(1, 2, 120, 66)[..., :64]  # rows 66 floats apart: not a multiple of 16 bytes
-    assert not check("fwd", padded, padded) and check("fwd", inputs[0], inputs[1])
-    monkeypatch.setattr(ta, "TMA_KERNELS", ta.TMA_CHOICES["backward"])  # the default
-    assert not check("fwd", inputs[0], inputs[1]) and check("dq", inputs[0], inputs[1])
+    assert not tma_ok("fwd", "all", padded, padded) and tma_ok("fwd", "all", inputs[0], inputs[1])
+    # The default: the backward kernels only.
+    assert not tma_ok("fwd", KernelChoice().tma, inputs[0], inputs[1]) and tma_ok("dq", "backward", *inputs[:2])
 
 
-def test_tma_choice_is_checked():
+def test_kernel_choices_are_checked_and_match_the_config():
+    from radial_lora.configs.schema import GluonKernels, KernelConfig, TmaLoads
+    from radial_lora.kernels.kernel_choice import GLUON_CHOICES, TMA_CHOICES
+
+    with pytest.raises(ValueError, match="attention.kernels.tma='yes': expected one of all, backward, none"):
+        KernelChoice(tma="yes")
+    with pytest.raises(ValueError, match="attention.kernels.gluon='fast'"):
+        KernelChoice(gluon="fast")
+    assert {m.value for m in GluonKernels} == set(GLUON_CHOICES) and {m.value for m in TmaLoads} == set(TMA_CHOICES)
+    assert (KernelConfig().gluon.value, KernelConfig().tma.value) == (KernelChoice().gluon, KernelChoice().tma)
+
+
+def test_the_interpreter_path_imports_no_gluon():
+    """Our Gluon kernels are Hopper-only and have no interpreter: a CPU forward and backward must
+    not import them (Triton itself loads its Gluon dialect, which is harmless)."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", "import radial_lora.kernels.triton_attention"], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, "RADIAL_TRITON_TMA": "yes"}, timeout=120)  # fmt: skip
-    assert proc.returncode != 0 and "RADIAL_TRITON_TMA='yes': expected one of all, backward, none" in proc.stderr
+    code = (
+        "import sys, torch\n"
+        "from radial_lora.kernels.radial_mask import radial_block_mask\n"
+        "from radial_lora.kernels.sparse_attention import block_sparse_attention\n"
+        "q, k, v = (torch.randn(1, 1, 64, 16, requires_grad=True) for _ in range(3))\n"
+        "block_sparse_attention(q, k, v, radial_block_mask(4, 16, block_size=16), block_size=16).sum().backward()\n"
+        "assert q.grad is not None\n"
+        "print(sorted(m for m in sys.modules if m.startswith('radial_lora') and 'gluon' in m))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
 
 
 def test_opcheck_schema_autograd_and_fake():
@@ -182,7 +209,7 @@ def test_opcheck_schema_autograd_and_fake():
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
     if GPU:
         tests += ("test_aot_dispatch_dynamic",)
-    args = (q, k, v, *compact_mask(mask), 32, 32**-0.5)
+    args = (q, k, v, *compact_mask(mask), 32, 32**-0.5, "auto", "backward")
     torch.library.opcheck(torch.ops.radial_lora.block_sparse_attn_fwd.default, args, test_utils=tests)
 
 
@@ -196,14 +223,11 @@ def test_opcheck_schema_autograd_and_fake():
 )
 @pytest.mark.parametrize("tma", ["none", "all"], ids=["pointer-loads", "tma-loads"])
 @pytest.mark.parametrize("gluon", ["none", "auto"])  # auto: every Gluon kernel on an H100
-def test_gpu_bf16_real_shapes(frames, tokens_per_frame, heads, head_dim, decay, tma, gluon, monkeypatch):
-    import radial_lora.kernels.triton_attention as ta
-
-    monkeypatch.setattr(ta, "TMA_KERNELS", ta.TMA_CHOICES[tma])  # each load path in every kernel
+def test_gpu_bf16_real_shapes(frames, tokens_per_frame, heads, head_dim, decay, tma, gluon):
     mask = radial_block_mask(frames, tokens_per_frame, decay=decay, device="cuda")
     inputs = random_inputs((1, heads, frames * tokens_per_frame, head_dim), torch.float32, "cuda")
-    with ta.gluon_kernels(gluon):
-        check_against_reference(inputs, mask, 128, torch.bfloat16)
+    # Each load path in every Triton kernel, and the Gluon kernels where they run.
+    check_against_reference(inputs, mask, 128, torch.bfloat16, kernels=KernelChoice(gluon=gluon, tma=tma))
 
 
 @pytest.mark.gpu
@@ -217,15 +241,16 @@ def test_gpu_tma_backward_in_a_fresh_process():
     code = (
         "import torch\n"
         "from radial_lora.kernels.radial_mask import radial_block_mask\n"
-        "from radial_lora.kernels.triton_attention import block_sparse_attention\n"
+        "from radial_lora.kernels.kernel_choice import KernelChoice\n"
+        "from radial_lora.kernels.sparse_attention import block_sparse_attention\n"
         "q, k, v = (torch.randn(1, 2, 21 * 1560, 128, device='cuda', dtype=torch.bfloat16, requires_grad=True)"
         " for _ in range(3))\n"
-        "out = block_sparse_attention(q, k, v, radial_block_mask(21, 1560, device='cuda'))\n"
+        "out = block_sparse_attention(q, k, v, radial_block_mask(21, 1560, device='cuda'),"
+        " kernels=KernelChoice(gluon='none', tma='all'))\n"
         "out.sum().backward()\n"
         "assert all(torch.isfinite(t.grad).all() for t in (q, k, v))\n"
     )
-    env = {**os.environ, "RADIAL_TRITON_TMA": "all"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -247,20 +272,17 @@ def test_gpu_empty_rows_and_full_mask():
 def test_gpu_torch_compile_and_checkpointing(gluon):
     from torch.utils.checkpoint import checkpoint
 
-    import radial_lora.kernels.triton_attention as ta
-
     if gluon != "none" and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernels need an sm_90 GPU")
     mask = radial_block_mask(6, 1560, device="cuda")
     q, k, v, d_out = (t.bfloat16() for t in random_inputs((1, 2, 6 * 1560, 128), torch.float32, "cuda"))
 
     def layer(q, k, v):
-        return block_sparse_attention(q * 1.0, k, v, mask, block_size=128) * 2.0
+        return block_sparse_attention(q * 1.0, k, v, mask, block_size=128, kernels=KernelChoice(gluon=gluon)) * 2.0
 
-    with ta.gluon_kernels(gluon):
-        expected = run(layer, (q, k, v, d_out), torch.bfloat16)
-        compiled = run(torch.compile(layer, fullgraph=True), (q, k, v, d_out), torch.bfloat16)
-        ckpt = run(lambda q, k, v: checkpoint(layer, q, k, v, use_reentrant=False), (q, k, v, d_out), torch.bfloat16)
+    expected = run(layer, (q, k, v, d_out), torch.bfloat16)
+    compiled = run(torch.compile(layer, fullgraph=True), (q, k, v, d_out), torch.bfloat16)
+    ckpt = run(lambda q, k, v: checkpoint(layer, q, k, v, use_reentrant=False), (q, k, v, d_out), torch.bfloat16)
     # Recomputation gives the same bits, except where the fused backward sums dQ in varying order.
     exact = 0 if gluon != "fused" else 1e-2
     for a, b, c in zip(expected, compiled, ckpt):

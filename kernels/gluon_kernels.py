@@ -1,7 +1,8 @@
 """Hopper (sm_90) kernels of the block-sparse attention, warp-specialized, in Gluon: the forward,
-the backward's dK/dV and dQ, and a one-kernel backward (the default; RADIAL_GLUON=fused requires it).
+the backward's dK/dV and dQ, and a one-kernel backward (the default; attention.kernels.gluon=fused
+requires it). Launched by kernels/sparse_attention.py where kernels/kernel_choice.py routes to them.
 
-Shapes as in kernels/triton_attention.py (B batch, H heads, S tokens, D head dim 64 or 128):
+Shapes as in kernels/triton_kernels.py (B batch, H heads, S tokens, D head dim 64 or 128):
   q, k, v, out  [B, H, S, D] bf16 / fp16, any strides TMA accepts (16-byte aligned rows)
   lse           [B, H, S]    fp32, base 2
   kv_count [NB], kv_index [NB, W]: the kept key blocks of each query block (compact_mask)
@@ -34,14 +35,17 @@ backward is the dK/dV kernel plus dQ = dS K summed over programs by TMA reduce-a
 (5 products per block pair instead of 7): on an H100 1-2% faster than the split pair (4%
 before the dK/dV kernel loaded lse and delta a tile ahead; docs/benchmarks/attention.md), so the
 default, except under torch.use_deterministic_algorithms (its dQ adds land in varying order;
-kernels/triton_attention.py GLUON_CHOICES; docs/benchmarks/attention.md, session 8).
+kernels/kernel_choice.py GLUON_CHOICES; docs/benchmarks/attention.md).
 
-GPU only (Gluon has no CPU interpreter): tests/test_gluon_attention.py runs them on the lent GPU;
+GPU only (Gluon has no CPU interpreter): tests/test_gluon_kernels.py runs them on a GPU;
 on CPU, tests/test_scripts.py compiles them for sm_90 (scripts/lab/kernel_sass.py) with the installed
 Triton, which is newer than the GPU image's 3.6.
 """
 
 from __future__ import annotations
+
+import contextlib
+from types import MappingProxyType
 
 import torch
 import triton
@@ -97,7 +101,7 @@ def _ring_barriers(STAGES: gl.constexpr):
 @gluon.jit
 def _tile_start(index_row, t, MASK_BLOCK: gl.constexpr, TILE: gl.constexpr):
     """First token of the t-th TILE-row tile of the kept blocks listed (ascending) at index_row
-    (the Gluon twin of triton_attention._tile_start: Gluon calls only Gluon functions)."""
+    (the Gluon twin of triton_kernels._tile_start: Gluon calls only Gluon functions)."""
     tiles_per_block: gl.constexpr = MASK_BLOCK // TILE
     return gl.load(index_row + t // tiles_per_block) * MASK_BLOCK + (t % tiles_per_block) * TILE
 
@@ -242,7 +246,7 @@ def _consumer(
 
 
 @gluon.jit
-def _fwd_kernel(
+def forward_kernel(
     Q, K, V, O, LSE, KV_COUNT, KV_INDEX, ORDER,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
@@ -336,7 +340,7 @@ def _query_tile_stats(
 
     The consumers call it for tile t + 1 once tile t's products are issued, so its two dependent
     loads (the index entry, then the rows) are in flight while the tensor cores work. Loaded at the
-    top of tile t, as it was until session 9, their latency stalled every tile: on an H100 the
+    top of tile t instead, their latency stalled every tile: on an H100 the
     dK/dV kernel runs 5.5% faster this way (61.1 -> 57.7 ms at the wan_4x shape) and the fused one
     0-2.4%; prefetching at the top of the tile instead keeps the values live through all the
     products and spills (dK/dV: 197 instructions, 112 ms; docs/benchmarks/gluon_variants_*).
@@ -430,7 +434,7 @@ def _dkdv_consumer(
 
 
 @gluon.jit
-def _dkdv_kernel(
+def dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, ORDER,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
@@ -577,7 +581,7 @@ def _dq_consumer(
 
 
 @gluon.jit
-def _dq_kernel(
+def dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KV_COUNT, KV_INDEX, ORDER,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
@@ -711,7 +715,7 @@ def _fused_consumer(
 
 
 @gluon.jit
-def _fused_bwd_kernel(
+def fused_backward_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_COUNT, Q_INDEX, ORDER,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
@@ -790,8 +794,8 @@ def _launch_per_block(kernel, tile: dict, block_size: int, tensors, index, strid
 
 # The key tile and ring depth: 128-key tiles, 3 stages, 224 KB of the 227 KB of shared memory with
 # the 128-row query tile. The pipelined consumer releases a stage a tile late, so 2 stages stall it
-# (H100: 581 TFLOP/s with 3 stages, 477 with 2; docs/benchmarks/attention.md, session 8).
-TILE = {"BLOCK_N": 128, "STAGES": 3}
+# (H100: 581 TFLOP/s with 3 stages, 477 with 2; docs/benchmarks/attention.md).
+FORWARD_TILE = MappingProxyType({"BLOCK_N": 128, "STAGES": 3})
 
 
 @torch.library.custom_op("radial_lora::block_sparse_attn_fwd_hopper", mutates_args=())
@@ -809,7 +813,7 @@ def hopper_forward(
     softmax scale times log2 e. A custom op (not a triton_op): torch.compile calls it as it is."""
     out = torch.empty_like(q)
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
-    _launch_per_block(_fwd_kernel, TILE, block_size, (q, k, v, out, lse), (kv_count, kv_index, kv_order),
+    _launch_per_block(forward_kernel, _tiles["fwd"], block_size, (q, k, v, out, lse), (kv_count, kv_index, kv_order),
                       (q, k, v, out), (qk_scale,))  # fmt: skip
     return out, lse
 
@@ -820,7 +824,7 @@ def _(q, k, v, kv_count, kv_index, kv_order, block_size, qk_scale):
 
 
 # Query rows per streamed tile in the dK/dV kernel, and its ring depth.
-DKDV_TILE = {"BLOCK_M": 64, "STAGES": 2}
+DKDV_TILE = MappingProxyType({"BLOCK_M": 64, "STAGES": 2})
 
 
 @torch.library.custom_op("radial_lora::block_sparse_attn_dkdv_hopper", mutates_args=())
@@ -841,7 +845,7 @@ def hopper_dkdv(
     """(dk, dv) [B, H, S, D] of tensors that `supported` accepts (d_out too), given the forward's
     base-2 lse and delta = rowsum(dO * O); qk_scale is sm_scale times log2 e."""
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    _launch_per_block(_dkdv_kernel, DKDV_TILE, block_size, (q, k, v, d_out, lse, delta, dk, dv),
+    _launch_per_block(dkdv_kernel, _tiles["dkdv"], block_size, (q, k, v, d_out, lse, delta, dk, dv),
                       (q_count, q_index, q_order), (q, k, v, d_out, dk, dv), (qk_scale, sm_scale))  # fmt: skip
     return dk, dv
 
@@ -852,9 +856,9 @@ def _(q, k, v, d_out, lse, delta, q_count, q_index, q_order, block_size, qk_scal
 
 
 # Keys per streamed tile in the dQ kernel, and its ring depth: 64-key tiles, 4 stages, 192 KB of
-# shared memory (H100, session 8: 40.2 ms at the wan_4x shape, 3 stages 40.4; the unpipelined
+# shared memory (H100: 40.2 ms at the wan_4x shape, 3 stages 40.4; the unpipelined
 # loop took 43.3 with 128-key tiles, 42.5 with these).
-DQ_TILE = {"BLOCK_N": 64, "STAGES": 4}
+DQ_TILE = MappingProxyType({"BLOCK_N": 64, "STAGES": 4})
 
 
 @torch.library.custom_op("radial_lora::block_sparse_attn_dq_hopper", mutates_args=())
@@ -875,7 +879,7 @@ def hopper_dq(
     """dq [B, H, S, D] of tensors that `supported` accepts (d_out too), given the forward's base-2
     lse and delta = rowsum(dO * O); qk_scale is sm_scale times log2 e."""
     dq = torch.empty_like(q)
-    _launch_per_block(_dq_kernel, DQ_TILE, block_size, (q, k, v, d_out, lse, delta, dq), (kv_count, kv_index, kv_order),
+    _launch_per_block(dq_kernel, _tiles["dq"], block_size, (q, k, v, d_out, lse, delta, dq), (kv_count, kv_index, kv_order),
                       (q, k, v, d_out, dq), (qk_scale, sm_scale))  # fmt: skip
     return dq
 
@@ -887,7 +891,25 @@ def _(q, k, v, d_out, lse, delta, kv_count, kv_index, kv_order, block_size, qk_s
 
 # The fused backward's query tile and ring depth: 192 KB of shared memory with the dS and dQ
 # staging buffers.
-FUSED_TILE = {"BLOCK_M": 64, "STAGES": 2}
+FUSED_TILE = MappingProxyType({"BLOCK_M": 64, "STAGES": 2})
+
+# The tiles the ops launch: the measured ones above, unless a tool times another (only_tile).
+_tiles = {"fwd": FORWARD_TILE, "dkdv": DKDV_TILE, "dq": DQ_TILE, "fused": FUSED_TILE}
+
+
+@contextlib.contextmanager
+def only_tile(kernel: str, **knobs: int):
+    """Inside, `kernel` ("fwd", "dkdv", "dq" or "fused") launches with these tile knobs changed
+    (e.g. STAGES=2): for tools that time one variant against another (scripts/lab/)."""
+    previous = _tiles[kernel]
+    unknown = set(knobs) - set(previous)
+    if unknown:
+        raise ValueError(f"{kernel} has no tile knob {', '.join(sorted(unknown))}; it has {', '.join(previous)}")
+    _tiles[kernel] = MappingProxyType({**previous, **knobs})
+    try:
+        yield
+    finally:
+        _tiles[kernel] = previous
 
 
 @torch.library.custom_op("radial_lora::block_sparse_attn_bwd_fused_hopper", mutates_args=())
@@ -910,7 +932,7 @@ def hopper_fused_backward(
     summed in an fp32 buffer (TMA reduce-adds in varying order: not bitwise reproducible)."""
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # contiguous: the kernel indexes it so
-    _launch_per_block(_fused_bwd_kernel, FUSED_TILE, block_size, (q, k, v, d_out, lse, delta, dk, dv, dq_acc),
+    _launch_per_block(fused_backward_kernel, _tiles["fused"], block_size, (q, k, v, d_out, lse, delta, dk, dv, dq_acc),
                       (q_count, q_index, q_order), (q, k, v, d_out, dk, dv), (qk_scale, sm_scale))  # fmt: skip
     dq = torch.empty_like(q)
     dq.copy_(dq_acc)  # into q's strides, as the fake below promises
