@@ -99,21 +99,6 @@ def test_wandb_mode_from_environment_wins(train_cli):
     assert not (train_cli.cwd / "outputs/tiny/wandb").exists()
 
 
-def test_compiled_blocks_train_like_eager_ones(train_cli):
-    """model.compile_blocks with gradient checkpointing: the same LoRA as eager blocks (aot_eager
-    traces the graphs torch.compile would run, without generating code; the GPU uses inductor)."""
-    common = [*FAST, "train.steps=3", "train.checkpoint_every=0", "logger.mode=disabled",
-              "model.gradient_checkpointing=true"]  # fmt: skip
-    eager = train_cli(*common, "name=eager")
-    compiled = train_cli(*common, "name=compiled", "model.compile_blocks=true", "model.compile_backend=aot_eager")
-    assert "transformer blocks: torch.compile, backend aot_eager" in compiled.stdout
-    a, b = load_file(exported_path(eager.stdout)), load_file(exported_path(compiled.stdout))
-    assert a.keys() == b.keys() and len(a) > 0
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5)
-    assert any(float(t.abs().max()) > 0 for t in b.values())  # it trained
-
-
 def test_a_diverging_run_stops_before_saving(train_cli):
     """A learning rate that blows the LoRA up: the first non-finite step stops every process with a
     one-line error, before anything is saved, so the checkpoints from before it survive."""

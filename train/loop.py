@@ -1,8 +1,10 @@
 """The training loop: one function, read top to bottom.
 
-set up (accelerate, data, model, LoRA, optimizer) -> resume -> for each optimizer step:
-micro-batches (encode clips and captions, flow-matching loss, backward) -> clip, step, schedule ->
-log -> checkpoint; then export the LoRA. The same code runs one process or many (accelerate).
+build (accelerate, data, model, LoRA, optimizer, resume) -> for each optimizer step: train_step
+(micro-batches: encode clips and captions, flow-matching loss, backward; clip, step, schedule; one
+collective for divergence and stop signals) -> log -> checkpoint; then export the LoRA. The same
+code runs one process or many (accelerate). `build` and `train_step` can be called on their own
+(tests/test_train_step.py runs steps in the test process).
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -74,22 +78,31 @@ class RunResult:
     """The newest checkpoint saved by this invocation, if any."""
 
 
-def check_finite(accelerator, step: int, step_losses: torch.Tensor, grad_norm, run_dir: Path) -> None:
-    """Stop every process together (a collective) when any has a non-finite loss or gradient norm.
+def step_checks(accelerator, step_losses: torch.Tensor, grad_norm, stop_received: bool) -> tuple[bool, bool]:
+    """(any process diverged, any process got a stop signal): the step's one collective.
 
-    From such a step on the LoRA weights can't be trusted, and saving would rotate the last good
-    checkpoints out (train.keep_last): stopping first leaves the newest checkpoint from before it.
+    Divergence (a non-finite loss or gradient norm) stops every process together: from such a step
+    on the LoRA weights can't be trusted, and saving would rotate the last good checkpoints out
+    (train.keep_last). A stop signal may reach processes at different moments, so it is summed too,
+    and every process stops after the same step.
     """
     norm = torch.as_tensor(float(grad_norm) if grad_norm is not None else 0.0, device=step_losses.device)
     bad = (~torch.isfinite(step_losses).all() | ~torch.isfinite(norm)).float()
-    if accelerator.reduce(bad, reduction="sum").item() > 0:
-        kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))  # none yet: empty
-        restart = (f"Newest checkpoint: {kept[-1]}; resume from it (train.resume=latest)" if kept else
-                   "No checkpoint yet; start again")  # fmt: skip
-        raise TrainingDiverged(
-            f"non-finite loss or gradient at step {step} (loss {step_losses.tolist()}, grad norm {float(norm):.3g}); "
-            f"stopped without saving. {restart} with a lower optim.lr, or bf16 instead of fp16"
-        )
+    flags = torch.stack([bad, torch.tensor(float(stop_received), device=step_losses.device)])
+    diverged, stop = accelerator.reduce(flags, reduction="sum").tolist()
+    return diverged > 0, stop > 0
+
+
+def diverged_error(step: int, step_losses: torch.Tensor, grad_norm, run_dir: Path) -> TrainingDiverged:
+    """The one line a diverged run ends with: where it stopped and how to go on."""
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))  # none yet: empty
+    restart = (f"Newest checkpoint: {kept[-1]}; resume from it (train.resume=latest)" if kept else
+               "No checkpoint yet; start again")  # fmt: skip
+    norm = float(grad_norm) if grad_norm is not None else 0.0
+    return TrainingDiverged(
+        f"non-finite loss or gradient at step {step} (loss {step_losses.tolist()}, grad norm {norm:.3g}); "
+        f"stopped without saving. {restart} with a lower optim.lr, or bf16 instead of fp16"
+    )
 
 
 def seed_everything(train_cfg: TrainConfig) -> None:
@@ -104,11 +117,68 @@ def seed_everything(train_cfg: TrainConfig) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def train(cfg: Config, resolved_config: dict, resume_from: Path | None = None, notes: list[str] = (),
-          choices: dict | None = None) -> RunResult:  # fmt: skip
-    """Run training as configured, from `resume_from` (a checkpoint folder) if given; `notes` are
-    lines for the log (what a resume changed). `resolved_config` goes into W&B and, with `choices`
-    (the config group options), into every checkpoint."""
+@dataclass
+class Run:
+    """A run as `build` made it: what every step and the loop around it use."""
+
+    cfg: Config
+    run_dir: Path
+    accelerator: Any
+    pipe: Any
+    """The diffusers pipeline: its VAE and text encoder encode clips (none when latents are cached)."""
+    transformer: Any
+    """pipe.transformer as accelerate prepared it (DDP / DeepSpeed engine around it)."""
+    params: list
+    """The trainable (LoRA) parameters."""
+    optimizer: Any
+    lr_scheduler: Any
+    state: TrainState
+    batches: Iterator[dict]
+    """Micro-batches from the loader, in the run's order from state.batches_seen on."""
+    model_dtype: torch.dtype
+    data_rank: int
+    data_ranks: int
+    catalog: Any
+    clips: list
+    fingerprint: str | None
+    save_kwargs: dict
+    stop: Any
+    """The process's StopSignals (train/preemption.py)."""
+    say: Callable[[str], None]
+    skipped: RejectCounts = field(default_factory=RejectCounts)
+    """Clips that failed to decode mid-run on this process (each replaced by the next of its bucket)."""
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def export(self, folder: Path) -> Path:
+        """Write the LoRA (every process calls this: under ZeRO-3 the adapters are gathered first)."""
+        with gathered(self.accelerator, self.params):
+            return export_lora(self.accelerator.unwrap_model(self.transformer), folder, is_main_process=self.main)
+
+    def total_skipped(self) -> RejectCounts:
+        """Mid-run skips summed over processes (a collective: every process calls it together)."""
+        local = torch.tensor([self.skipped[r] for r in REASONS], device=self.accelerator.device)
+        counts = self.accelerator.reduce(local, reduction="sum")
+        return RejectCounts({r: n for r, n in zip(REASONS, counts.tolist()) if n})
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step left for the loop: its losses, gradient norm and the stop flag."""
+
+    losses: torch.Tensor
+    """[micro-batches] this process's loss of each micro-batch (detached)."""
+    grad_norm: torch.Tensor
+    stop: bool
+    """Some process got a stop signal: every process saves and stops after this step."""
+
+
+def build(cfg: Config, resolved_config: dict, resume_from: Path | None = None, notes: list[str] = ()) -> Run:
+    """Set a run up as configured: accelerate, data, model with our attention and LoRA, optimizer,
+    schedule, loader, tracking; and load `resume_from` (a checkpoint folder) if given. `notes` are
+    lines for the log (what a resume changed); `resolved_config` goes into W&B."""
     from diffusers.optimization import get_scheduler
 
     run_dir = Path(cfg.output_root, cfg.name).resolve()
@@ -228,87 +298,102 @@ def train(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
     # ends them the way the iterator does when it is released (a no-op if that happened already).
     atexit.register(getattr(batches, "_shutdown_workers", lambda: None))
 
-    def export(folder: Path) -> Path:
-        """Write the LoRA (every process calls this: under ZeRO-3 the adapters are gathered first)."""
-        with gathered(accelerator, params):
-            return export_lora(accelerator.unwrap_model(transformer), folder, is_main_process=main)
-
     start_tracking(accelerator, cfg.logger, cfg.name, run_dir, resolved_config)
     accelerator.log({f"data/rejected/{r}": n for r, n in catalog.counts.items()} | {"data/clips": len(clips)}, step=0)
-    skipped = RejectCounts()  # clips that failed to decode mid-run (replaced by the next of their bucket)
+    return Run(cfg=cfg, run_dir=run_dir, accelerator=accelerator, pipe=pipe, transformer=transformer, params=params,
+               optimizer=optimizer, lr_scheduler=lr_scheduler, state=state, batches=batches, model_dtype=model_dtype,
+               data_rank=data_rank, data_ranks=data_ranks, catalog=catalog, clips=clips, fingerprint=fingerprint,
+               save_kwargs=save_kwargs, stop=stop, say=say)  # fmt: skip
 
-    def total_skipped() -> RejectCounts:
-        """Mid-run skips summed over processes (a collective: every process calls it together)."""
-        counts = accelerator.reduce(torch.tensor([skipped[r] for r in REASONS], device=device), reduction="sum")
-        return RejectCounts({r: n for r, n in zip(REASONS, counts.tolist()) if n})
 
-    accum = cfg.trainer.gradient_accumulation_steps
-    samples_per_step = cfg.data.batch_size * accum * data_ranks
+def train_step(run: Run, micro_batches: list[dict]) -> StepResult:
+    """One optimizer step over `micro_batches` (trainer.gradient_accumulation_steps of them): encode
+    each, flow-matching loss, backward; clip, optimizer step, schedule. Then the step's one
+    collective (step_checks): a divergence on any process raises TrainingDiverged on every one,
+    before the schedule moves or anything is saved."""
+    cfg, accelerator, device, state = run.cfg, run.accelerator, run.accelerator.device, run.state
+    sp = cfg.trainer.sequence_parallel
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
-    progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", disable=not main, dynamic_ncols=True)
+    losses, grad_norm = [], torch.zeros((), device=device)
+    for batch in micro_batches:
+        for _, reason in batch["skipped"]:
+            run.skipped.add(reason)
+        if "latent_params" in batch:  # from the cache
+            posteriors, text = batch["latent_params"], batch["text"].to(device)
+        else:
+            posteriors = posterior_params(run.pipe.vae, batch["frames"])
+            text = encode_captions(run.pipe, batch["captions"], cfg.model.max_text_tokens, device)
+        first = run.data_rank * cfg.data.batch_size  # this slice's place in the global batch
+        gens = [sample_generator(cfg.train.seed, state.batches_seen, first + j, device)
+                for j in range(posteriors.shape[0])]  # fmt: skip
+        state.batches_seen += 1
+        latents, sigmas, noise = noisy_inputs(run.pipe.vae, posteriors, gens, cfg.train.timesteps, device)
+        with accelerator.accumulate(run.transformer):
+            loss = flow_matching_loss(run.transformer, latents, text, sigmas, noise, run.model_dtype)
+            # Gradients are averaged over all processes, but the `sp` processes of a group
+            # each hold part of one clip's gradient: x sp makes the average their sum.
+            accelerator.backward(loss * sp if sp > 1 else loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(run.params, max_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    step_losses = torch.stack(losses)
+    diverged, stop = step_checks(accelerator, step_losses, grad_norm, run.stop.received is not None)
+    if diverged:
+        raise diverged_error(state.step + 1, step_losses, grad_norm, run.run_dir)
+    run.lr_scheduler.step()
+    state.step += 1
+    return StepResult(losses=step_losses, grad_norm=grad_norm, stop=stop)
+
+
+def train(cfg: Config, resolved_config: dict, resume_from: Path | None = None, notes: list[str] = (),
+          choices: dict | None = None) -> RunResult:  # fmt: skip
+    """Run training as configured, from `resume_from` (a checkpoint folder) if given; `notes` are
+    lines for the log (what a resume changed). `resolved_config` goes into W&B and, with `choices`
+    (the config group options), into every checkpoint."""
+    run = build(cfg, resolved_config, resume_from, notes)
+    accelerator, state, say, device = run.accelerator, run.state, run.say, run.accelerator.device
+    accum = cfg.trainer.gradient_accumulation_steps
+    samples_per_step = cfg.data.batch_size * accum * run.data_ranks
+    progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", disable=not run.main, dynamic_ncols=True)
     last_log_time, last_log_step = time.perf_counter(), state.step
-    losses, grad_norm, step_times = [], torch.zeros((), device=device), []
+    losses, step_times = [], []
 
     stop_at = min(cfg.train.steps, cfg.train.stop_after_step or cfg.train.steps)
     result = RunResult(step=state.step, steps=cfg.train.steps)
 
     def stopped_early() -> None:
         """Record the stop and leave the batch script its requeue note (rank 0)."""
-        result.stopped_by = stop.received or "a signal to another process"
-        if main:
-            note_preemption(state.step, stop.received or "signal")
+        result.stopped_by = run.stop.received or "a signal to another process"
+        if run.main:
+            note_preemption(state.step, run.stop.received or "signal")
 
-    if stop.should_stop(accelerator):  # a signal during set-up: nothing new to save
+    if run.stop.should_stop(accelerator):  # a signal during set-up: nothing new to save
         stopped_early()
         say(f"Stopped by {result.stopped_by} before the first step; nothing trained in this start")
         stop_at = state.step
     while state.step < stop_at:
-        # --- one optimizer step = `accum` micro-batches ---
-        for _ in range(accum):
-            batch = next(batches)
-            for _, reason in batch["skipped"]:
-                skipped.add(reason)
-            if "latent_params" in batch:  # from the cache
-                posteriors, text = batch["latent_params"], batch["text"].to(device)
-            else:
-                posteriors = posterior_params(pipe.vae, batch["frames"])
-                text = encode_captions(pipe, batch["captions"], cfg.model.max_text_tokens, device)
-            first = data_rank * cfg.data.batch_size  # this slice's place in the global batch
-            gens = [sample_generator(cfg.train.seed, state.batches_seen, first + j, device)
-                    for j in range(posteriors.shape[0])]  # fmt: skip
-            state.batches_seen += 1
-            latents, sigmas, noise = noisy_inputs(pipe.vae, posteriors, gens, cfg.train.timesteps, device)
-            with accelerator.accumulate(transformer):
-                loss = flow_matching_loss(transformer, latents, text, sigmas, noise, model_dtype)
-                # Gradients are averaged over all processes, but the `sp` processes of a group
-                # each hold part of one clip's gradient: x sp makes the average their sum.
-                accelerator.backward(loss * sp if sp > 1 else loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params, max_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-        check_finite(accelerator, state.step + 1, torch.stack(losses[-accum:]), grad_norm, run_dir)
-        lr_scheduler.step()
-        state.step += 1
+        step = train_step(run, [next(run.batches) for _ in range(accum)])
+        losses.append(step.losses)
         progress.update(1)
 
         # --- log: averaged over the micro-batches since the last log and over processes ---
         if state.step % cfg.logger.log_every == 0 or state.step == stop_at:
-            mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            mean_loss = accelerator.reduce(torch.cat(losses).mean(), reduction="mean").item()
             now, steps_done = time.perf_counter(), state.step - last_log_step
             step_time = (now - last_log_time) / steps_done
             metrics = {
                 "loss": mean_loss,
-                "lr": lr_scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
+                "lr": run.lr_scheduler.get_last_lr()[0],
+                "grad_norm": float(step.grad_norm),
                 "step_time_s": step_time,
                 "samples_per_s": samples_per_step / step_time,
                 "peak_memory_gb": peak_memory_gb(device),
             }
-            metrics |= {f"data/skipped/{r}": n for r, n in total_skipped().items()}
+            metrics |= {f"data/skipped/{r}": n for r, n in run.total_skipped().items()}
             accelerator.log(metrics, step=state.step)
-            if main:
+            if run.main:
                 log.info("step %d/%d: %s", state.step, cfg.train.steps,
                          ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))  # fmt: skip
             step_times.append(step_time)
@@ -317,12 +402,12 @@ def train(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
 
         # --- checkpoint (resumable state + a LoRA export), always at the last step or on a stop signal ---
         every = cfg.train.checkpoint_every
-        stopping = stop.should_stop(accelerator) and state.step < stop_at
+        stopping = step.stop and state.step < stop_at
         if (every > 0 and state.step % every == 0) or state.step == stop_at or stopping:
-            train_state = {"train_state": state.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
-            result.checkpoint = save_checkpoint(accelerator, run_dir, state.step, cfg.train.keep_last, train_state,
-                                                export=export, config=resolved_config, choices=choices,
-                                                model_fingerprint=fingerprint, **save_kwargs)  # fmt: skip
+            train_state = {"train_state": state.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict()}
+            result.checkpoint = save_checkpoint(accelerator, run.run_dir, state.step, cfg.train.keep_last, train_state,
+                                                export=run.export, config=resolved_config, choices=choices,
+                                                model_fingerprint=run.fingerprint, **run.save_kwargs)  # fmt: skip
         if stopping:
             stopped_early()
             break
@@ -333,15 +418,15 @@ def train(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
         say(f"throughput: {samples_per_step / median:.3f} samples/s on {accelerator.num_processes} processes "
             f"(median step {median:.3f} s after the first 2 logged); peak {memory} {peak_memory_gb(device):.2f} GB "
             f"on rank 0")  # fmt: skip
-    say(f"data: clips failing to decode mid-run (each replaced by another): {total_skipped().summary()}")
+    say(f"data: clips failing to decode mid-run (each replaced by another): {run.total_skipped().summary()}")
     result.step = state.step
     if result.stopped_by is None:  # an interrupted run has its LoRA in the checkpoint, not in lora/
         error = None
         try:
-            result.lora_file = export(run_dir / "lora")
+            result.lora_file = run.export(run.run_dir / "lora")
         except (OSError, SafetensorError) as err:  # on rank 0, which writes; the others learn of it here
             error = io_error(err)
-        raise_if_any_failed(accelerator, error, "the final LoRA", run_dir)
+        raise_if_any_failed(accelerator, error, "the final LoRA", run.run_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

@@ -2,10 +2,10 @@
 systemd, Kubernetes) and SIGUSR1 (Slurm's warning before a time limit or preemption,
 `#SBATCH --signal=USR1@120`).
 
-The handler only records the signal. The training loop asks `should_stop()` after every
-optimizer step; every process takes part (the flag is max-reduced, since the signal may reach
-processes at different moments), so they all stop after the same step, save a checkpoint and
-exit together. Under scripts/slurm/train.sbatch, rank 0 then leaves a note in
+The handler only records the signal. Every optimizer step sums the flag over the processes in
+its one collective (train/loop.py, step_checks), since the signal may reach processes at
+different moments, so they all stop after the same step, save a checkpoint and exit together
+(`should_stop()` asks the same before the first step). Under scripts/slurm/train.sbatch, rank 0 then leaves a note in
 RADIAL_LORA_PREEMPTED_FILE and the batch script requeues the job, which resumes from that
 checkpoint (train.resume=auto): no step is lost or repeated. A second Ctrl-C aborts at once,
 without saving.
