@@ -81,8 +81,15 @@ OnError.__doc__ = """A clip failing to decode mid-run: skip it (counted) or stop
 
 # diffusers' get_scheduler names (diffusers.optimization.SchedulerType), listed here so a bad name
 # fails at start without importing diffusers; tests/test_config.py checks the two lists agree.
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "piecewise_constant")
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
 Scheduler = Enum("Scheduler", {name: name for name in SCHEDULERS}, type=str)
 Scheduler.__doc__ = """A learning-rate schedule of diffusers' `get_scheduler`."""
 
@@ -202,8 +209,11 @@ class DataConfig:
         return [DatasetSource(path=p) for p in (self.root, self.metadata) if p]
 
 
-GluonKernels = Enum("GluonKernels", {n: n for n in ("auto", "auto_split", "auto_fwd", "all", "fwd", "fwd_dkdv",
-                                                    "fwd_dq", "fused", "none")}, type=str)  # fmt: skip
+GluonKernels = Enum(
+    "GluonKernels",
+    {n: n for n in ("auto", "auto_split", "auto_fwd", "all", "fwd", "fwd_dkdv", "fwd_dq", "fused", "none")},
+    type=str,
+)
 GluonKernels.__doc__ = """Which attention kernels run in Gluon on Hopper (kernels/kernel_choice.py)."""
 TmaLoads = Enum("TmaLoads", {n: n for n in ("backward", "all", "none")}, type=str)
 TmaLoads.__doc__ = """Which Triton attention kernels load through Hopper's TMA (kernels/kernel_choice.py)."""
@@ -416,7 +426,9 @@ def typed_config(cfg: DictConfig) -> Config:
         merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg, resolve=False))
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
-            raise ConfigError(f"{missing[0]}: Missing mandatory value (set it on the command line, e.g. {missing[0]}=...)")
+            raise ConfigError(
+                f"{missing[0]}: Missing mandatory value (set it on the command line, e.g. {missing[0]}=...)"
+            )
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
@@ -431,31 +443,44 @@ def _inside(path: str | None, folder: str) -> bool:
 def validate(cfg: Config) -> None:
     """Check what the schema's types cannot; raises ConfigError naming the key."""
     checks = [
-        (cfg.data.cache is not None or not cfg.data.require_cache,
-         "data.cache is required here (data.require_cache): encode the clips once with `python -m scripts.precompute "
-         "<the same overrides> data.cache=DIR`, then train with data.cache=DIR"),
-        (bool(cfg.data.frames) and all(f >= 1 and (f - 1) % 4 == 0 for f in cfg.data.frames),
-         f"data.frames={cfg.data.frames} must be 4n+1 each (e.g. 17, 33, 81): Wan's VAE keeps the first frame "
-         "and compresses the rest 4x in time"),
-        (bool(cfg.data.sizes) and all(len(hw) == 2 and hw[0] % 16 == 0 and hw[1] % 16 == 0 and min(hw) > 0
-                                      for hw in cfg.data.sizes),
-         f"data.sizes={cfg.data.sizes} must be [height, width] pairs, multiples of 16 (VAE 8x, then 2x2 patches)"),
-        (len(cfg.data.sources()) >= 1 and not (cfg.data.mix and (cfg.data.root or cfg.data.metadata))
-         and not (cfg.data.root and cfg.data.metadata),
-         "data: set exactly one of data.root, data.metadata or data.mix"),
+        (
+            cfg.data.cache is not None or not cfg.data.require_cache,
+            "data.cache is required here (data.require_cache): encode the clips once with `python -m scripts.precompute "
+            "<the same overrides> data.cache=DIR`, then train with data.cache=DIR",
+        ),
+        (
+            bool(cfg.data.frames) and all(f >= 1 and (f - 1) % 4 == 0 for f in cfg.data.frames),
+            f"data.frames={cfg.data.frames} must be 4n+1 each (e.g. 17, 33, 81): Wan's VAE keeps the first frame "
+            "and compresses the rest 4x in time",
+        ),
+        (
+            bool(cfg.data.sizes)
+            and all(len(hw) == 2 and hw[0] % 16 == 0 and hw[1] % 16 == 0 and min(hw) > 0 for hw in cfg.data.sizes),
+            f"data.sizes={cfg.data.sizes} must be [height, width] pairs, multiples of 16 (VAE 8x, then 2x2 patches)",
+        ),
+        (
+            len(cfg.data.sources()) >= 1
+            and not (cfg.data.mix and (cfg.data.root or cfg.data.metadata))
+            and not (cfg.data.root and cfg.data.metadata),
+            "data: set exactly one of data.root, data.metadata or data.mix",
+        ),
         (all(s.weight > 0 for s in cfg.data.mix), "data.mix weights must be > 0"),
         (cfg.data.fps is None or cfg.data.fps > 0, f"data.fps={cfg.data.fps} must be > 0 (or null)"),
         (cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size} must be >= 1"),
         (cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers} must be >= 0"),
         (cfg.data.prefetch_factor >= 1, f"data.prefetch_factor={cfg.data.prefetch_factor} must be >= 1"),
-        (not cfg.data.demo or _inside(cfg.data.root, cfg.cache_dir),
-         f"data.demo=true generates clips, only under cache_dir={cfg.cache_dir} (data.root={cfg.data.root}); "
-         "for your own videos use data=videos data.root=DIR"),
+        (
+            not cfg.data.demo or _inside(cfg.data.root, cfg.cache_dir),
+            f"data.demo=true generates clips, only under cache_dir={cfg.cache_dir} (data.root={cfg.data.root}); "
+            "for your own videos use data=videos data.root=DIR",
+        ),
         (cfg.train.steps >= 1, f"train.steps={cfg.train.steps} must be >= 1"),
         (cfg.train.checkpoint_every >= 0, f"train.checkpoint_every={cfg.train.checkpoint_every} must be >= 0"),
         (cfg.train.keep_last >= 0, f"train.keep_last={cfg.train.keep_last} must be >= 0"),
-        (cfg.trainer.gradient_accumulation_steps >= 1,
-         f"trainer.gradient_accumulation_steps={cfg.trainer.gradient_accumulation_steps} must be >= 1"),
+        (
+            cfg.trainer.gradient_accumulation_steps >= 1,
+            f"trainer.gradient_accumulation_steps={cfg.trainer.gradient_accumulation_steps} must be >= 1",
+        ),
         (cfg.lora.rank >= 1, f"lora.rank={cfg.lora.rank} must be >= 1"),
         (cfg.lora.alpha > 0, f"lora.alpha={cfg.lora.alpha} must be > 0 (0 makes the LoRA a no-op)"),
         (0 <= cfg.lora.dropout < 1, f"lora.dropout={cfg.lora.dropout} must be in [0, 1)"),
@@ -468,11 +493,15 @@ def validate(cfg: Config) -> None:
         (cfg.optim.max_grad_norm >= 0, f"optim.max_grad_norm={cfg.optim.max_grad_norm} must be >= 0 (0: no clipping)"),
         (cfg.trainer.sequence_parallel >= 1, f"trainer.sequence_parallel={cfg.trainer.sequence_parallel} must be >= 1"),
         (len(cfg.optim.betas) == 2, f"optim.betas={cfg.optim.betas} must be two numbers"),
-        (cfg.model.checkpoint_keep_attention == 0 or cfg.model.gradient_checkpointing,
-         "model.checkpoint_keep_attention needs model.gradient_checkpointing=true (without checkpointing every "
-         "activation is kept anyway)"),
-        (cfg.model.checkpoint_keep_attention >= -1,
-         f"model.checkpoint_keep_attention={cfg.model.checkpoint_keep_attention} must be a block count or -1 (all)"),
+        (
+            cfg.model.checkpoint_keep_attention == 0 or cfg.model.gradient_checkpointing,
+            "model.checkpoint_keep_attention needs model.gradient_checkpointing=true (without checkpointing every "
+            "activation is kept anyway)",
+        ),
+        (
+            cfg.model.checkpoint_keep_attention >= -1,
+            f"model.checkpoint_keep_attention={cfg.model.checkpoint_keep_attention} must be a block count or -1 (all)",
+        ),
         (cfg.attention.block_size >= 16, f"attention.block_size={cfg.attention.block_size} must be >= 16"),
         (cfg.attention.decay > 0, f"attention.decay={cfg.attention.decay} must be > 0"),
         (cfg.attention.dense_layers >= 0, f"attention.dense_layers={cfg.attention.dense_layers} must be >= 0"),

@@ -27,8 +27,9 @@ CACHE_VERSION = 1
 INDEX = "index.json"
 
 
-def cache_meta(model_id: str, model_path: str | None, fps, frames, sizes, too_short: str, max_text_tokens: int,
-               dtype: str) -> dict:  # fmt: skip
+def cache_meta(
+    model_id: str, model_path: str | None, fps, frames, sizes, too_short: str, max_text_tokens: int, dtype: str
+) -> dict:
     """What a cache's contents depend on; two caches with equal meta are interchangeable."""
     return {
         "version": CACHE_VERSION,
@@ -61,8 +62,10 @@ class LatentCache:
         differs = {k: (index["meta"].get(k), v) for k, v in expected_meta.items() if index["meta"].get(k) != v}
         if differs:
             what = "; ".join(f"{k}: cache has {a!r}, run wants {b!r}" for k, (a, b) in differs.items())
-            raise ValueError(f"data.cache={root} was built for other settings ({what}); rebuild it with "
-                             "`python -m scripts.precompute` or point data.cache elsewhere")  # fmt: skip
+            raise ValueError(
+                f"data.cache={root} was built for other settings ({what}); rebuild it with "
+                "`python -m scripts.precompute` or point data.cache elsewhere"
+            )
         self.meta, self.entries, self.failed = index["meta"], index["entries"], index.get("failed", {})
         self.text_tokens = expected_meta["max_text_tokens"]
         self._files: dict[str, object] = {}
@@ -83,8 +86,10 @@ class LatentCache:
             else:
                 kept.append(clip)
         if stale:
-            raise ValueError(f"{len(stale)} clips are not in data.cache={self.root} or changed since it was built "
-                             f"(e.g. {stale[0]}); run `python -m scripts.precompute` again")  # fmt: skip
+            raise ValueError(
+                f"{len(stale)} clips are not in data.cache={self.root} or changed since it was built "
+                f"(e.g. {stale[0]}); run `python -m scripts.precompute` again"
+            )
         return kept, failed
 
     def load(self, clip: Clip) -> dict:

@@ -116,8 +116,10 @@ def generate_demo_videos(
     if (root / MARKER).is_file() or _made_before_the_marker(root):
         return root
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise FileExistsError(f"{root} exists and was not made by the demo generator: it is left untouched; "
-                              "generate the demo clips into a new folder")  # fmt: skip
+        raise FileExistsError(
+            f"{root} exists and was not made by the demo generator: it is left untouched; "
+            "generate the demo clips into a new folder"
+        )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
     rng = np.random.default_rng(seed)
@@ -138,7 +140,9 @@ def generate_demo_videos(
             pace = "slowly" if speed < 1.0 else "quickly"
             caption = f"a {colour} {shape} moving {pace} {direction} on a {background} background"
             (tmp / f"{name}.txt").write_text(caption + "\n", encoding="utf-8")
-        (tmp / MARKER).write_text(f"clips={num_clips} size={size} frames={min_frames}-{max_frames} fps={fps} seed={seed}\n")
+        (tmp / MARKER).write_text(
+            f"clips={num_clips} size={size} frames={min_frames}-{max_frames} fps={fps} seed={seed}\n"
+        )
         try:
             tmp.rename(root)  # onto a missing or empty folder only: rename never replaces a non-empty one
         except OSError:

@@ -20,16 +20,27 @@ def catalog_for(cfg: DataConfig, seed: int = 0) -> Catalog:
     if cfg.demo:
         generate_demo_videos(cfg.root, seed=seed)
     return build_catalog(
-        [s.path for s in cfg.sources()], fps=cfg.fps, frames=list(cfg.frames), sizes=[tuple(s) for s in cfg.sizes],
+        [s.path for s in cfg.sources()],
+        fps=cfg.fps,
+        frames=list(cfg.frames),
+        sizes=[tuple(s) for s in cfg.sizes],
         too_short=cfg.too_short.value,
-    )  # fmt: skip
+    )
 
 
 def meta_for(cfg: Config) -> dict:
     """The cache meta this run needs."""
     d = cfg.data
-    return cache_meta(cfg.model.id, cfg.model.path, d.fps, list(d.frames), [list(s) for s in d.sizes], d.too_short.value,
-                      cfg.model.max_text_tokens, d.cache_dtype.value)  # fmt: skip
+    return cache_meta(
+        cfg.model.id,
+        cfg.model.path,
+        d.fps,
+        list(d.frames),
+        [list(s) for s in d.sizes],
+        d.too_short.value,
+        cfg.model.max_text_tokens,
+        d.cache_dtype.value,
+    )
 
 
 def usable_clips(cfg: Config, catalog: Catalog):
@@ -51,9 +62,12 @@ def usable_clips(cfg: Config, catalog: Catalog):
     if not clips:
         sources = ", ".join(s.path for s in cfg.data.sources())
         if not catalog.rejected:  # not one video was found: say what is there instead
-            found = "; ".join(f"{s.path}: {describe_folder(s.path)}" for s in cfg.data.sources()
-                              if not Path(s.path).is_file())  # fmt: skip
+            found = "; ".join(
+                f"{s.path}: {describe_folder(s.path)}" for s in cfg.data.sources() if not Path(s.path).is_file()
+            )
             raise ConfigError(f"no videos in {sources}" + (f" ({found})" if found else ""))
-        raise ConfigError(f"no usable clips in {sources} (rejected: {catalog.counts.summary()}); "
-                          f"`python -m scripts.inspect_data PATH` lists each file's problem")  # fmt: skip
+        raise ConfigError(
+            f"no usable clips in {sources} (rejected: {catalog.counts.summary()}); "
+            f"`python -m scripts.inspect_data PATH` lists each file's problem"
+        )
     return clips, cache

@@ -84,8 +84,10 @@ def describe_folder(root: Path, limit: int = 6) -> str:
         return "it is empty"
     common = sorted(by_suffix.items(), key=lambda kv: (-kv[1], kv[0]))
     files = ", ".join(f"{n} {suffix}" for suffix, n in common[:limit]) + (", ..." if len(common) > limit else "")
-    return (f"found {sum(by_suffix.values())} files ({files or 'none'}) in {folders} subfolders and the top level; "
-            f"videos are {' '.join(VIDEO_SUFFIXES)}, each with a same-named .txt caption")  # fmt: skip
+    return (
+        f"found {sum(by_suffix.values())} files ({files or 'none'}) in {folders} subfolders and the top level; "
+        f"videos are {' '.join(VIDEO_SUFFIXES)}, each with a same-named .txt caption"
+    )
 
 
 def _entry_from_row(row: dict, base: Path, where: str) -> Entry:

@@ -134,8 +134,9 @@ def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.T
     _, h, w, _ = frames.shape
     rh, rw = cover_size(h, w, height, width)
     if (rh, rw) != (h, w):
-        x = F.interpolate(frames.permute(0, 3, 1, 2).float(), size=(rh, rw), mode="bilinear", antialias=True,
-                          align_corners=False)  # fmt: skip
+        x = F.interpolate(
+            frames.permute(0, 3, 1, 2).float(), size=(rh, rw), mode="bilinear", antialias=True, align_corners=False
+        )
         frames = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
     top, left = (rh - height) // 2, (rw - width) // 2
     return frames[:, top : top + height, left : left + width].contiguous()

@@ -39,4 +39,3 @@ def compact_mask(block_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (*rows(block_mask), *rows(block_mask.t()))
 
     return derived(block_mask, "triton_compact", build)
-

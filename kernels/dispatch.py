@@ -20,8 +20,9 @@ def block_sparse_attention_triton(q, k, v, block_mask, *, block_size=128, scale=
     from radial_lora.kernels.kernel_choice import KernelChoice
     from radial_lora.kernels.sparse_attention import block_sparse_attention
 
-    return block_sparse_attention(q, k, v, block_mask, block_size=block_size, scale=scale,
-                                  kernels=kernels or KernelChoice())  # fmt: skip
+    return block_sparse_attention(
+        q, k, v, block_mask, block_size=block_size, scale=scale, kernels=kernels or KernelChoice()
+    )
 
 
 SPARSE_BACKENDS = {

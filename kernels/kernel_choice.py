@@ -31,11 +31,17 @@ import torch
 
 from radial_lora.kernels.launch import INTERPRET, set_tma_allocator, tma_layout_ok
 
-GLUON_CHOICES = {"auto": (frozenset({"fwd", "fused", "dkdv", "dq"}), False),
-                 "auto_split": (frozenset({"fwd", "dkdv", "dq"}), False), "auto_fwd": (frozenset({"fwd"}), False),
-                 "all": (frozenset({"fwd", "dkdv", "dq"}), True), "fwd": (frozenset({"fwd"}), True),
-                 "fwd_dkdv": (frozenset({"fwd", "dkdv"}), True), "fwd_dq": (frozenset({"fwd", "dq"}), True),
-                 "fused": (frozenset({"fwd", "fused"}), True), "none": (frozenset(), False)}  # fmt: skip
+GLUON_CHOICES = {
+    "auto": (frozenset({"fwd", "fused", "dkdv", "dq"}), False),
+    "auto_split": (frozenset({"fwd", "dkdv", "dq"}), False),
+    "auto_fwd": (frozenset({"fwd"}), False),
+    "all": (frozenset({"fwd", "dkdv", "dq"}), True),
+    "fwd": (frozenset({"fwd"}), True),
+    "fwd_dkdv": (frozenset({"fwd", "dkdv"}), True),
+    "fwd_dq": (frozenset({"fwd", "dq"}), True),
+    "fused": (frozenset({"fwd", "fused"}), True),
+    "none": (frozenset(), False),
+}
 TMA_CHOICES = {"all": frozenset({"fwd", "dkdv", "dq"}), "backward": frozenset({"dkdv", "dq"}), "none": frozenset()}
 NEEDS_GPU = "the triton attention backend needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU)"
 
@@ -80,8 +86,10 @@ def use_gluon(kernel: str, gluon: str, block_size: int, *tensors: torch.Tensor) 
         return False
     if kernel == "fused" and torch.are_deterministic_algorithms_enabled():
         if required:
-            raise RuntimeError(f"attention.kernels.gluon={gluon}: the one-kernel backward sums dQ in varying order, "
-                               "and torch.use_deterministic_algorithms is on (gluon=all is deterministic)")
+            raise RuntimeError(
+                f"attention.kernels.gluon={gluon}: the one-kernel backward sums dQ in varying order, "
+                "and torch.use_deterministic_algorithms is on (gluon=all is deterministic)"
+            )
         return False  # auto: the split pair
     if not INTERPRET:
         from radial_lora.kernels import gluon_kernels
@@ -90,8 +98,10 @@ def use_gluon(kernel: str, gluon: str, block_size: int, *tensors: torch.Tensor) 
             return True
     if not required:
         return False
-    raise RuntimeError(f"attention.kernels.gluon={gluon} needs an sm_90 GPU, bf16/fp16 q/k/v with head dim 64 or 128 "
-                       "in TMA-readable layouts, and mask block 128")  # fmt: skip
+    raise RuntimeError(
+        f"attention.kernels.gluon={gluon} needs an sm_90 GPU, bf16/fp16 q/k/v with head dim 64 or 128 "
+        "in TMA-readable layouts, and mask block 128"
+    )
 
 
 def kernel_plan(choice: KernelChoice, device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int) -> str:
@@ -108,6 +118,7 @@ def kernel_plan(choice: KernelChoice, device: torch.device, dtype: torch.dtype, 
     gluon = [name for kernel, name in names.items() if use_gluon(kernel, choice.gluon, block_size, probe)]
     triton_side = [name for name in names.values() if name not in gluon]
     where = " (Triton's CPU interpreter)" if INTERPRET else ""
-    parts = ([f"Gluon {', '.join(gluon)}"] if gluon else []) + ([f"Triton {', '.join(triton_side)}{where}"]
-                                                               if triton_side else [])  # fmt: skip
+    parts = ([f"Gluon {', '.join(gluon)}"] if gluon else []) + (
+        [f"Triton {', '.join(triton_side)}{where}"] if triton_side else []
+    )
     return f"{'; '.join(parts)} (gluon={choice.gluon}, tma={choice.tma})"

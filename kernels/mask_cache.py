@@ -8,7 +8,8 @@ that happens to reuse a freed tensor's id (or memory) can never get a stale entr
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -123,7 +123,15 @@ def _bwd_op(
     _launch(
         triton_kernels.delta_kernel,
         (triton.cdiv(seq, delta_rows), batch * heads),
-        out, d_out, delta, *strides(out), *strides(d_out), heads, seq, HEAD_DIM=head_dim, BLOCK_M=delta_rows
+        out,
+        d_out,
+        delta,
+        *strides(out),
+        *strides(d_out),
+        heads,
+        seq,
+        HEAD_DIM=head_dim,
+        BLOCK_M=delta_rows,
     )
 
     if use_gluon("fused", gluon, block_size, q, k, v, d_out):
@@ -183,7 +191,6 @@ def _backward(ctx, d_out, d_lse):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
 
 
 def block_sparse_attention(

@@ -15,8 +15,9 @@ configured rule decides which samples run dense (`dense_timesteps` in generation
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -160,8 +161,9 @@ class WanSelfAttnProcessor:
             mask = routing.block_mask(q.device)
 
         def radial(q, k, v):
-            return attention(q, k, v, backend=cfg.backend.value, block_mask=mask, block_size=cfg.block_size,
-                             kernels=routing.kernels)  # fmt: skip
+            return attention(
+                q, k, v, backend=cfg.backend.value, block_mask=mask, block_size=cfg.block_size, kernels=routing.kernels
+            )
 
         if dense is None or not bool(dense.any()):
             routing.count("radial")
@@ -171,8 +173,11 @@ class WanSelfAttnProcessor:
         routing.count("radial", int((~dense).sum()))
         return torch.cat(
             [
-                (attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], backend="dense") if dense[i] else
-                 radial(q[i : i + 1], k[i : i + 1], v[i : i + 1]))
+                (
+                    attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], backend="dense")
+                    if dense[i]
+                    else radial(q[i : i + 1], k[i : i + 1], v[i : i + 1])
+                )
                 for i in range(q.shape[0])
             ]
         )
@@ -234,7 +239,9 @@ def triton_kernels(transformer, device: torch.device, dtype: torch.dtype) -> str
 
     routing = radial[0].routing
     try:
-        return kernel_plan(routing.kernels, device, dtype, transformer.config.attention_head_dim, routing.cfg.block_size)
+        return kernel_plan(
+            routing.kernels, device, dtype, transformer.config.attention_head_dim, routing.cfg.block_size
+        )
     except RuntimeError as e:
         raise ConfigError(f"attention.backend=triton: {e}") from None
 

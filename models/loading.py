@@ -75,8 +75,10 @@ def check_model_available(cfg: ModelConfig, cache_dir: str | None = None) -> Non
     if cfg.id in TINY_MODELS and cfg.path and not Path(cfg.path, "model_index.json").exists():
         inside = cache_dir and Path(cfg.path).resolve().is_relative_to(Path(cache_dir).resolve())
         if not inside:
-            raise FileNotFoundError(f"model.path={cfg.path} holds no model (no model_index.json); the tiny demo model "
-                                    f"is built only under cache_dir={cache_dir}")  # fmt: skip
+            raise FileNotFoundError(
+                f"model.path={cfg.path} holds no model (no model_index.json); the tiny demo model "
+                f"is built only under cache_dir={cache_dir}"
+            )
     if cfg.path or cfg.init == "random" or cfg.id in TINY_MODELS:
         return
     from huggingface_hub import HfApi, try_to_load_from_cache

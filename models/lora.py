@@ -50,16 +50,19 @@ def check_targets_exist(target_modules: list[str]) -> None:
     from radial_lora.models.tiny_wan import PRESETS
 
     with torch.device("meta"):
-        model = WanTransformer3DModel(patch_size=(1, 2, 2), in_channels=4, out_channels=4, text_dim=32,
-                                      rope_max_seq_len=1024, **PRESETS["tiny"])  # fmt: skip
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2), in_channels=4, out_channels=4, text_dim=32, rope_max_seq_len=1024, **PRESETS["tiny"]
+        )
     names = [name for name, _ in model.named_modules() if name]
     for target in target_modules:
         config = PeftLoraConfig(target_modules=[target])
         if not any(check_target_module_exists(config, name) for name in names):
             block = dict(model.blocks[0].named_modules())
             leaves = [n for n, m in block.items() if n and not list(m.children()) and "norm" not in n]
-            raise ConfigError(f"lora.target_modules: {target!r} matches no module of Wan's transformer "
-                              f"(a block's layers: {', '.join(leaves)})")  # fmt: skip
+            raise ConfigError(
+                f"lora.target_modules: {target!r} matches no module of Wan's transformer "
+                f"(a block's layers: {', '.join(leaves)})"
+            )
 
 
 def check_lora_inside_blocks(transformer) -> None:
@@ -67,8 +70,10 @@ def check_lora_inside_blocks(transformer) -> None:
     outside them would see the same tokens on every process of a group and be counted P times."""
     outside = sorted(n for n, p in transformer.named_parameters() if p.requires_grad and not n.startswith("blocks."))
     if outside:
-        raise ConfigError(f"with trainer.sequence_parallel > 1, LoRA must stay inside the transformer blocks; "
-                         f"lora.target_modules also matched {outside[0]}")  # fmt: skip
+        raise ConfigError(
+            f"with trainer.sequence_parallel > 1, LoRA must stay inside the transformer blocks; "
+            f"lora.target_modules also matched {outside[0]}"
+        )
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

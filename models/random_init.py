@@ -69,8 +69,14 @@ def build_transformer(arch: dict, dtype: torch.dtype, device: str | torch.device
         return WanTransformer3DModel(**arch)
 
 
-def random_pipeline(model_id: str, dtypes: dict, device: str | torch.device = "cpu", seed: int = 0,
-                    transformer: bool = True, text_encoder: bool = True):  # fmt: skip
+def random_pipeline(
+    model_id: str,
+    dtypes: dict,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    transformer: bool = True,
+    text_encoder: bool = True,
+):
     """A WanPipeline with `model_id`'s architecture and random weights, built on `device`
     (without the transformer or the text encoder when they are not wanted)."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline

@@ -76,8 +76,9 @@ class SequenceParallel:
         key = (*(id(t) for t in rotary), self.tokens)
         if key != self._rotary_key:
             lo = self.rank * self.local
-            self._rotary = tuple(F.pad(t, (0, 0, 0, 0, 0, self.padded - self.tokens))[:, lo : lo + self.local]
-                                 for t in rotary)  # fmt: skip
+            self._rotary = tuple(
+                F.pad(t, (0, 0, 0, 0, 0, self.padded - self.tokens))[:, lo : lo + self.local] for t in rotary
+            )
             self._rotary_key = key
         return self._rotary
 

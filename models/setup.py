@@ -48,9 +48,13 @@ def check_rotary_covers(pipe, frames: list[int], sizes: list[list[int]]) -> None
     p_t, p_h, p_w = config.patch_size
     t, s = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
     longest, tallest, widest = max(frames), max(h for h, _ in sizes), max(w for _, w in sizes)
-    for key, value, positions in (("data.frames", longest, ((longest - 1) // t + 1) // p_t),
-                                  ("data.sizes height", tallest, tallest // s // p_h),
-                                  ("data.sizes width", widest, widest // s // p_w)):  # fmt: skip
+    for key, value, positions in (
+        ("data.frames", longest, ((longest - 1) // t + 1) // p_t),
+        ("data.sizes height", tallest, tallest // s // p_h),
+        ("data.sizes width", widest, widest // s // p_w),
+    ):
         if positions > limit:
-            raise ConfigError(f"{key} {value} gives {positions} rotary positions; the model's table holds {limit} "
-                              f"(rope_max_seq_len): use shorter or smaller clips")  # fmt: skip
+            raise ConfigError(
+                f"{key} {value} gives {positions} rotary positions; the model's table holds {limit} "
+                f"(rope_max_seq_len): use shorter or smaller clips"
+            )

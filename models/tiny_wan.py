@@ -46,9 +46,7 @@ def _build_tokenizer():
     )
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0
-    )
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
 
 
 # Transformer sizes. `tiny` is the CPU demo's. `gpu` has Wan2.1-1.3B's blocks (12 heads x 128,
@@ -102,9 +100,7 @@ def _build_components(seed: int, preset: str = "tiny") -> dict:
     )
     # Wan's sampling scheduler in diffusers' examples; training draws its own sigmas.
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    return dict(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
-    )
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
 
 
 def build_tiny_wan(path: str | os.PathLike, seed: int = 0, preset: str = "tiny") -> Path:

@@ -58,8 +58,10 @@ def time_fwd_bwd(fn, q, k, v, d_out):
     out = fn(q, k, v)
     bwd = triton.testing.do_bench(
         lambda: torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True),
-        warmup=200, rep=1000, return_mode="median",
-    )  # fmt: skip
+        warmup=200,
+        rep=1000,
+        return_mode="median",
+    )
     return fwd, bwd
 
 
@@ -84,14 +86,26 @@ def bench_shape(model, heads, shape_name, frames, tokens_per_frame):
 
     def record(backend, decay, density, fwd, bwd):
         flops = dense_flops * density
-        rows.append(dict(
-            model=model, shape=shape_name, tokens=seq, heads=heads, backend=backend, decay=decay,
-            density=round(density, 4), fwd_ms=round(fwd, 3), bwd_ms=round(bwd, 3),
-            fwd_tflops=round(flops / fwd / 1e9, 1), bwd_tflops=round(2.5 * flops / bwd / 1e9, 1),
-        ))  # fmt: skip
-        print(f"{model:12s} {shape_name:10s} {backend:12s} decay {decay!s:4s} density {density:.3f} "
-              f"fwd {fwd:8.2f} ms {rows[-1]['fwd_tflops']:6.1f} TF/s  bwd {bwd:8.2f} ms {rows[-1]['bwd_tflops']:6.1f} TF/s",
-              flush=True)  # fmt: skip
+        rows.append(
+            dict(
+                model=model,
+                shape=shape_name,
+                tokens=seq,
+                heads=heads,
+                backend=backend,
+                decay=decay,
+                density=round(density, 4),
+                fwd_ms=round(fwd, 3),
+                bwd_ms=round(bwd, 3),
+                fwd_tflops=round(flops / fwd / 1e9, 1),
+                bwd_tflops=round(2.5 * flops / bwd / 1e9, 1),
+            )
+        )
+        print(
+            f"{model:12s} {shape_name:10s} {backend:12s} decay {decay!s:4s} density {density:.3f} "
+            f"fwd {fwd:8.2f} ms {rows[-1]['fwd_tflops']:6.1f} TF/s  bwd {bwd:8.2f} ms {rows[-1]['bwd_tflops']:6.1f} TF/s",
+            flush=True,
+        )
 
     for name, backend in (("sdpa cuDNN", SDPBackend.CUDNN_ATTENTION), ("sdpa flash", SDPBackend.FLASH_ATTENTION)):
         record(name, None, 1.0, *time_fwd_bwd(sdpa_with(backend), q, k, v, d_out))
@@ -99,13 +113,20 @@ def bench_shape(model, heads, shape_name, frames, tokens_per_frame):
         mask = radial_block_mask(frames, tokens_per_frame, block_size=BLOCK, decay=decay, device="cuda")
         density = block_density(mask)
         # The rows as the module docstring names them: the op's default, then other kernel choices.
-        for name, gluon in (("ours", "auto"), ("ours, split backward", "auto_split"),
-                            ("ours, gluon forward only", "auto_fwd"), ("ours, triton only", "none")):  # fmt: skip
+        for name, gluon in (
+            ("ours", "auto"),
+            ("ours, split backward", "auto_split"),
+            ("ours, gluon forward only", "auto_fwd"),
+            ("ours, triton only", "none"),
+        ):
             choice = KernelChoice(gluon=gluon)
-            times = time_fwd_bwd(lambda q, k, v: block_sparse_attention(q, k, v, mask, block_size=BLOCK, kernels=choice),
-                                 q, k, v, d_out)  # fmt: skip
+            times = time_fwd_bwd(
+                lambda q, k, v: block_sparse_attention(q, k, v, mask, block_size=BLOCK, kernels=choice), q, k, v, d_out
+            )
             record(name, decay, density, *times)
-        times = time_fwd_bwd(lambda q, k, v: block_sparse_attention_flex(q, k, v, mask, block_size=BLOCK), q, k, v, d_out)
+        times = time_fwd_bwd(
+            lambda q, k, v: block_sparse_attention_flex(q, k, v, mask, block_size=BLOCK), q, k, v, d_out
+        )
         record("flex", decay, density, *times)
     return rows
 
@@ -122,7 +143,9 @@ def markdown(rows, meta):
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        dense = next(x for x in rows if x["model"] == r["model"] and x["shape"] == r["shape"] and x["backend"] == "sdpa cuDNN")
+        dense = next(
+            x for x in rows if x["model"] == r["model"] and x["shape"] == r["shape"] and x["backend"] == "sdpa cuDNN"
+        )
         speedup = (dense["fwd_ms"] + dense["bwd_ms"]) / (r["fwd_ms"] + r["bwd_ms"])
         lines.append(
             f"| {r['model']} | {r['shape']} | {r['tokens']:,} | {r['backend']} | {r['decay'] if r['decay'] is not None else '-'} "
@@ -144,8 +167,11 @@ def plot(rows, path):
             pts = []
             for r in rows:
                 if r["backend"] == backend and r["decay"] == decay and r["model"] == "Wan2.1-1.3B":
-                    dense = next(x for x in rows if x["model"] == r["model"] and x["shape"] == r["shape"]
-                                 and x["backend"] == "sdpa cuDNN")  # fmt: skip
+                    dense = next(
+                        x
+                        for x in rows
+                        if x["model"] == r["model"] and x["shape"] == r["shape"] and x["backend"] == "sdpa cuDNN"
+                    )
                     pts.append((r["tokens"], (dense["fwd_ms"] + dense["bwd_ms"]) / (r["fwd_ms"] + r["bwd_ms"])))
             if pts:
                 pts.sort()
@@ -164,15 +190,20 @@ def main():
     parser.add_argument("--out", default="docs/benchmarks")
     parser.add_argument("--quick", action="store_true", help="only Wan2.1-1.3B at 480p, 321 frames")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--shapes", nargs="+", choices=[name for name, _, _ in SHAPES],
-                        default=[name for name, _, _ in SHAPES])  # fmt: skip
+    parser.add_argument(
+        "--shapes", nargs="+", choices=[name for name, _, _ in SHAPES], default=[name for name, _, _ in SHAPES]
+    )
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     meta = dict(
-        card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
-        triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(),
+        card=torch.cuda.get_device_name(),
+        date=datetime.date.today().isoformat(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
         command="python " + " ".join(sys.argv),
-    )  # fmt: skip
+    )
     rows = []
     for model, heads in MODELS.items():
         for shape_name, frames, tokens_per_frame in SHAPES:
@@ -186,8 +217,10 @@ def main():
     plot(rows, out / f"{stem}.png")
     from radial_lora.kernels import gluon_kernels, triton_kernels
 
-    tuned = {name: {str(key): str(cfg) for key, cfg in kernel.cache.items()}
-             for name, kernel in triton_kernels.AUTOTUNED.items()}  # fmt: skip
+    tuned = {
+        name: {str(key): str(cfg) for key, cfg in kernel.cache.items()}
+        for name, kernel in triton_kernels.AUTOTUNED.items()
+    }
     tuned["gluon fwd"] = dict(gluon_kernels.FORWARD_TILE)  # fixed, not autotuned
     tuned["gluon dkdv"] = dict(gluon_kernels.DKDV_TILE)
     tuned["gluon dq"] = dict(gluon_kernels.DQ_TILE)

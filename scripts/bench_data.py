@@ -54,8 +54,9 @@ def make_sources(root: Path, count: int) -> dict[str, Path]:
 def time_loader(dataset, buckets, workers: int, batches: int) -> float:
     """Seconds per clip through a DataLoader with `workers` workers (after the first batch)."""
     sampler = BucketBatchSampler(buckets, 1, seed=0)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                                         prefetch_factor=2 if workers else None)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers, prefetch_factor=2 if workers else None
+    )
     it = iter(loader)
     next(it)  # worker start-up and first decode stay out of the rate
     start = time.perf_counter()
@@ -75,8 +76,14 @@ def synthetic_cache(root: Path, count: int) -> tuple[LatentCache, list]:
         clips.append(clip)
         tensors[f"k{i}.latent_params"] = torch.randn(32, 81, 60, 104).bfloat16()
         tensors[f"k{i}.text"] = torch.randn(120, 4096).bfloat16()
-        entries[clip.video] = {"size": 1, "mtime_ns": 1, "bucket": list(clip.bucket), "caption": "caption",
-                               "shard": "shard.safetensors", "key": f"k{i}"}  # fmt: skip
+        entries[clip.video] = {
+            "size": 1,
+            "mtime_ns": 1,
+            "bucket": list(clip.bucket),
+            "caption": "caption",
+            "shard": "shard.safetensors",
+            "key": f"k{i}",
+        }
     save_file(tensors, str(root / "shard.safetensors"))
     meta = {"max_text_tokens": 512}
     (root / "index.json").write_text(json.dumps({"meta": meta, "entries": entries}))
@@ -99,8 +106,15 @@ def main():
         dataset = ClipDataset(catalog.clips, fps=FPS, seed=0)
         for workers in args.workers:
             seconds = time_loader(dataset, [c.bucket for c in catalog.clips], workers, args.clips)
-            rows.append({"source": kind, "workers": workers, "s_per_clip": round(seconds, 3),
-                         "clips_per_s": round(1 / seconds, 3), "frames_per_s": round(FRAMES / seconds, 1)})  # fmt: skip
+            rows.append(
+                {
+                    "source": kind,
+                    "workers": workers,
+                    "s_per_clip": round(seconds, 3),
+                    "clips_per_s": round(1 / seconds, 3),
+                    "frames_per_s": round(FRAMES / seconds, 1),
+                }
+            )
             print(rows[-1], flush=True)
     cache_dir = work / "cache"
     cache_dir.mkdir(exist_ok=True)
@@ -108,18 +122,37 @@ def main():
     dataset = ClipDataset(clips, fps=FPS, cache=cache, random_window=False)
     for workers in args.workers:
         seconds = time_loader(dataset, [c.bucket for c in clips], workers, args.clips)
-        rows.append({"source": "cache (bf16, 32 MB/clip)", "workers": workers, "s_per_clip": round(seconds, 4),
-                     "clips_per_s": round(1 / seconds, 2), "frames_per_s": round(FRAMES / seconds, 1)})  # fmt: skip
+        rows.append(
+            {
+                "source": "cache (bf16, 32 MB/clip)",
+                "workers": workers,
+                "s_per_clip": round(seconds, 4),
+                "clips_per_s": round(1 / seconds, 2),
+                "frames_per_s": round(FRAMES / seconds, 1),
+            }
+        )
         print(rows[-1], flush=True)
 
-    meta = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "command": "python " + " ".join(sys.argv)}  # fmt: skip
-    lines = [f"# Data loading: {meta['cores']} CPU cores ({meta['cpu']}), {meta['date']}", "",
-             f"Command: `{meta['command']}`. Clips of {FRAMES} frames at {HEIGHT}x{WIDTH}, {FPS:g} fps, batch 1.", "",
-             "| source | DataLoader workers | s / clip | clips / s | frames / s |", "|---|---|---|---|---|"]  # fmt: skip
+    meta = {
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "command": "python " + " ".join(sys.argv),
+    }
+    lines = [
+        f"# Data loading: {meta['cores']} CPU cores ({meta['cpu']}), {meta['date']}",
+        "",
+        f"Command: `{meta['command']}`. Clips of {FRAMES} frames at {HEIGHT}x{WIDTH}, {FPS:g} fps, batch 1.",
+        "",
+        "| source | DataLoader workers | s / clip | clips / s | frames / s |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['source']} | {r['workers']} | {r['s_per_clip']} | {r['clips_per_s']} | {r['frames_per_s']} |")
+        lines.append(
+            f"| {r['source']} | {r['workers']} | {r['s_per_clip']} | {r['clips_per_s']} | {r['frames_per_s']} |"
+        )
     write_report(args.out, f"data_{meta['cores']}cores_{meta['date']}", meta, rows, "\n".join(lines))
     print("\n".join(lines))
 

@@ -50,8 +50,14 @@ def transformer_for(model: str, preset: str | None, device, dtype):
     if preset:
         from radial_lora.models.tiny_wan import PRESETS
 
-        arch = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, rope_max_seq_len=1024,
-                    **PRESETS[preset])  # fmt: skip
+        arch = dict(
+            patch_size=(1, 2, 2),
+            in_channels=16,
+            out_channels=16,
+            text_dim=4096,
+            rope_max_seq_len=1024,
+            **PRESETS[preset],
+        )
     else:
         arch = TRANSFORMERS[model]
     return build_transformer(arch, dtype, device)
@@ -62,8 +68,10 @@ def sequence_parallel_group(args):
     if args.sequence_parallel == 1:
         return None
     if int(os.environ.get("WORLD_SIZE", "1")) != args.sequence_parallel:
-        raise SystemExit(f"--sequence-parallel {args.sequence_parallel} runs under torchrun --nproc_per_node "
-                         f"{args.sequence_parallel}")  # fmt: skip
+        raise SystemExit(
+            f"--sequence-parallel {args.sequence_parallel} runs under torchrun --nproc_per_node "
+            f"{args.sequence_parallel}"
+        )
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
@@ -75,11 +83,20 @@ def one_config(args, backend: str, frames: int, group) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     transformer = transformer_for(args.model, args.preset, device, dtype)
-    attention = AttentionConfig(backend=backend, block_size=args.block_size, decay=args.decay, dense_layers=1,
-                                kernels=KernelConfig(gluon=args.gluon, tma=args.tma))  # fmt: skip
+    attention = AttentionConfig(
+        backend=backend,
+        block_size=args.block_size,
+        decay=args.decay,
+        dense_layers=1,
+        kernels=KernelConfig(gluon=args.gluon, tma=args.tma),
+    )
     # What training does with the same settings (models/setup.py): checkpointing always on.
-    model = ModelConfig(id=args.preset or args.model, gradient_checkpointing=True,
-                        checkpoint_keep_attention=args.keep_attention, compile_blocks=args.compile)  # fmt: skip
+    model = ModelConfig(
+        id=args.preset or args.model,
+        gradient_checkpointing=True,
+        checkpoint_keep_attention=args.keep_attention,
+        compile_blocks=args.compile,
+    )
     params = prepare_transformer(transformer, model, attention, LoraConfig(rank=args.rank, alpha=args.rank), group)
     transformer.train()
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -112,12 +129,17 @@ def one_config(args, backend: str, frames: int, group) -> dict:
         peak = peak.to(device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
     row = {
-        "model": args.preset or args.model, "backend": backend, "video_frames": frames, "tokens": tokens,
+        "model": args.preset or args.model,
+        "backend": backend,
+        "video_frames": frames,
+        "tokens": tokens,
         "step_s": round(statistics.median(times), 3),
         "peak_gb": round(float(peak), 2) if device.type == "cuda" else None,
-        "compile": args.compile, "keep_attention": args.keep_attention, "sequence_parallel": args.sequence_parallel,
+        "compile": args.compile,
+        "keep_attention": args.keep_attention,
+        "sequence_parallel": args.sequence_parallel,
         "layers": describe(transformer),
-    }  # fmt: skip
+    }
     if group is None or dist.get_rank() == 0:
         print(row, flush=True)
     del transformer, optimizer
@@ -139,17 +161,31 @@ def main():
     parser.add_argument("--decay", type=float, default=0.2)
     # The triton backend's kernels (attention.kernels), defaulting as a training run does: the
     # config's default unless RADIAL_GLUON / RADIAL_TRITON_TMA override it.
-    parser.add_argument("--gluon", choices=[m.value for m in GluonKernels],
-                        default=os.environ.get(KERNEL_ENVIRONMENT["gluon"], KernelConfig().gluon.value))
-    parser.add_argument("--tma", choices=[m.value for m in TmaLoads],
-                        default=os.environ.get(KERNEL_ENVIRONMENT["tma"], KernelConfig().tma.value))
+    parser.add_argument(
+        "--gluon",
+        choices=[m.value for m in GluonKernels],
+        default=os.environ.get(KERNEL_ENVIRONMENT["gluon"], KernelConfig().gluon.value),
+    )
+    parser.add_argument(
+        "--tma",
+        choices=[m.value for m in TmaLoads],
+        default=os.environ.get(KERNEL_ENVIRONMENT["tma"], KernelConfig().tma.value),
+    )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
-    parser.add_argument("--keep-attention", type=int, default=0,
-                        help="blocks (-1: all) that keep self-attention outputs under checkpointing")
-    parser.add_argument("--sequence-parallel", type=int, default=1,
-                        help="split each clip's tokens over this many GPUs (run under torchrun with as many)")
+    parser.add_argument(
+        "--keep-attention",
+        type=int,
+        default=0,
+        help="blocks (-1: all) that keep self-attention outputs under checkpointing",
+    )
+    parser.add_argument(
+        "--sequence-parallel",
+        type=int,
+        default=1,
+        help="split each clip's tokens over this many GPUs (run under torchrun with as many)",
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default="docs/benchmarks")
     args = parser.parse_args()
@@ -170,16 +206,36 @@ def main():
     # Settings that change what fits or how fast (the 14B at 4x on 2 GPUs needed expandable
     # segments), written into the command.
     env = "".join(f"{name}={os.environ[name]} " for name in ("PYTORCH_CUDA_ALLOC_CONF",) if name in os.environ)
-    meta = {"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "command": env + "python " + " ".join(sys.argv), "kernels": {"gluon": args.gluon, "tma": args.tma}}  # fmt: skip
-    spread = f", each clip over {args.sequence_parallel} GPUs (peak memory: the busiest)" if args.sequence_parallel > 1 else ""
-    lines = [f"# LoRA training step: {device}{spread}, {meta['date']}", "", f"Command: `{meta['command']}`", "",
-             "| model | video frames | tokens | backend | step (s) | peak GPU memory (GB) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    meta = {
+        "device": device,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "command": env + "python " + " ".join(sys.argv),
+        "kernels": {"gluon": args.gluon, "tma": args.tma},
+    }
+    spread = (
+        f", each clip over {args.sequence_parallel} GPUs (peak memory: the busiest)"
+        if args.sequence_parallel > 1
+        else ""
+    )
+    lines = [
+        f"# LoRA training step: {device}{spread}, {meta['date']}",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        "| model | video frames | tokens | backend | step (s) | peak GPU memory (GB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['video_frames']} | {r['tokens']:,} | {r['backend']} | {r['step_s']} | {r['peak_gb']} |")
-    stem = (f"train_step_{device.replace(' ', '_')}_{meta['date']}" + ("_compiled" if args.compile else "")
-            + (f"_keep{args.keep_attention}" if args.keep_attention else "")
-            + (f"_sp{args.sequence_parallel}" if args.sequence_parallel > 1 else ""))  # fmt: skip
+        lines.append(
+            f"| {r['model']} | {r['video_frames']} | {r['tokens']:,} | {r['backend']} | {r['step_s']} | {r['peak_gb']} |"
+        )
+    stem = (
+        f"train_step_{device.replace(' ', '_')}_{meta['date']}"
+        + ("_compiled" if args.compile else "")
+        + (f"_keep{args.keep_attention}" if args.keep_attention else "")
+        + (f"_sp{args.sequence_parallel}" if args.sequence_parallel > 1 else "")
+    )
     write_report(args.out, stem, meta, rows, "\n".join(lines))
     print("\n".join(lines))
 

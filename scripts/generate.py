@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> Path:
     if args.height or args.width:
         height, width, why = args.height or height, args.width or width, "as asked"
     if (frames - 1) % 4 or height % 16 or width % 16:
-        raise SystemExit(f"error: --frames must be 4n+1 and --height/--width multiples of 16; got {frames}, "
-                         f"{height}x{width}")  # fmt: skip
+        raise SystemExit(
+            f"error: --frames must be 4n+1 and --height/--width multiples of 16; got {frames}, {height}x{width}"
+        )
     device = torch.device(args.device)
     print(f"size: {height}x{width} ({why}), {frames} frames")
 
@@ -104,10 +105,17 @@ def main(argv: list[str] | None = None) -> Path:
     generator = torch.Generator(device).manual_seed(args.seed)
     with torch.inference_mode():
         video = pipe(
-            args.prompt, negative_prompt=args.negative_prompt, num_frames=frames, height=height, width=width,
-            num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator, output_type="np",
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            num_frames=frames,
+            height=height,
+            width=width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            generator=generator,
+            output_type="np",
             max_sequence_length=cfg.model.max_text_tokens,
-        ).frames  # fmt: skip
+        ).frames
 
     from radial_lora.data.demo_videos import write_mp4
 

@@ -47,8 +47,12 @@ def data_settings(overrides: list[str], run: Path | None):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("args", nargs="*", metavar="PATH | OVERRIDE",
-                        help="the dataset (folder, metadata.csv or .jsonl) and/or Hydra overrides (key=value)")
+    parser.add_argument(
+        "args",
+        nargs="*",
+        metavar="PATH | OVERRIDE",
+        help="the dataset (folder, metadata.csv or .jsonl) and/or Hydra overrides (key=value)",
+    )
     parser.add_argument("--run", type=Path, help="a training run's folder: check with its saved data settings")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
     parser.add_argument("--fps", type=float, help="target frame rate; 0: native (default: the config's)")
@@ -76,12 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     usable = len(catalog.clips)
     settings = {"fps": fps, "frames": frames, "sizes": [list(s) for s in sizes], "too_short": too_short}
     if args.json:
-        print(json.dumps({"usable": usable, "settings": settings, "rejected": dict(catalog.counts),
-                          "files": catalog.rejected}, indent=1))  # fmt: skip
+        print(
+            json.dumps(
+                {"usable": usable, "settings": settings, "rejected": dict(catalog.counts), "files": catalog.rejected},
+                indent=1,
+            )
+        )
     else:
         shown = " ".join(f"{h}x{w}" for h, w in sizes)
-        print(f"{usable} usable clips in {', '.join(sources)} (fps {fps or 'native'}, frames {frames}, sizes {shown}, "
-              f"too_short {too_short})")  # fmt: skip
+        print(
+            f"{usable} usable clips in {', '.join(sources)} (fps {fps or 'native'}, frames {frames}, sizes {shown}, "
+            f"too_short {too_short})"
+        )
         for (f, h, w), n in catalog.bucket_counts().items():
             print(f"  {n:6d}  {f} frames at {h}x{w}")
         print(f"rejected: {catalog.counts.summary()}")

@@ -97,8 +97,10 @@ def precompute(cfg) -> Path:
         failures = RejectCounts()
         for reason in merged["failed"].values():
             failures.add(reason)
-        print(f"cached {len(merged['entries'])} clips into {root.resolve()}; failed to decode: {failures.summary()}; "
-              f"rejected before encoding: {catalog.counts.summary()}")  # fmt: skip
+        print(
+            f"cached {len(merged['entries'])} clips into {root.resolve()}; failed to decode: {failures.summary()}; "
+            f"rejected before encoding: {catalog.counts.summary()}"
+        )
     state.wait_for_everyone()
     return index_file
 

@@ -25,9 +25,11 @@ def latent_frames(video_frames: int) -> int:
 
 def density_table(decays=(1.0, 0.2), block_size: int = 128) -> str:
     """Markdown: density (kept / total blocks) per Wan shape, video length and decay."""
-    head = "| resolution | video frames | latent frames F | tokens S | " + " | ".join(
-        f"density, decay {d}" for d in decays
-    ) + " | mask build (s) |"
+    head = (
+        "| resolution | video frames | latent frames F | tokens S | "
+        + " | ".join(f"density, decay {d}" for d in decays)
+        + " | mask build (s) |"
+    )
     rows = [head, "|" + "---|" * (5 + len(decays))]
     for name, s in WAN_SHAPES.items():
         for frames in VIDEO_FRAMES:

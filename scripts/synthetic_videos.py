@@ -25,8 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.clips < 1 or not 1 <= args.frames[0] <= args.frames[1]:
         parser.error("--clips must be >= 1 and --frames MIN MAX must satisfy 1 <= MIN <= MAX")
     try:
-        root = generate_demo_videos(args.root, args.clips, args.size, args.frames[0], args.frames[1], args.fps,
-                                    args.seed)  # fmt: skip
+        root = generate_demo_videos(
+            args.root, args.clips, args.size, args.frames[0], args.frames[1], args.fps, args.seed
+        )
     except FileExistsError as err:
         raise SystemExit(f"error: {err}") from None
     print(f"{len(list(root.glob('*.mp4')))} clips in {root}")

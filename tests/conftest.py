@@ -83,7 +83,9 @@ def train_cli(tmp_path, tiny_model_dir, demo_videos_dir):
             module=module,
         )
         if check and proc.returncode != 0:
-            raise AssertionError(f"train exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+            raise AssertionError(
+                f"train exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+            )
         return proc
 
     run.cwd = tmp_path

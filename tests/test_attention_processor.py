@@ -66,7 +66,8 @@ def test_the_run_says_which_triton_kernels_it_runs(transformer, monkeypatch):
     set_self_attention(transformer, AttentionConfig(backend="triton", **RADIAL))
     cpu = torch.device("cpu")
     assert triton_kernels(transformer, cpu, torch.float32) == (
-        "Triton forward, dK/dV, dQ (Triton's CPU interpreter) (gluon=auto, tma=backward)")
+        "Triton forward, dK/dV, dQ (Triton's CPU interpreter) (gluon=auto, tma=backward)"
+    )
     set_self_attention(transformer, AttentionConfig(backend="triton", **RADIAL, kernels=KernelConfig(gluon="fwd_dq")))
     refused = "attention.backend=triton: attention.kernels.gluon=fwd_dq needs an sm_90 GPU"
     with pytest.raises(ConfigError, match=refused):
@@ -109,8 +110,15 @@ def test_generation_rule_first_steps_dense(tiny_model_dir):
     routing = set_self_attention(pipe.transformer, cfg, mode="generate")
     for _ in range(2):  # a second generation starts counting again
         routing.calls.update(dense=0, radial=0)
-        pipe("a red square", num_frames=13, height=32, width=32, num_inference_steps=5, guidance_scale=2.0,
-             max_sequence_length=16)
+        pipe(
+            "a red square",
+            num_frames=13,
+            height=32,
+            width=32,
+            num_inference_steps=5,
+            guidance_scale=2.0,
+            max_sequence_length=16,
+        )
         # 5 steps x 2 passes (classifier-free guidance) x 2 layers; the first 2 steps dense.
         assert routing.calls == {"dense": 8, "radial": 12}
 
@@ -127,8 +135,7 @@ def test_triton_backend_through_the_model(transformer):
     x = torch.randn(1, transformer.config.in_channels, 5, 8, 8, generator=g)
     text = torch.randn(1, 7, transformer.config.text_dim, generator=g)
     results = []
-    for cfg in (AttentionConfig(backend="reference", **RADIAL),
-                AttentionConfig(backend="triton", **RADIAL)):  # fmt: skip
+    for cfg in (AttentionConfig(backend="reference", **RADIAL), AttentionConfig(backend="triton", **RADIAL)):
         set_self_attention(transformer, cfg)
         transformer.zero_grad()
         out = transformer(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text).sample
@@ -177,8 +184,9 @@ def test_triton_backend_through_the_model_on_gpu(tiny_model_dir):
         set_self_attention(model, AttentionConfig(backend=backend, **RADIAL))
         model.zero_grad()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(hidden_states=x, timestep=torch.tensor([300.0, 700.0], device="cuda"),
-                        encoder_hidden_states=text).sample
+            out = model(
+                hidden_states=x, timestep=torch.tensor([300.0, 700.0], device="cuda"), encoder_hidden_states=text
+            ).sample
         out.float().square().mean().backward()
         results.append((out.float(), model.blocks[1].attn1.to_q.weight.grad.clone()))
     (ref_out, ref_grad), (tri_out, tri_grad) = results

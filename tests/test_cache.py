@@ -20,8 +20,14 @@ def built_cache(tmp_path_factory, tiny_model_dir, demo_videos_dir):
 
     cwd = tmp_path_factory.mktemp("precompute")
     cache_dir = cwd / "cache"
-    proc = run_train(cwd, f"model.path={tiny_model_dir}", f"data.root={demo_videos_dir}", *DEMO_DATA,
-                     f"data.cache={cache_dir}", module="radial_lora.scripts.precompute")  # fmt: skip
+    proc = run_train(
+        cwd,
+        f"model.path={tiny_model_dir}",
+        f"data.root={demo_videos_dir}",
+        *DEMO_DATA,
+        f"data.cache={cache_dir}",
+        module="radial_lora.scripts.precompute",
+    )
     assert "cached 24 clips" in proc.stdout, proc.stdout + proc.stderr
     return cache_dir
 
@@ -34,9 +40,19 @@ def demo_config(tiny_model_dir, demo_videos_dir, cache_dir, *overrides):
 
     register_configs()
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):  # as `python -m train` composes it
-        return typed_config(compose("train", overrides=[
-            "data=videos", f"model.path={tiny_model_dir}", f"data.root={demo_videos_dir}", *DEMO_DATA,
-            f"data.cache={cache_dir}", *overrides]))  # fmt: skip
+        return typed_config(
+            compose(
+                "train",
+                overrides=[
+                    "data=videos",
+                    f"model.path={tiny_model_dir}",
+                    f"data.root={demo_videos_dir}",
+                    *DEMO_DATA,
+                    f"data.cache={cache_dir}",
+                    *overrides,
+                ],
+            )
+        )
 
 
 def test_cache_round_trip_equals_on_the_fly_encoding(built_cache, tiny_model_dir, demo_videos_dir):

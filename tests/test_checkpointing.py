@@ -33,16 +33,22 @@ class CountSelfAttention(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def tiny_lora_model(tiny_model_dir, attention: AttentionConfig, keep: int | None, compile_blocks=False, device="cpu",
-                    backend="inductor"):  # fmt: skip
+def tiny_lora_model(
+    tiny_model_dir, attention: AttentionConfig, keep: int | None, compile_blocks=False, device="cpu", backend="inductor"
+):
     """The tiny Wan prepared as training prepares it (models/setup.py), checkpointed unless `keep`
     is None, with random LoRA weights (B starts at zero; random values give every adapter a gradient)."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
     model = WanTransformer3DModel.from_pretrained(tiny_model_dir, subfolder="transformer").to(device)
-    how = ModelConfig(id="tiny-wan", gradient_checkpointing=keep is not None, checkpoint_keep_attention=keep or 0,
-                      compile_blocks=compile_blocks, compile_backend=backend)  # fmt: skip
+    how = ModelConfig(
+        id="tiny-wan",
+        gradient_checkpointing=keep is not None,
+        checkpoint_keep_attention=keep or 0,
+        compile_blocks=compile_blocks,
+        compile_backend=backend,
+    )
     params = prepare_transformer(model, how, attention, LoraConfig(rank=4, alpha=4))
     with torch.no_grad():
         for p in params:
@@ -84,14 +90,20 @@ def test_gpu_kept_attention_and_compiled_blocks_match_plain_checkpointing(tiny_m
     (inductor) change how the step runs, not what it computes."""
     results = []
     for variant_keep, variant_compile in ((0, False), (keep, compile_blocks)):
-        model, params = tiny_lora_model(tiny_model_dir, AttentionConfig(backend="triton", **RADIAL), variant_keep,
-                                        compile_blocks=variant_compile, device="cuda")  # fmt: skip
+        model, params = tiny_lora_model(
+            tiny_model_dir,
+            AttentionConfig(backend="triton", **RADIAL),
+            variant_keep,
+            compile_blocks=variant_compile,
+            device="cuda",
+        )
         g = torch.Generator("cuda").manual_seed(1)
         x = torch.randn(2, model.config.in_channels, 9, 8, 8, generator=g, device="cuda")
         text = torch.randn(2, 7, model.config.text_dim, generator=g, device="cuda")
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(hidden_states=x, timestep=torch.tensor([300.0, 700.0], device="cuda"),
-                        encoder_hidden_states=text).sample  # fmt: skip
+            out = model(
+                hidden_states=x, timestep=torch.tensor([300.0, 700.0], device="cuda"), encoder_hidden_states=text
+            ).sample
         out.float().square().mean().backward()
         results.append((out.float().detach(), [p.grad.float() for p in params]))
     (ref_out, ref_grads), (out, grads) = results
@@ -127,8 +139,9 @@ def _recorder(kind):
     return compile_graph
 
 
-register_backend(aot_autograd(fw_compiler=_recorder("forward"), bw_compiler=_recorder("backward")),
-                 name="record_attention")  # fmt: skip
+register_backend(
+    aot_autograd(fw_compiler=_recorder("forward"), bw_compiler=_recorder("backward")), name="record_attention"
+)
 
 
 @pytest.mark.parametrize("keep, backward_attention", [(0, [1, 1]), (1, [0, 1]), (-1, [0, 0])])
@@ -165,9 +178,16 @@ def attention_forward_launches(step) -> int:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("keep, compile_blocks, gluon", [
-    (0, False, "fwd"), (2, False, "fwd"), (0, True, "fwd"), (2, True, "fwd"), (-1, True, "none"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "keep, compile_blocks, gluon",
+    [
+        (0, False, "fwd"),
+        (2, False, "fwd"),
+        (0, True, "fwd"),
+        (2, True, "fwd"),
+        (-1, True, "none"),
+    ],
+)
 def test_gpu_kept_blocks_launch_one_attention_forward(keep, compile_blocks, gluon):
     """What the bench's step times: a 3-block Wan at head_dim 128 with mask blocks of 128 (so the
     Gluon forward runs on an H100), bf16, checkpointed, eager or compiled with inductor. Each
@@ -182,11 +202,20 @@ def test_gpu_kept_blocks_launch_one_attention_forward(keep, compile_blocks, gluo
     torch._dynamo.reset()
     torch.manual_seed(0)
     blocks = 3
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=32,
-                                  num_attention_heads=2, attention_head_dim=128, ffn_dim=256, num_layers=blocks,
-                                  freq_dim=32).to("cuda", torch.bfloat16)  # fmt: skip
-    how = ModelConfig(id="wan", gradient_checkpointing=True, checkpoint_keep_attention=keep,
-                      compile_blocks=compile_blocks)  # fmt: skip
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        num_attention_heads=2,
+        attention_head_dim=128,
+        ffn_dim=256,
+        num_layers=blocks,
+        freq_dim=32,
+    ).to("cuda", torch.bfloat16)
+    how = ModelConfig(
+        id="wan", gradient_checkpointing=True, checkpoint_keep_attention=keep, compile_blocks=compile_blocks
+    )
     attention = AttentionConfig(backend="triton", block_size=128, decay=1.0, kernels=KernelConfig(gluon=gluon))
     prepare_transformer(model, how, attention, LoraConfig(rank=4))
     x = torch.randn(1, 16, 5, 16, 16, device="cuda", dtype=torch.bfloat16)  # 5 x 64 = 320 tokens: 3 mask blocks

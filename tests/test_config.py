@@ -35,7 +35,10 @@ def test_every_group_option_composes_into_the_schema(override):
 def test_wan_experiments():
     wan4x = typed_config(compose_cfg("+experiment=wan_4x", "data.root=/videos"))
     assert (wan4x.model.id, wan4x.trainer.strategy.value, wan4x.attention.backend.value) == (
-        "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "zero2", "triton")
+        "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        "zero2",
+        "triton",
+    )
     assert wan4x.data.frames[0] == 321 and wan4x.lora.rank == 128 and wan4x.data.demo is False
     assert wan4x.model.compile_blocks and wan4x.model.gradient_checkpointing
     # Kept attention outputs: as many blocks as fit 30 GB at 4x, all at 2x, none for the 14B.
@@ -44,7 +47,10 @@ def test_wan_experiments():
     validate(wan4x)
     wan14b = typed_config(compose_cfg("+experiment=wan14b_4x", "data.root=/videos"))
     assert (wan14b.model.id, wan14b.trainer.strategy.value, wan14b.data.sizes[0]) == (
-        "Wan-AI/Wan2.1-T2V-14B-Diffusers", "zero3", [720, 1280])
+        "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+        "zero3",
+        [720, 1280],
+    )
     assert wan14b.model.checkpoint_keep_attention == 0
     with pytest.raises(ConfigError, match="set exactly one of data.root, data.metadata or data.mix"):
         validate(typed_config(compose_cfg("+experiment=wan_4x")))
@@ -81,8 +87,11 @@ def _schema_default(key: str):
     return OmegaConf.select(OmegaConf.structured(Config), key, default="<no default>")
 
 
-@pytest.mark.parametrize("path", [CONFIGS / "train.yaml"] + [CONFIGS / g / f"{o}.yaml" for g in GROUPS for o in options(g)],
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize(
+    "path",
+    [CONFIGS / "train.yaml"] + [CONFIGS / g / f"{o}.yaml" for g in GROUPS for o in options(g)],
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
 def test_group_files_state_only_what_they_change_from_the_schema(path):
     """The schema (configs/schema.py) is the one home of every default; a group file that restated
     one would be a second home that drifts. Group keys are relative to their group."""
@@ -101,7 +110,7 @@ def _base_of(experiment: Path) -> list[str]:
         if isinstance(entry, str) and entry != "_self_":
             base.append(f"+experiment={entry}")
         elif isinstance(entry, dict):
-            (group, option), = entry.items()
+            ((group, option),) = entry.items()
             base.append(f"{group.removeprefix('override /')}={option}")
     return base
 
@@ -114,8 +123,7 @@ def test_experiments_state_only_what_they_change(name):
 
     path = CONFIGS / "experiment" / f"{name}.yaml"
     base, full = compose_cfg(*_base_of(path)), compose_cfg(f"+experiment={name}")
-    unchanged = {k: v for k in _own_settings(path)
-                 if (v := OmegaConf.select(base, k)) == OmegaConf.select(full, k)}  # fmt: skip
+    unchanged = {k: v for k in _own_settings(path) if (v := OmegaConf.select(base, k)) == OmegaConf.select(full, k)}
     assert not unchanged, f"experiment/{name}.yaml restates what it builds on: {unchanged}"
 
 
@@ -160,7 +168,9 @@ def test_added_unknown_key_fails_naming_it(override, needle):
 
 
 def test_a_weighted_mix_of_datasets_composes():
-    cfg = typed_config(compose_cfg("data.root=null", "data.demo=false", "data.mix=[{path: /a, weight: 3}, {path: /b.jsonl}]"))
+    cfg = typed_config(
+        compose_cfg("data.root=null", "data.demo=false", "data.mix=[{path: /a, weight: 3}, {path: /b.jsonl}]")
+    )
     validate(cfg)
     assert [(s.path, s.weight) for s in cfg.data.sources()] == [("/a", 3.0), ("/b.jsonl", 1.0)]
 

@@ -249,8 +249,9 @@ def test_a_clip_failing_mid_run_costs_one_sample(corpus, tmp_path):
 
 
 def run_inspect(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scripts.inspect_data", *args], capture_output=True, text=True,
-                          cwd=HERE.parent)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.inspect_data", *args], capture_output=True, text=True, cwd=HERE.parent
+    )
 
 
 def test_inspect_reports_usable_and_rejects(corpus, tmp_path):
@@ -270,9 +271,16 @@ def test_inspect_reports_usable_and_rejects(corpus, tmp_path):
     (bad / "zero.txt").write_text("x")
     proc = run_inspect(str(bad), "--json")
     assert proc.returncode == 1 and json.loads(proc.stdout) == {
-        "usable": 0, "rejected": {"empty_file": 1}, "files": {str((bad / "zero.mp4").resolve()): "empty_file"},
-        "settings": {"fps": 16.0, "frames": [81], "sizes": [[480, 832], [832, 480], [624, 624]], "too_short": "shorter"},
-    }  # fmt: skip  (the videos data group's settings: what training on your videos uses)
+        "usable": 0,
+        "rejected": {"empty_file": 1},
+        "files": {str((bad / "zero.mp4").resolve()): "empty_file"},
+        "settings": {
+            "fps": 16.0,
+            "frames": [81],
+            "sizes": [[480, 832], [832, 480], [624, 624]],
+            "too_short": "shorter",
+        },
+    }  # (the videos data group's settings: what training on your videos uses)
 
 
 def test_odd_entries_are_rejected_by_reason_and_counted(demo_videos_dir, tmp_path):
@@ -302,8 +310,11 @@ def test_odd_entries_are_rejected_by_reason_and_counted(demo_videos_dir, tmp_pat
     locked.chmod(0o644)
 
     metadata = tmp_path / "metadata.jsonl"
-    rows = [{"video": str(clips[2]), "caption": "a"}, {"video": str(clips[3]), "caption": "b"},
-            {"video": str(clips[2]), "caption": "a again"}]  # fmt: skip
+    rows = [
+        {"video": str(clips[2]), "caption": "a"},
+        {"video": str(clips[3]), "caption": "b"},
+        {"video": str(clips[2]), "caption": "a again"},
+    ]
     metadata.write_text("".join(json.dumps(r) + "\n" for r in rows))
     catalog = catalog_of(metadata)
     assert len(catalog.clips) == 2 and catalog.counts["duplicate"] == 1

@@ -27,11 +27,18 @@ hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward needs an sm_90
 def test_default_is_gluon_where_it_runs_and_triton_elsewhere():
     """The default (auto) asks for every Gluon kernel (the one-kernel backward first), and on CPU
     falls back to Triton."""
-    assert KernelChoice().gluon == "auto" and GLUON_CHOICES["auto"] == (frozenset({"fwd", "fused", "dkdv", "dq"}), False)
+    assert KernelChoice().gluon == "auto" and GLUON_CHOICES["auto"] == (
+        frozenset({"fwd", "fused", "dkdv", "dq"}),
+        False,
+    )
     q = torch.randn(1, 2, 100, 32)
     mask = radial_block_mask(5, 20, block_size=32)
-    torch.testing.assert_close(block_sparse_attention(q, q, q, mask, block_size=32),
-                               block_sparse_attention_reference(q, q, q, mask, block_size=32), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        block_sparse_attention(q, q, q, mask, block_size=32),
+        block_sparse_attention_reference(q, q, q, mask, block_size=32),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_required_gluon_kernels_that_cannot_run_raise(deterministic_restored):
@@ -55,8 +62,11 @@ def test_required_gluon_kernels_that_cannot_run_raise(deterministic_restored):
     "batch, frames, tokens_per_frame, heads, head_dim, decay",  # the reference holds S x S scores: batch 1 at 32k
     [(1, 21, 1560, 2, 128, 1.0), (1, 11, 1560, 2, 64, 0.2), (2, 5, 777, 3, 128, 1.0), (2, 4, 1024, 1, 128, 1.0)],
 )
-@pytest.mark.parametrize("gluon", ["fwd", "fwd_dq", "all", "fused"],
-                         ids=["gluon-forward", "gluon-forward-and-dq", "gluon-all", "gluon-fused-backward"])
+@pytest.mark.parametrize(
+    "gluon",
+    ["fwd", "fwd_dq", "all", "fused"],
+    ids=["gluon-forward", "gluon-forward-and-dq", "gluon-all", "gluon-fused-backward"],
+)
 def test_gpu_gluon_forward_and_gradients(batch, frames, tokens_per_frame, heads, head_dim, decay, dtype, gluon):
     mask = radial_block_mask(frames, tokens_per_frame, decay=decay, device="cuda")
     inputs = random_inputs((batch, heads, frames * tokens_per_frame, head_dim), torch.float32, "cuda")
@@ -77,8 +87,9 @@ def test_gpu_gluon_empty_rows_full_mask_and_strided_inputs(gluon):
     full = block_sparse_attention(q, k, v, torch.ones(9, 9, dtype=torch.bool, device="cuda"), kernels=kernels)
     torch.testing.assert_close(full, F.scaled_dot_product_attention(q, k, v), atol=2e-2, rtol=2e-2)
     # The attention processor hands [B, S, H, D] tensors transposed to [B, H, S, D].
-    qt, kt, vt = (torch.randn(1, 6 * 1560, 4, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-                  for _ in range(3))  # fmt: skip
+    qt, kt, vt = (
+        torch.randn(1, 6 * 1560, 4, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3)
+    )
     radial = radial_block_mask(6, 1560, device="cuda")
     out = block_sparse_attention(qt, kt, vt, radial, kernels=kernels)
     ref = block_sparse_attention_reference(qt, kt, vt, radial)
@@ -159,6 +170,9 @@ def test_gpu_default_backward_is_deterministic_in_deterministic_mode(determinist
     assert kernel_plan(KernelChoice(), q.device, q.dtype, 128, 128).startswith("Gluon forward, dK/dV+dQ in one kernel")
     torch.testing.assert_close(fused, split, atol=2e-2, rtol=2e-2)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    assert kernel_plan(KernelChoice(), q.device, q.dtype, 128, 128) == "Gluon forward, dK/dV, dQ (gluon=auto, tma=backward)"
+    assert (
+        kernel_plan(KernelChoice(), q.device, q.dtype, 128, 128)
+        == "Gluon forward, dK/dV, dQ (gluon=auto, tma=backward)"
+    )
     first, second = dq(), dq()
     assert torch.equal(first, second) and torch.equal(first, split)

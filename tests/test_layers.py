@@ -46,10 +46,15 @@ def our_imports(path):
 def test_imports_run_only_downward(folder):
     files = sorted((REPO / folder).rglob("*.py"))
     assert files or folder == "configs", f"no modules in {folder}/"
-    upward = [f"{p.relative_to(REPO)}:{line} imports radial_lora.{target}"
-              for p in files for line, target in our_imports(p)
-              if target != folder and target not in MAY_IMPORT[folder]]  # fmt: skip
-    assert not upward, f"{folder}/ may import only {sorted(MAY_IMPORT[folder]) or 'nothing of ours'}:\n" + "\n".join(upward)
+    upward = [
+        f"{p.relative_to(REPO)}:{line} imports radial_lora.{target}"
+        for p in files
+        for line, target in our_imports(p)
+        if target != folder and target not in MAY_IMPORT[folder]
+    ]
+    assert not upward, f"{folder}/ may import only {sorted(MAY_IMPORT[folder]) or 'nothing of ours'}:\n" + "\n".join(
+        upward
+    )
 
 
 def test_every_folder_of_the_package_has_a_layer():
@@ -73,8 +78,13 @@ def private_uses(path):
                     found.append((node.lineno, f"{node.module}.{alias.name}"))
                 ours.add(alias.asname or alias.name)  # a module or a name: attributes of either count
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ours
-                and node.attr.startswith("_") and not node.attr.startswith("__")):  # fmt: skip
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in ours
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
             found.append((node.lineno, f"{node.value.id}.{node.attr}"))
     return found
 

@@ -42,7 +42,9 @@ def test_tiny_model_is_a_real_wan_pipeline(tiny_model_dir):
     assert isinstance(pipe.transformer, WanTransformer3DModel)
     assert isinstance(pipe.vae, AutoencoderKLWan)
     assert isinstance(pipe.text_encoder, UMT5EncoderModel)
-    embeds, _ = pipe.encode_prompt("a red square moving left", do_classifier_free_guidance=False, max_sequence_length=16)
+    embeds, _ = pipe.encode_prompt(
+        "a red square moving left", do_classifier_free_guidance=False, max_sequence_length=16
+    )
     assert embeds.shape == (1, 16, pipe.transformer.config.text_dim)
     video = pipe("a blue circle", num_frames=5, height=32, width=32, num_inference_steps=2, output_type="pt").frames
     assert video.shape == (1, 5, 3, 32, 32) and torch.isfinite(video).all()
@@ -165,8 +167,14 @@ def test_pipeline_without_the_text_encoder_for_cached_training(tiny_model_dir):
 def test_offline_missing_model_fails_at_once_saying_how_to_fix_it(tmp_path, demo_videos_dir):
     from conftest import run_train
 
-    proc = run_train(tmp_path, "model=wan2.1_t2v_1.3b", f"data.root={demo_videos_dir}", "data.demo=false",
-                     env={"HF_HUB_OFFLINE": "1"}, timeout=120)  # fmt: skip
+    proc = run_train(
+        tmp_path,
+        "model=wan2.1_t2v_1.3b",
+        f"data.root={demo_videos_dir}",
+        "data.demo=false",
+        env={"HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: cannot load model 'Wan-AI/Wan2.1-T2V-1.3B-Diffusers'") and "model.path=DIR" in line

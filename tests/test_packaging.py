@@ -57,8 +57,12 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
         shutil.copy(REPO / name, tree)
     for folder in FOLDERS:
         shutil.copytree(REPO / folder, tree / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(tree), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(out)], check=True, capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(tree), "--no-deps", "--no-build-isolation", "-q", "-w", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (path,) = out.glob("radial_lora-*.whl")
     return zipfile.ZipFile(path)
 
@@ -83,13 +87,21 @@ def test_installed_wheel_runs_from_anywhere(wheel, tmp_path):
     wheel.extractall(site)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("import sys\n"
-            "import radial_lora.train.__main__ as entry\n"
-            "print(entry.__file__, entry.CONFIG_DIR, file=sys.stderr)\n"
-            "sys.argv = ['radial-lora-train', '--cfg', 'job']\n"
-            "entry.main()\n")  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(site)},
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    code = (
+        "import sys\n"
+        "import radial_lora.train.__main__ as entry\n"
+        "print(entry.__file__, entry.CONFIG_DIR, file=sys.stderr)\n"
+        "sys.argv = ['radial-lora-train', '--cfg', 'job']\n"
+        "entry.main()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=elsewhere,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     module, configs = proc.stderr.split()[:2]
     assert Path(module).is_relative_to(site) and Path(configs).resolve() == (site / "radial_lora/configs").resolve()
@@ -99,17 +111,31 @@ def test_installed_wheel_runs_from_anywhere(wheel, tmp_path):
 @pytest.mark.slow
 def test_demo_runs_from_the_root_and_the_console_script_from_elsewhere(tmp_path):
     """`python -m train` in the checkout and `radial-lora-train` in another folder: the same demo."""
-    common = [f"cache_dir={tmp_path / 'cache'}", f"output_root={tmp_path / 'outputs'}", "train.steps=2",
-              "train.checkpoint_every=0", "logger.mode=disabled", "data.num_workers=0"]  # fmt: skip
-    root = subprocess.run([sys.executable, "-m", "train", "name=from_root", *common], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    common = [
+        f"cache_dir={tmp_path / 'cache'}",
+        f"output_root={tmp_path / 'outputs'}",
+        "train.steps=2",
+        "train.checkpoint_every=0",
+        "logger.mode=disabled",
+        "data.num_workers=0",
+    ]
+    root = subprocess.run(
+        [sys.executable, "-m", "train", "name=from_root", *common],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert root.returncode == 0, root.stderr[-3000:]
-    assert root.stdout.strip().endswith(f"LoRA exported to {tmp_path / 'outputs/from_root/lora/pytorch_lora_weights.safetensors'}")
+    assert root.stdout.strip().endswith(
+        f"LoRA exported to {tmp_path / 'outputs/from_root/lora/pytorch_lora_weights.safetensors'}"
+    )
     script = shutil.which("radial-lora-train", path=str(Path(sys.executable).parent))
     assert script, "the console script radial-lora-train is not installed"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    other = subprocess.run([script, "name=from_script", *common], cwd=elsewhere, capture_output=True, text=True,
-                           timeout=600)  # fmt: skip
+    other = subprocess.run(
+        [script, "name=from_script", *common], cwd=elsewhere, capture_output=True, text=True, timeout=600
+    )
     assert other.returncode == 0, other.stderr[-3000:]
     assert (tmp_path / "outputs/from_script/lora/pytorch_lora_weights.safetensors").is_file()

@@ -19,8 +19,9 @@ def composed(*overrides: str):
 
 def saved_run():
     """What a checkpoint holds: the resolved config of the run as it was started."""
-    return OmegaConf.create(OmegaConf.to_container(composed("optim.lr=2e-4", "train.steps=100"), resolve=True,
-                                                   enum_to_str=True))  # as config.yaml holds it  # fmt: skip
+    return OmegaConf.create(
+        OmegaConf.to_container(composed("optim.lr=2e-4", "train.steps=100"), resolve=True, enum_to_str=True)
+    )  # as config.yaml holds it
 
 
 def test_resume_takes_the_checkpoints_config_and_only_the_command_lines_changes():
@@ -67,6 +68,13 @@ def test_kernel_choice_is_config_and_the_environment_override_is_said_and_record
     monkeypatch.setenv("RADIAL_TRITON_TMA", "sometimes")
     with pytest.raises(ConfigError, match=r"RADIAL_TRITON_TMA=sometimes \(environment\): Invalid value 'sometimes'"):
         kernel_overrides(cfg)
-    merged, changes = resume_config(saved_run(), composed("attention.kernels.gluon=auto_split"),
-                                    ["attention.kernels.gluon=auto_split"], checkpoint_step=50)  # fmt: skip
-    assert changes == ["attention.kernels.gluon: 'auto' -> 'auto_split'"] and merged.attention.kernels.gluon == "auto_split"
+    merged, changes = resume_config(
+        saved_run(),
+        composed("attention.kernels.gluon=auto_split"),
+        ["attention.kernels.gluon=auto_split"],
+        checkpoint_step=50,
+    )
+    assert (
+        changes == ["attention.kernels.gluon: 'auto' -> 'auto_split'"]
+        and merged.attention.kernels.gluon == "auto_split"
+    )

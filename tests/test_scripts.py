@@ -15,11 +15,38 @@ from conftest import REPO
 
 def test_train_step_benchmark_runs(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts/bench_train_step.py"), "--preset", "tiny", "--device", "cpu",
-         "--backends", "dense", "reference", "triton", "--frames", "9", "--height", "64", "--width", "64", "--block-size", "16",
-         "--steps", "1", "--warmup", "1", "--keep-attention", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "scripts/bench_train_step.py"),
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--backends",
+            "dense",
+            "reference",
+            "triton",
+            "--frames",
+            "9",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--block-size",
+            "16",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--keep-attention",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = tmp_path.glob("train_step_cpu_*_keep1.json")
     rows = json.loads(result.read_text())["rows"]
@@ -30,12 +57,40 @@ def test_train_step_benchmark_runs(tmp_path):
 def test_train_step_benchmark_with_sequence_parallelism(tmp_path):
     """The benchmark under torchrun: one clip's tokens split over 2 processes (gloo on CPU)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         str(REPO / "scripts/bench_train_step.py"), "--preset", "tiny", "--device", "cpu", "--backends", "dense",
-         "--frames", "9", "--height", "64", "--width", "64", "--block-size", "16", "--steps", "1", "--warmup", "1",
-         "--sequence-parallel", "2", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "scripts/bench_train_step.py"),
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--backends",
+            "dense",
+            "--frames",
+            "9",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--block-size",
+            "16",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--sequence-parallel",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = tmp_path.glob("train_step_cpu_*_sp2.json")  # written once, by rank 0
     rows = json.loads(result.read_text())["rows"]
@@ -48,16 +103,43 @@ def test_generate_with_a_trained_lora(train_cli):
     (the square clips took the square bucket, not the first one); the LoRA changes the video."""
     import decord
 
-    train_cli("data.frames=[9]", "data.sizes=[[48,32],[32,32]]", "data.batch_size=2", "train.steps=3",
-              "train.checkpoint_every=0", "logger.mode=disabled", "optim.lr=1e-2", "name=g")  # fmt: skip
+    train_cli(
+        "data.frames=[9]",
+        "data.sizes=[[48,32],[32,32]]",
+        "data.batch_size=2",
+        "train.steps=3",
+        "train.checkpoint_every=0",
+        "logger.mode=disabled",
+        "optim.lr=1e-2",
+        "name=g",
+    )
     videos = {}
     for name, extra in (("lora", []), ("base", ["--no-lora"])):
         out = train_cli.cwd / f"{name}.mp4"
         proc = subprocess.run(
-            [sys.executable, "-m", "radial_lora.scripts.generate", "--run", "outputs/g", "--prompt", "a red square", "--frames", "13",
-             "--steps", "3", "--device", "cpu", "--out", str(out), *extra],
-            cwd=train_cli.cwd, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "radial_lora.scripts.generate",
+                "--run",
+                "outputs/g",
+                "--prompt",
+                "a red square",
+                "--frames",
+                "13",
+                "--steps",
+                "3",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                *extra,
+            ],
+            cwd=train_cli.cwd,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"video written to {out}" in proc.stdout
         assert ("LoRA: outputs/g/lora/pytorch_lora_weights.safetensors" in proc.stdout) == (name == "lora")
@@ -76,8 +158,16 @@ def test_kernel_sass_report_shows_tma_loads_on_hopper():
     into warp-specialized partitions that hand registers over (USETMAXREG), without spills (the
     fused backward aside), the forward and dQ with their pipelined waits."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
-    command = [sys.executable, str(REPO / "scripts/lab/kernel_sass.py"), "--kernel", "fwd", "gluon", "gluon_dkdv",
-               "gluon_dq", "gluon_fused"]  # fmt: skip
+    command = [
+        sys.executable,
+        str(REPO / "scripts/lab/kernel_sass.py"),
+        "--kernel",
+        "fwd",
+        "gluon",
+        "gluon_dkdv",
+        "gluon_dq",
+        "gluon_fused",
+    ]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     header = next(line for line in proc.stdout.splitlines() if line.startswith("| kernel"))
@@ -106,9 +196,25 @@ def test_kernel_sass_report_shows_tma_loads_on_hopper():
 @pytest.mark.gpu
 def test_tile_sweep_times_every_candidate(tmp_path):
     """scripts/lab/tune_attention.py at a small shape: a row per dQ tile and load mode, all timed."""
-    proc = subprocess.run([sys.executable, str(REPO / "scripts/lab/tune_attention.py"), "--frames", "5",
-                           "--tokens-per-frame", "512", "--heads", "2", "--kernels", "dq", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts/lab/tune_attention.py"),
+            "--frames",
+            "5",
+            "--tokens-per-frame",
+            "512",
+            "--heads",
+            "2",
+            "--kernels",
+            "dq",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     from radial_lora.scripts.lab.tune_attention import CANDIDATES
 

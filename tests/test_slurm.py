@@ -51,8 +51,15 @@ def slurm_env(tmp_path_factory):
 
 
 def submit(env, cwd: Path, *overrides: str) -> tuple[str, Path]:
-    out = subprocess.run(["sbatch", "--parsable", str(SBATCH), *overrides], cwd=cwd, env=env, capture_output=True,
-                         text=True, check=True, timeout=30)  # fmt: skip
+    out = subprocess.run(
+        ["sbatch", "--parsable", str(SBATCH), *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
     job = out.stdout.strip().split(";")[0]
     return job, cwd / f"slurm-radial-lora-{job}.out"
 
@@ -83,11 +90,17 @@ def resume_unavailable_nodes(env) -> None:
 
 def cluster_report(env) -> str:
     """What Slurm thinks: jobs, node states and reasons, and the controller log's tail."""
+
     def run(*cmd):
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=20)
         return f"$ {' '.join(cmd)}\n{out.stdout}{out.stderr}"
-    parts = [run("squeue", "-a", "-o", "%i %T %r %S %N"), run("scontrol", "show", "job"), run("sinfo", "-N", "-l"),
-             run("sinfo", "-R")]  # fmt: skip
+
+    parts = [
+        run("squeue", "-a", "-o", "%i %T %r %S %N"),
+        run("scontrol", "show", "job"),
+        run("sinfo", "-N", "-l"),
+        run("sinfo", "-R"),
+    ]
     logfile = Path(env["SLURM_CONF"]).parent / "slurmctld.log"
     if logfile.exists():
         parts.append("slurmctld.log (tail):\n" + "\n".join(logfile.read_text().splitlines()[-40:]))
@@ -116,9 +129,19 @@ def log(path: Path) -> str:
 
 
 def common(model_dir, videos_dir, name, steps, every):
-    return [f"model.path={model_dir}", f"data.root={videos_dir}", "data.frames=[17]", "data.sizes=[[32,32]]",
-            "data.batch_size=1", "data.num_workers=1", f"train.steps={steps}", f"train.checkpoint_every={every}",
-            "trainer=zero2", "trainer.mixed_precision=no", f"name={name}"]  # fmt: skip
+    return [
+        f"model.path={model_dir}",
+        f"data.root={videos_dir}",
+        "data.frames=[17]",
+        "data.sizes=[[32,32]]",
+        "data.batch_size=1",
+        "data.num_workers=1",
+        f"train.steps={steps}",
+        f"train.checkpoint_every={every}",
+        "trainer=zero2",
+        "trainer.mixed_precision=no",
+        f"name={name}",
+    ]
 
 
 def test_sbatch_two_nodes_zero2(slurm_env, tmp_path, tiny_model_dir, demo_videos_dir):
@@ -126,21 +149,33 @@ def test_sbatch_two_nodes_zero2(slurm_env, tmp_path, tiny_model_dir, demo_videos
     wait_for(lambda: job_gone(slurm_env, job), 400, lambda: f"job {job} to finish:\n{log(out)[-3000:]}", slurm_env)
     text = log(out)
     assert "2 nodes x 1 processes" in text, text[-3000:]
-    assert text.count("LoRA exported to") == 1 and (tmp_path / "outputs/two_nodes/lora/pytorch_lora_weights.safetensors").exists()
+    assert (
+        text.count("LoRA exported to") == 1
+        and (tmp_path / "outputs/two_nodes/lora/pytorch_lora_weights.safetensors").exists()
+    )
     # Both ranks took part: ZeRO-2 wrote one optimizer shard per process.
     shards = sorted(p.name for p in (tmp_path / "outputs/two_nodes/checkpoints/step_000004/pytorch_model").iterdir())
     assert [s for s in shards if s.startswith("zero_pp_rank")] == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # fmt: skip
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
 
 
 def test_signal_checkpoints_requeues_and_resumes(slurm_env, tmp_path, tiny_model_dir, demo_videos_dir):
     steps = 150
     job, out = submit(slurm_env, tmp_path, *common(tiny_model_dir, demo_videos_dir, "preempted", steps, 1000))
-    wait_for(lambda: " 10/150" in log(out) or "11/150" in log(out), 300, lambda: f"step 10:\n{log(out)[-3000:]}",
-             slurm_env)  # fmt: skip
-    subprocess.run(["scancel", "--signal=USR1", job], env=slurm_env, check=True)  # what Slurm sends at --signal=USR1@120
-    wait_for(lambda: "requeueing" in log(out) and job_state(slurm_env, job) == "PENDING", 120, "the job to requeue",
-             slurm_env)  # fmt: skip
+    wait_for(
+        lambda: " 10/150" in log(out) or "11/150" in log(out), 300, lambda: f"step 10:\n{log(out)[-3000:]}", slurm_env
+    )
+    subprocess.run(
+        ["scancel", "--signal=USR1", job], env=slurm_env, check=True
+    )  # what Slurm sends at --signal=USR1@120
+    wait_for(
+        lambda: "requeueing" in log(out) and job_state(slurm_env, job) == "PENDING",
+        120,
+        "the job to requeue",
+        slurm_env,
+    )
     # Slurm holds a requeued job for a couple of minutes before starting it again (its begin
     # time is pushed back); we move the begin time to now rather than wait, but only once a few
     # seconds have passed since the requeue: slurmd revokes the old run's credential at the
@@ -158,8 +193,9 @@ def test_signal_checkpoints_requeues_and_resumes(slurm_env, tmp_path, tiny_model
         if state == "" and "Resumed from" not in log(out):
             raise AssertionError(f"job {job} ended without resuming:\n{log(out)[-3000:]}" + cluster_report(slurm_env))
         if state == "PENDING" and time.monotonic() - requeued_at > 5:
-            reason = subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], env=slurm_env, capture_output=True,
-                                    text=True).stdout.strip()  # fmt: skip
+            reason = subprocess.run(
+                ["squeue", "-h", "-j", job, "-o", "%r"], env=slurm_env, capture_output=True, text=True
+            ).stdout.strip()
             if "held" in reason.lower():
                 print(f"releasing job {job}, pending with reason {reason!r}")
                 subprocess.run(["scontrol", "release", job], env=slurm_env, capture_output=True)
@@ -176,7 +212,9 @@ def test_signal_checkpoints_requeues_and_resumes(slurm_env, tmp_path, tiny_model
     assert "(restart 1)" in text and "requeueing" in text
     ckpts = tmp_path / "outputs/preempted/checkpoints"
     assert [json.loads((ckpts / d / "checkpoint.json").read_text())["step"] for d in sorted(os.listdir(ckpts))] == [
-        stopped, steps]  # fmt: skip
+        stopped,
+        steps,
+    ]
     assert text.count("LoRA exported to") == 1  # at the end: the stopped job's LoRA is in its checkpoint
 
 
@@ -189,10 +227,16 @@ def test_time_limit_and_scancel_save_and_the_job_resumes(slurm_env, tmp_path, ti
     # The script without its `--signal=USR1@120` line: what a time limit does to a job that asked
     # for no warning (with it, a one-minute limit would warn at once).
     bare = tmp_path / "no_warning.sbatch"
-    bare.write_text("".join(line for line in SBATCH.read_text().splitlines(keepends=True)
-                            if not line.startswith("#SBATCH --signal")))  # fmt: skip
-    overrides = [o for o in common(tiny_model_dir, demo_videos_dir, "terminated", 100_000, 100_000)
-                 if not o.startswith("train.steps=")] + ["logger.log_every=50"]  # fmt: skip
+    bare.write_text(
+        "".join(
+            line for line in SBATCH.read_text().splitlines(keepends=True) if not line.startswith("#SBATCH --signal")
+        )
+    )
+    overrides = [
+        o
+        for o in common(tiny_model_dir, demo_videos_dir, "terminated", 100_000, 100_000)
+        if not o.startswith("train.steps=")
+    ] + ["logger.log_every=50"]
 
     def stopped_at(out: Path) -> int:
         text = log(out)
@@ -203,20 +247,37 @@ def test_time_limit_and_scancel_save_and_the_job_resumes(slurm_env, tmp_path, ti
         out = subprocess.run(["scontrol", "show", "job", job], env=slurm_env, capture_output=True, text=True).stdout
         return out.split("JobState=")[1].split()[0]
 
-    out = subprocess.run(["sbatch", "--parsable", "--time=1", str(bare), "train.steps=100000", *overrides], cwd=tmp_path,
-                         env=slurm_env, capture_output=True, text=True, check=True, timeout=30)  # fmt: skip
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--time=1", str(bare), "train.steps=100000", *overrides],
+        cwd=tmp_path,
+        env=slurm_env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
     job = out.stdout.strip().split(";")[0]
     timed_log = tmp_path / f"slurm-radial-lora-{job}.out"
-    wait_for(lambda: job_gone(slurm_env, job), 300, lambda: f"job {job} to reach its limit:\n{log(timed_log)[-3000:]}",
-             slurm_env)  # fmt: skip
+    wait_for(
+        lambda: job_gone(slurm_env, job),
+        300,
+        lambda: f"job {job} to reach its limit:\n{log(timed_log)[-3000:]}",
+        slurm_env,
+    )
     first = stopped_at(timed_log)
     assert state(job) == "TIMEOUT" and f"continue with: scontrol requeue {job}" in log(timed_log)
 
     job, cancelled_log = submit(slurm_env, tmp_path, "train.steps=100000", *overrides)
-    wait_for(lambda: latest_step(log(cancelled_log)) >= first + 20, 300,
-             lambda: f"job {job} to resume and train:\n{log(cancelled_log)[-3000:]}", slurm_env)  # fmt: skip
+    wait_for(
+        lambda: latest_step(log(cancelled_log)) >= first + 20,
+        300,
+        lambda: f"job {job} to resume and train:\n{log(cancelled_log)[-3000:]}",
+        slurm_env,
+    )
     subprocess.run(["scancel", job], env=slurm_env, check=True)
-    wait_for(lambda: job_gone(slurm_env, job), 120, lambda: f"job {job} to end:\n{log(cancelled_log)[-3000:]}", slurm_env)
+    wait_for(
+        lambda: job_gone(slurm_env, job), 120, lambda: f"job {job} to end:\n{log(cancelled_log)[-3000:]}", slurm_env
+    )
     text = log(cancelled_log)
     second = stopped_at(cancelled_log)
     assert f"at step {first}" in text.split("Resumed from")[1].splitlines()[0]
@@ -224,10 +285,14 @@ def test_time_limit_and_scancel_save_and_the_job_resumes(slurm_env, tmp_path, ti
 
     resume_unavailable_nodes(slurm_env)
     job, final_log = submit(slurm_env, tmp_path, f"train.steps={second + 2}", *overrides)
-    wait_for(lambda: job_gone(slurm_env, job), 300, lambda: f"job {job} to finish:\n{log(final_log)[-3000:]}", slurm_env)
+    wait_for(
+        lambda: job_gone(slurm_env, job), 300, lambda: f"job {job} to finish:\n{log(final_log)[-3000:]}", slurm_env
+    )
     text = log(final_log)
     assert f"at step {second}" in text.split("Resumed from")[1].splitlines()[0], text[-3000:]
     assert "LoRA exported to" in text
     ckpts = tmp_path / "outputs/terminated/checkpoints"
     assert [json.loads((ckpts / d / "checkpoint.json").read_text())["step"] for d in sorted(os.listdir(ckpts))] == [
-        second, second + 2]  # fmt: skip
+        second,
+        second + 2,
+    ]

@@ -153,12 +153,14 @@ def test_tma_loads_equal_pointer_loads_and_odd_layouts_fall_back(monkeypatch):
 
     mask = radial_block_mask(3, 40, block_size=32)
     inputs = random_inputs((1, 2, 120, 64), torch.float32, "cpu")  # 120 tokens: the last block partial
-    plain = run(block_sparse_attention, inputs, torch.float32, block_mask=mask, block_size=32,
-                kernels=KernelChoice(tma="none"))  # fmt: skip
+    plain = run(
+        block_sparse_attention, inputs, torch.float32, block_mask=mask, block_size=32, kernels=KernelChoice(tma="none")
+    )
     chosen = []
     monkeypatch.setattr(op, "tma_ok", lambda *args: chosen.append((args[0], tma_ok(*args))) or chosen[-1][1])
-    tma = run(block_sparse_attention, inputs, torch.float32, block_mask=mask, block_size=32,
-              kernels=KernelChoice(tma="all"))  # fmt: skip
+    tma = run(
+        block_sparse_attention, inputs, torch.float32, block_mask=mask, block_size=32, kernels=KernelChoice(tma="all")
+    )
     assert chosen == [("fwd", True), ("dkdv", True), ("dq", True)]
     for name, a, b in zip(["out", "dq", "dk", "dv"], plain, tma):
         assert torch.equal(a, b), name
@@ -195,8 +197,14 @@ def test_the_interpreter_path_imports_no_gluon():
         "assert q.grad is not None\n"
         "print(sorted(m for m in sys.modules if m.startswith('radial_lora') and 'gluon' in m))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]", proc.stdout
 

@@ -102,8 +102,17 @@ def test_wandb_mode_from_environment_wins(train_cli):
 def test_a_diverging_run_stops_before_saving(train_cli):
     """A learning rate that blows the LoRA up: the first non-finite step stops every process with a
     one-line error, before anything is saved, so the checkpoints from before it survive."""
-    proc = train_cli(*FAST, "train.steps=6", "train.checkpoint_every=1", "train.keep_last=1", "optim.lr=1e30",
-                     "optim.warmup_steps=0", "logger.mode=disabled", "name=nan", check=False)  # fmt: skip
+    proc = train_cli(
+        *FAST,
+        "train.steps=6",
+        "train.checkpoint_every=1",
+        "train.keep_last=1",
+        "optim.lr=1e30",
+        "optim.warmup_steps=0",
+        "logger.mode=disabled",
+        "name=nan",
+        check=False,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
     step = int(line.split("non-finite loss or gradient at step ")[1].split()[0])

@@ -28,10 +28,22 @@ def composed(tmp_path, tiny_model_dir, demo_videos_dir):
     def make(*overrides: str):
         register_configs()
         with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-            cfg = compose("train", overrides=[
-                "data=videos", f"model.path={tiny_model_dir}", f"data.root={demo_videos_dir}", *DEMO_DATA,
-                "data.frames=[9]", "data.sizes=[[32,32]]", "data.num_workers=0", "logger.mode=disabled",
-                f"output_root={tmp_path}", *STEPS, *overrides])  # fmt: skip
+            cfg = compose(
+                "train",
+                overrides=[
+                    "data=videos",
+                    f"model.path={tiny_model_dir}",
+                    f"data.root={demo_videos_dir}",
+                    *DEMO_DATA,
+                    "data.frames=[9]",
+                    "data.sizes=[[32,32]]",
+                    "data.num_workers=0",
+                    "logger.mode=disabled",
+                    f"output_root={tmp_path}",
+                    *STEPS,
+                    *overrides,
+                ],
+            )
         return typed_config(cfg), OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
     yield make

@@ -55,8 +55,14 @@ def own_videos(tmp_path_factory) -> Path:
 def test_own_videos_are_read_and_never_touched(own_videos, tmp_path, tiny_model_dir):
     """The README's own-videos command, on a folder the demo generator would once have wiped."""
     before = snapshot(own_videos)
-    proc = run_train(tmp_path, f"data.root={own_videos}", f"model.path={tiny_model_dir}", *FAST, "train.steps=2",
-                     "data.num_workers=1")  # fmt: skip
+    proc = run_train(
+        tmp_path,
+        f"data.root={own_videos}",
+        f"model.path={tiny_model_dir}",
+        *FAST,
+        "train.steps=2",
+        "data.num_workers=1",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data.root names your videos: using data=videos" in proc.stdout
     assert "data: 2 clips" in proc.stdout  # the .webm and the nested .mkv, not generated clips
@@ -108,6 +114,7 @@ def test_resume_continues_the_run_as_it_was(train_cli):
     may not change; the first config and every start's copy stay in the run folder."""
     run = train_cli.cwd / "outputs/r"
     train_cli(*FAST, "name=r", "lora.rank=4", "lora.alpha=4", "train.steps=3", "train.checkpoint_every=3")
+
     def resume(*overrides):  # exactly the README's command, plus the changes asked for
         return run_train(train_cli.cwd, "name=r", "train.resume=latest", *overrides)
 
@@ -154,8 +161,16 @@ def test_a_signal_to_the_process_group_saves_and_resumes_exactly(sig, train_cli,
     straight = train_cli(*common, "name=straight")
     assert straight.returncode == 0
     cwd = train_cli.cwd
-    args = [sys.executable, "-m", "radial_lora.train", f"model.path={tiny_model_dir}", f"data.root={demo_videos_dir}",
-            *DEMO_DATA, *common, "name=cut"]  # fmt: skip (what train_cli runs)
+    args = [
+        sys.executable,
+        "-m",
+        "radial_lora.train",
+        f"model.path={tiny_model_dir}",
+        f"data.root={demo_videos_dir}",
+        *DEMO_DATA,
+        *common,
+        "name=cut",
+    ]  # what train_cli runs
     with open(cwd / "cut.out", "w") as out, open(cwd / "cut.err", "w") as err:
         # The requeue note a batch script asks for (scripts/slurm/train.sbatch sets this variable).
         env = {**os.environ, "RADIAL_LORA_PREEMPTED_FILE": str(cwd / "preempted")}
@@ -193,8 +208,9 @@ def test_flex_attention_on_cpu_is_a_one_line_error(train_cli):
 
 
 def test_help_says_what_each_key_means():
-    proc = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith("  ") and line.split()}
     assert "Peak learning rate" in lines["optim.lr"] and "Rank r" in lines["lora.rank"]
@@ -204,9 +220,15 @@ def test_help_says_what_each_key_means():
 def test_inspect_checks_with_the_runs_settings(own_videos, tmp_path):
     """scripts.inspect_data with training's overrides, and with a run's saved config: the same clips the
     run sees (its defaults are the videos data group's, not a size of their own)."""
+
     def inspect(*args):
-        return subprocess.run([sys.executable, "-m", "radial_lora.scripts.inspect_data", *args], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "radial_lora.scripts.inspect_data", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     default = inspect(str(own_videos))  # videos.yaml: 81 frames at 16 fps, longer than these clips
     assert default.returncode == 1 and "frames [81]" in default.stdout and "too_short" in default.stdout
@@ -214,8 +236,9 @@ def test_inspect_checks_with_the_runs_settings(own_videos, tmp_path):
     assert short.returncode == 0 and "2 usable clips" in short.stdout and "9 frames at 32x32" in short.stdout
     run = tmp_path / "outputs/x"
     run.mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create({"data": {"root": str(own_videos), "frames": [17], "sizes": [[48, 48]]}}),
-                   run / "config.yaml")  # fmt: skip
+    OmegaConf.save(
+        OmegaConf.create({"data": {"root": str(own_videos), "frames": [17], "sizes": [[48, 48]]}}), run / "config.yaml"
+    )
     saved = inspect("--run", str(run))
     assert saved.returncode == 0 and "2 usable clips" in saved.stdout and "17 frames at 48x48" in saved.stdout
 
@@ -292,8 +315,15 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(train_cli, small_disk):
-    proc = train_cli(*FAST, "name=full", f"output_root={small_disk}", "train.steps=4", "train.checkpoint_every=1",
-                     "train.keep_last=1", check=False)  # fmt: skip
+    proc = train_cli(
+        *FAST,
+        "name=full",
+        f"output_root={small_disk}",
+        "train.steps=4",
+        "train.checkpoint_every=1",
+        "train.keep_last=1",
+        check=False,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert "could not write checkpoint step_00000" in line and "No space left on device" in line
@@ -343,19 +373,33 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(train_cli, tmp_path, im
     immutable(root)
     proc = train_cli(*FAST, "name=refused", f"output_root={root}", "train.steps=2", check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert proc.stderr.strip() == f"error: cannot write the run folder {root}/refused (output_root/name): " \
-                                  "Operation not permitted"  # fmt: skip
+    assert (
+        proc.stderr.strip() == f"error: cannot write the run folder {root}/refused (output_root/name): "
+        "Operation not permitted"
+    )
 
 
-def test_a_permission_error_mid_run_is_one_line_and_keeps_the_last_checkpoint(train_cli, tiny_model_dir,
-                                                                             demo_videos_dir, immutable):  # fmt: skip
+def test_a_permission_error_mid_run_is_one_line_and_keeps_the_last_checkpoint(
+    train_cli, tiny_model_dir, demo_videos_dir, immutable
+):
     """The checkpoints folder stops accepting writes while the run trains (an operator's chmod, a
     quota, a remount): the run ends at its next checkpoint with one line naming the folder and the
     cause, and every checkpoint it leaves is complete."""
     cwd = train_cli.cwd
-    args = [sys.executable, "-m", "radial_lora.train", f"model.path={tiny_model_dir}", f"data.root={demo_videos_dir}",
-            *DEMO_DATA, *FAST, "name=locked", "train.steps=200", "train.checkpoint_every=2", "train.keep_last=0",
-            "data.num_workers=1"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "radial_lora.train",
+        f"model.path={tiny_model_dir}",
+        f"data.root={demo_videos_dir}",
+        *DEMO_DATA,
+        *FAST,
+        "name=locked",
+        "train.steps=200",
+        "train.checkpoint_every=2",
+        "train.keep_last=0",
+        "data.num_workers=1",
+    ]
     ckpts = cwd / "outputs/locked/checkpoints"
     with open(cwd / "locked.err", "w") as err:
         proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err)

@@ -105,14 +105,23 @@ def run(dict_cfg: DictConfig) -> None:
             if saved_at:
                 folder = saved_at[0]
                 saved_choices = OmegaConf.load(folder / CHOICES) if (folder / CHOICES).is_file() else None
-                effective, changes = resume_config(OmegaConf.load(folder / RUN_CONFIG), dict_cfg, overrides,
-                                                   checkpoint_step(resume_from), saved_choices)  # fmt: skip
+                effective, changes = resume_config(
+                    OmegaConf.load(folder / RUN_CONFIG),
+                    dict_cfg,
+                    overrides,
+                    checkpoint_step(resume_from),
+                    saved_choices,
+                )
                 choices = resumed_choices(dict(saved_choices) if saved_choices else None, choices, overrides)
-                notes.append(f"resume: the run's config from {folder / RUN_CONFIG}"
-                             + "".join(f"\n  changed on the command line: {c}" for c in changes))  # fmt: skip
+                notes.append(
+                    f"resume: the run's config from {folder / RUN_CONFIG}"
+                    + "".join(f"\n  changed on the command line: {c}" for c in changes)
+                )
             else:
-                notes.append(f"resume: {resume_from} keeps no config (an older checkpoint): running the config as "
-                             "composed from the command line")  # fmt: skip
+                notes.append(
+                    f"resume: {resume_from} keeps no config (an older checkpoint): running the config as "
+                    "composed from the command line"
+                )
         effective, overridden = kernel_overrides(effective)
         notes.extend(overridden)
         cfg = typed_config(effective)

@@ -109,13 +109,16 @@ def load_checkpoint(accelerator, checkpoint: Path, **load_kwargs) -> dict:
             return json.loads(path.read_text())
         # Written by versions that let accelerate pickle these two: plain dicts, which a
         # weights_only load reads without running anything.
-        scheduler, state = (torch.load(Path(checkpoint, f"custom_checkpoint_{i}.pkl"), weights_only=True)
-                            for i in (0, 1))  # fmt: skip
+        scheduler, state = (
+            torch.load(Path(checkpoint, f"custom_checkpoint_{i}.pkl"), weights_only=True) for i in (0, 1)
+        )
         return {"train_state": state, "lr_scheduler": scheduler}
     except pickle.UnpicklingError as err:
         why = str(err).strip().splitlines()[-1][:200]
-        raise ConfigError(f"{checkpoint}: refused to load a file that holds more than tensors and plain data "
-                          f"(loading it could run code): {why}") from None
+        raise ConfigError(
+            f"{checkpoint}: refused to load a file that holds more than tensors and plain data "
+            f"(loading it could run code): {why}"
+        ) from None
 
 
 PICKLE_SUFFIXES = (".pkl", ".bin", ".pt", ".pth")
@@ -199,14 +202,25 @@ def check_same_base_model(checkpoint: Path, fingerprint: str | None, model_sourc
     optimizer state mean nothing there). Checkpoints without a fingerprint pass."""
     saved = json.loads(Path(checkpoint, MARKER_FILE).read_text()).get("model_fingerprint")
     if saved is not None and fingerprint is not None and saved != fingerprint:
-        raise ConfigError(f"{model_source}: the base model's weights differ from those {checkpoint.name} was trained "
-                          f"on (fingerprint {fingerprint}, checkpoint {saved}); resume on the same weights, or start "
-                          "a new run (name=NEW)")  # fmt: skip
+        raise ConfigError(
+            f"{model_source}: the base model's weights differ from those {checkpoint.name} was trained "
+            f"on (fingerprint {fingerprint}, checkpoint {saved}); resume on the same weights, or start "
+            "a new run (name=NEW)"
+        )
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, keep_last: int, train_state: dict, export=None,
-                    config: dict | None = None, choices: dict | None = None, model_fingerprint: str | None = None,
-                    **save_kwargs) -> Path:  # fmt: skip
+def save_checkpoint(
+    accelerator,
+    run_dir: Path,
+    step: int,
+    keep_last: int,
+    train_state: dict,
+    export=None,
+    config: dict | None = None,
+    choices: dict | None = None,
+    model_fingerprint: str | None = None,
+    **save_kwargs,
+) -> Path:
     """Save a checkpoint for `step` atomically and delete all but the newest `keep_last` (0: keep all).
 
     `export(folder)`, if given, writes extra files (the LoRA export) into the checkpoint before it
@@ -257,8 +271,10 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep_last: int, train
             for leftover in final.parent.glob(f"*{_DELETING}"):  # from a run killed mid-rotation
                 shutil.rmtree(leftover)
         except OSError as err:  # the new checkpoint is complete: training goes on, the user is told
-            message = (f"warning: could not delete an old checkpoint: {err.strerror or err} ({err.filename}); "
-                       f"{final.name} is complete, training goes on")  # fmt: skip
+            message = (
+                f"warning: could not delete an old checkpoint: {err.strerror or err} ({err.filename}); "
+                f"{final.name} is complete, training goes on"
+            )
             print(message, file=sys.stderr, flush=True)
             logging.getLogger("radial_lora.run").warning(message)  # train.log
     accelerator.wait_for_everyone()
@@ -286,13 +302,17 @@ def write_error(what: str, err: OSError, run_dir: Path) -> CheckpointWriteError:
     """The one-line error for a failed write, naming the path, the cause and what is left."""
     where = err.filename or run_dir
     kept = checkpoint_dirs(run_dir)
-    left = (f"the newest complete checkpoint, {kept[-1].name}, is intact: fix that and continue with "
-            "train.resume=latest") if kept else "no checkpoint was saved yet"  # fmt: skip
+    left = (
+        (f"the newest complete checkpoint, {kept[-1].name}, is intact: fix that and continue with train.resume=latest")
+        if kept
+        else "no checkpoint was saved yet"
+    )
     return CheckpointWriteError(f"could not write {what}: {err.strerror or err} ({where}); {left}")
 
 
-def raise_if_any_failed(accelerator, error: OSError | None, what: str, run_dir: Path,
-                        partial: Path | None = None) -> None:  # fmt: skip
+def raise_if_any_failed(
+    accelerator, error: OSError | None, what: str, run_dir: Path, partial: Path | None = None
+) -> None:
     """A collective: every process raises if any failed to write its part of `what` (its own
     error, or word of another's), after the partial folder is removed, so the space is given back.
     No process is left waiting in a later collective for one that gave up."""

@@ -96,8 +96,11 @@ def step_checks(accelerator, step_losses: torch.Tensor, grad_norm, stop_received
 def diverged_error(step: int, step_losses: torch.Tensor, grad_norm, run_dir: Path) -> TrainingDiverged:
     """The one line a diverged run ends with: where it stopped and how to go on."""
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))  # none yet: empty
-    restart = (f"Newest checkpoint: {kept[-1]}; resume from it (train.resume=latest)" if kept else
-               "No checkpoint yet; start again")  # fmt: skip
+    restart = (
+        f"Newest checkpoint: {kept[-1]}; resume from it (train.resume=latest)"
+        if kept
+        else "No checkpoint yet; start again"
+    )
     norm = float(grad_norm) if grad_norm is not None else 0.0
     return TrainingDiverged(
         f"non-finite loss or gradient at step {step} (loss {step_losses.tolist()}, grad norm {norm:.3g}); "
@@ -186,8 +189,10 @@ def build(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
     accelerator = make_accelerator(cfg, run_dir)
     device, main = accelerator.device, accelerator.is_main_process
     if cfg.attention.backend == AttentionBackend.flex and device.type != "cuda":
-        raise ConfigError("attention.backend=flex: PyTorch's FlexAttention has no backward on CPU; train with "
-                          "attention.backend=triton (its CPU interpreter, TRITON_INTERPRET=1) or reference")  # fmt: skip
+        raise ConfigError(
+            "attention.backend=flex: PyTorch's FlexAttention has no backward on CPU; train with "
+            "attention.backend=triton (its CPU interpreter, TRITON_INTERPRET=1) or reference"
+        )
 
     def say(message: str) -> None:
         """Print once per run (accelerator.print prints once per node), and keep it in train.log."""
@@ -222,9 +227,14 @@ def build(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
         counts = [[*bucket, n] for bucket, n in catalog.bucket_counts().items()]
         Path(run_dir, CLIPS_FILE).write_text(json.dumps({"buckets_frames_height_width_count": counts}) + "\n")
     dataset = ClipDataset(
-        clips, fps=cfg.data.fps, seed=cfg.train.seed, on_error=cfg.data.on_error.value,
-        decode_threads=cfg.data.decode_threads, random_window=cache is None, cache=cache,
-    )  # fmt: skip
+        clips,
+        fps=cfg.data.fps,
+        seed=cfg.train.seed,
+        on_error=cfg.data.on_error.value,
+        decode_threads=cfg.data.decode_threads,
+        random_window=cache is None,
+        cache=cache,
+    )
 
     # --- model: pretrained pipeline, our self-attention, LoRA on the transformer ---
     with accelerator.main_process_first():  # rank 0 builds the tiny demo model if it is missing
@@ -255,7 +265,10 @@ def build(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
     )
     # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
     lr_scheduler = get_scheduler(
-        cfg.optim.scheduler.value, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.train.steps
+        cfg.optim.scheduler.value,
+        optimizer,
+        num_warmup_steps=cfg.optim.warmup_steps,
+        num_training_steps=cfg.train.steps,
     )
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     model_dtype = model_input_dtype(cfg, accelerator, model_dtype)
@@ -274,13 +287,20 @@ def build(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
             for group, lr in zip(optimizer.param_groups, lr_scheduler.get_lr()):
                 group["lr"] = lr
             lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-            say(f"optim.lr={cfg.optim.lr} from now on (the learning rate is {lr_scheduler._last_lr[0]:.3g} at this step)")
+            say(
+                f"optim.lr={cfg.optim.lr} from now on (the learning rate is {lr_scheduler._last_lr[0]:.3g} at this step)"
+            )
 
     sampler = BucketBatchSampler(
-        [c.bucket for c in clips], cfg.data.batch_size, cfg.train.seed, data_rank,
-        data_ranks, start=state.batches_seen, sources=[c.source for c in clips],
+        [c.bucket for c in clips],
+        cfg.data.batch_size,
+        cfg.train.seed,
+        data_rank,
+        data_ranks,
+        start=state.batches_seen,
+        sources=[c.source for c in clips],
         weights=[s.weight for s in cfg.data.sources()],
-    )  # fmt: skip
+    )
     workers = cfg.data.num_workers
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -300,10 +320,27 @@ def build(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
 
     start_tracking(accelerator, cfg.logger, cfg.name, run_dir, resolved_config)
     accelerator.log({f"data/rejected/{r}": n for r, n in catalog.counts.items()} | {"data/clips": len(clips)}, step=0)
-    return Run(cfg=cfg, run_dir=run_dir, accelerator=accelerator, pipe=pipe, transformer=transformer, params=params,
-               optimizer=optimizer, lr_scheduler=lr_scheduler, state=state, batches=batches, model_dtype=model_dtype,
-               data_rank=data_rank, data_ranks=data_ranks, catalog=catalog, clips=clips, fingerprint=fingerprint,
-               save_kwargs=save_kwargs, stop=stop, say=say)  # fmt: skip
+    return Run(
+        cfg=cfg,
+        run_dir=run_dir,
+        accelerator=accelerator,
+        pipe=pipe,
+        transformer=transformer,
+        params=params,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        state=state,
+        batches=batches,
+        model_dtype=model_dtype,
+        data_rank=data_rank,
+        data_ranks=data_ranks,
+        catalog=catalog,
+        clips=clips,
+        fingerprint=fingerprint,
+        save_kwargs=save_kwargs,
+        stop=stop,
+        say=say,
+    )
 
 
 def train_step(run: Run, micro_batches: list[dict]) -> StepResult:
@@ -324,8 +361,9 @@ def train_step(run: Run, micro_batches: list[dict]) -> StepResult:
             posteriors = posterior_params(run.pipe.vae, batch["frames"])
             text = encode_captions(run.pipe, batch["captions"], cfg.model.max_text_tokens, device)
         first = run.data_rank * cfg.data.batch_size  # this slice's place in the global batch
-        gens = [sample_generator(cfg.train.seed, state.batches_seen, first + j, device)
-                for j in range(posteriors.shape[0])]  # fmt: skip
+        gens = [
+            sample_generator(cfg.train.seed, state.batches_seen, first + j, device) for j in range(posteriors.shape[0])
+        ]
         state.batches_seen += 1
         latents, sigmas, noise = noisy_inputs(run.pipe.vae, posteriors, gens, cfg.train.timesteps, device)
         with accelerator.accumulate(run.transformer):
@@ -347,8 +385,13 @@ def train_step(run: Run, micro_batches: list[dict]) -> StepResult:
     return StepResult(losses=step_losses, grad_norm=grad_norm, stop=stop)
 
 
-def train(cfg: Config, resolved_config: dict, resume_from: Path | None = None, notes: list[str] = (),
-          choices: dict | None = None) -> RunResult:  # fmt: skip
+def train(
+    cfg: Config,
+    resolved_config: dict,
+    resume_from: Path | None = None,
+    notes: list[str] = (),
+    choices: dict | None = None,
+) -> RunResult:
     """Run training as configured, from `resume_from` (a checkpoint folder) if given; `notes` are
     lines for the log (what a resume changed). `resolved_config` goes into W&B and, with `choices`
     (the config group options), into every checkpoint."""
@@ -394,8 +437,9 @@ def train(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
             metrics |= {f"data/skipped/{r}": n for r, n in run.total_skipped().items()}
             accelerator.log(metrics, step=state.step)
             if run.main:
-                log.info("step %d/%d: %s", state.step, cfg.train.steps,
-                         ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))  # fmt: skip
+                log.info(
+                    "step %d/%d: %s", state.step, cfg.train.steps, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                )
             step_times.append(step_time)
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{metrics['lr']:.2e}")
             losses, last_log_time, last_log_step = [], now, state.step
@@ -405,9 +449,18 @@ def train(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
         stopping = step.stop and state.step < stop_at
         if (every > 0 and state.step % every == 0) or state.step == stop_at or stopping:
             train_state = {"train_state": state.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict()}
-            result.checkpoint = save_checkpoint(accelerator, run.run_dir, state.step, cfg.train.keep_last, train_state,
-                                                export=run.export, config=resolved_config, choices=choices,
-                                                model_fingerprint=run.fingerprint, **run.save_kwargs)  # fmt: skip
+            result.checkpoint = save_checkpoint(
+                accelerator,
+                run.run_dir,
+                state.step,
+                cfg.train.keep_last,
+                train_state,
+                export=run.export,
+                config=resolved_config,
+                choices=choices,
+                model_fingerprint=run.fingerprint,
+                **run.save_kwargs,
+            )
         if stopping:
             stopped_early()
             break
@@ -415,9 +468,11 @@ def train(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
     if len(step_times) > 2:  # the first steps include compilation, autotuning and warm-up
         median = sorted(step_times[2:])[len(step_times[2:]) // 2]
         memory = "GPU memory allocated" if device.type == "cuda" else "resident memory"
-        say(f"throughput: {samples_per_step / median:.3f} samples/s on {accelerator.num_processes} processes "
+        say(
+            f"throughput: {samples_per_step / median:.3f} samples/s on {accelerator.num_processes} processes "
             f"(median step {median:.3f} s after the first 2 logged); peak {memory} {peak_memory_gb(device):.2f} GB "
-            f"on rank 0")  # fmt: skip
+            f"on rank 0"
+        )
     say(f"data: clips failing to decode mid-run (each replaced by another): {run.total_skipped().summary()}")
     result.step = state.step
     if result.stopped_by is None:  # an interrupted run has its LoRA in the checkpoint, not in lora/

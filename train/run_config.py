@@ -137,8 +137,13 @@ def _select(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
 
 
-def resume_config(saved: DictConfig, composed: DictConfig, overrides: list[str], checkpoint_step: int,
-                  saved_choices: dict[str, str] | None = None) -> tuple[DictConfig, list[str]]:  # fmt: skip
+def resume_config(
+    saved: DictConfig,
+    composed: DictConfig,
+    overrides: list[str],
+    checkpoint_step: int,
+    saved_choices: dict[str, str] | None = None,
+) -> tuple[DictConfig, list[str]]:
     """The checkpoint's config with the command line's explicit changes on top; (config, changes).
 
     `saved` is the resolved config the checkpoint was written under (and `saved_choices` its group
@@ -169,8 +174,9 @@ def resume_config(saved: DictConfig, composed: DictConfig, overrides: list[str],
     return merged, changes
 
 
-def write_start(run_dir: Path, effective: DictConfig, overrides: list[str], choices: dict[str, str],
-                fresh: bool) -> Path:  # fmt: skip
+def write_start(
+    run_dir: Path, effective: DictConfig, overrides: list[str], choices: dict[str, str], fresh: bool
+) -> Path:
     """Keep this start's config, group options and command line in `starts/<UTC time>/` (and, on a
     fresh start, the config and options as the run's own); returns the start's folder. Call on one
     process only."""
@@ -204,8 +210,9 @@ class RunFolderCheck(Callback):
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as err:
-            raise SystemExit(f"error: cannot write the run folder {folder} (output_root/name): "
-                             f"{err.strerror or err}") from None  # fmt: skip
+            raise SystemExit(
+                f"error: cannot write the run folder {folder} (output_root/name): {err.strerror or err}"
+            ) from None
 
 
 def kernel_overrides(cfg: DictConfig) -> tuple[DictConfig, list[str]]:

@@ -75,8 +75,9 @@ def check(variants) -> bool:
             x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
             out = block_sparse_attention_reference(*x, mask, block_size=128)
             out.backward(d_out.to(dtype))
-            expected.append({"out": out.float(), "dq": x[0].grad.float(), "dk": x[1].grad.float(),
-                             "dv": x[2].grad.float()})  # fmt: skip
+            expected.append(
+                {"out": out.float(), "dq": x[0].grad.float(), "dk": x[1].grad.float(), "dv": x[2].grad.float()}
+            )
         budget = {name: 2 * (expected[1][name] - ref).abs().max().item() for name, ref in expected[0].items()}
         inputs, indices = prepare(*(t.bfloat16() for t in (q, k, v, d_out)), mask)
         names = {"forward": ("out",), "fused": ("dq", "dk", "dv"), "dkdv": ("dk", "dv"), "dq": ("dq",)}
@@ -86,9 +87,12 @@ def check(variants) -> bool:
             errors = {n: (g.float() - expected[0][n]).abs().max().item() for n, g in zip(names[kernel], got)}
             bad = [n for n, e in errors.items() if not e <= budget[n]]
             ok &= not bad
-            print(f"check S={seq} D={dim} decay {decay}{' empty row/col' if empty else ''} {label}: "
-                  + " ".join(f"{n} {e:.1e}/{budget[n]:.1e}" for n, e in errors.items())
-                  + (f"  FAIL {bad}" if bad else "  ok"), flush=True)  # fmt: skip
+            print(
+                f"check S={seq} D={dim} decay {decay}{' empty row/col' if empty else ''} {label}: "
+                + " ".join(f"{n} {e:.1e}/{budget[n]:.1e}" for n, e in errors.items())
+                + (f"  FAIL {bad}" if bad else "  ok"),
+                flush=True,
+            )
     return ok
 
 
@@ -104,14 +108,22 @@ def knob_set(knob):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernels", nargs="+", choices=list(KERNEL_TILE), default=list(KERNEL_TILE))
-    parser.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=V1,V2",
-                        help="also time each value of a tile knob (heavy-first order)")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=V1,V2",
+        help="also time each value of a tile knob (heavy-first order)",
+    )
     parser.add_argument("--decays", type=float, nargs="+", default=[1.0, 0.2])
     args = parser.parse_args()
 
     variants = []  # (label, kernel, heavy_first, knob)
     for kernel in args.kernels:
-        variants += [(f"{kernel:8s} block order", kernel, False, None), (f"{kernel:8s} heavy first", kernel, True, None)]
+        variants += [
+            (f"{kernel:8s} block order", kernel, False, None),
+            (f"{kernel:8s} heavy first", kernel, True, None),
+        ]
     for spec in args.set:
         name, values = spec.split("=")
         table, key = name.split(".")
@@ -131,8 +143,9 @@ def main():
         inputs, indices = prepare(q, k, v, d_out, mask)
         for label, kernel, heavy_first, knob in variants:
             with knob_set(knob):
-                ms = triton.testing.do_bench(lambda: run(kernel, inputs, indices, heavy_first), warmup=300, rep=1500,
-                                             return_mode="median")  # fmt: skip
+                ms = triton.testing.do_bench(
+                    lambda: run(kernel, inputs, indices, heavy_first), warmup=300, rep=1500, return_mode="median"
+                )
             products = {"forward": 1.0, "fused": 2.5, "dkdv": 2.0, "dq": 1.5}[kernel]  # forward's FLOPs x
             tflops = products * 4 * seq * seq * dim * heads * density / ms / 1e9
             print(f"decay {decay} density {density:.3f} {label:40s} {ms:8.2f} ms {tflops:6.1f} TFLOP/s", flush=True)

@@ -35,19 +35,38 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from radial_lora.kernels import gluon_kernels as ga
 from radial_lora.kernels import triton_kernels as tk
 
-KERNELS = {"fwd": tk.forward_kernel, "dkdv": tk.dkdv_kernel, "dq": tk.dq_kernel, "gluon": ga.forward_kernel,
-           "gluon_dkdv": ga.dkdv_kernel, "gluon_dq": ga.dq_kernel, "gluon_fused": ga.fused_backward_kernel}
+KERNELS = {
+    "fwd": tk.forward_kernel,
+    "dkdv": tk.dkdv_kernel,
+    "dq": tk.dq_kernel,
+    "gluon": ga.forward_kernel,
+    "gluon_dkdv": ga.dkdv_kernel,
+    "gluon_dq": ga.dq_kernel,
+    "gluon_fused": ga.fused_backward_kernel,
+}
 # The tiles the H100 autotuning picked (kernels/triton_kernels.py): (BLOCK_M, BLOCK_N, warps, stages).
-TUNED = {"fwd": (128, 128, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2),
-         "gluon": (128, ga.FORWARD_TILE["BLOCK_N"], 4, ga.FORWARD_TILE["STAGES"]),  # 4 warps + two 4-warp partitions
-         "gluon_dkdv": (ga.DKDV_TILE["BLOCK_M"], 128, 4, ga.DKDV_TILE["STAGES"]),
-         "gluon_dq": (128, ga.DQ_TILE["BLOCK_N"], 4, ga.DQ_TILE["STAGES"]),
-         "gluon_fused": (ga.FUSED_TILE["BLOCK_M"], 128, 4, ga.FUSED_TILE["STAGES"])}
+TUNED = {
+    "fwd": (128, 128, 8, 3),
+    "dkdv": (64, 64, 4, 2),
+    "dq": (128, 128, 8, 2),
+    "gluon": (128, ga.FORWARD_TILE["BLOCK_N"], 4, ga.FORWARD_TILE["STAGES"]),  # 4 warps + two 4-warp partitions
+    "gluon_dkdv": (ga.DKDV_TILE["BLOCK_M"], 128, 4, ga.DKDV_TILE["STAGES"]),
+    "gluon_dq": (128, ga.DQ_TILE["BLOCK_N"], 4, ga.DQ_TILE["STAGES"]),
+    "gluon_fused": (ga.FUSED_TILE["BLOCK_M"], 128, 4, ga.FUSED_TILE["STAGES"]),
+}
 # SASS instructions counted (USETMAXREG: the register hand-over between warp-specialized partitions).
-COUNTED = {"HGMMA": r"HGMMA", "UTMALDG": r"UTMALDG", "UTMAREDG": r"UTMAREDG", "LDGSTS": r"LDGSTS",
-           "MUFU.EX2": r"MUFU\.EX2", "WARPGROUP.DEPBAR": r"WARPGROUP\.DEPBAR",
-           "DEPBAR.LE 1": r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1", "SYNCS": r"SYNCS",
-           "spill STL/LDL": r"\b(?:STL|LDL)\b", "USETMAXREG": r"USETMAXREG"}  # fmt: skip
+COUNTED = {
+    "HGMMA": r"HGMMA",
+    "UTMALDG": r"UTMALDG",
+    "UTMAREDG": r"UTMAREDG",
+    "LDGSTS": r"LDGSTS",
+    "MUFU.EX2": r"MUFU\.EX2",
+    "WARPGROUP.DEPBAR": r"WARPGROUP\.DEPBAR",
+    "DEPBAR.LE 1": r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1",
+    "SYNCS": r"SYNCS",
+    "spill STL/LDL": r"\b(?:STL|LDL)\b",
+    "USETMAXREG": r"USETMAXREG",
+}
 
 
 def signature(fn) -> tuple[dict, list[int]]:
@@ -88,10 +107,12 @@ def compile_sass(kernel: str, block, warps: int, stages: int, tma: bool) -> tupl
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
     try:
-        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout  # fmt: skip
-        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout  # fmt: skip
+        sass = subprocess.run(
+            [str(tools / "cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
+        usage = subprocess.run(
+            [str(tools / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     finally:
         os.unlink(f.name)
     counts = {name: len(re.findall(pattern, sass)) for name, pattern in COUNTED.items()}

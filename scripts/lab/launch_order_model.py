@@ -40,16 +40,20 @@ def main():
     for decay in (1.0, 0.2):
         mask = radial_block_mask(args.frames, args.tokens_per_frame, decay=decay)
         kv_count, _, kv_order, q_count, _, q_order = compact_mask(mask)
-        for name, count, order in (("key blocks (dK/dV, one kernel)", q_count, q_order),
-                                   ("query blocks (forward, dQ)", kv_count, kv_order)):  # fmt: skip
+        for name, count, order in (
+            ("key blocks (dK/dV, one kernel)", q_count, q_order),
+            ("query blocks (forward, dQ)", kv_count, kv_order),
+        ):
             cost = [float(c) + args.fixed_cost for c in count.tolist()]
             block_order = [c for _ in range(args.heads) for c in cost]
             heavy_first = [cost[i] for _ in range(args.heads) for i in order.tolist()]
             ideal = sum(block_order) / args.sms
             full = int((count == len(count)).sum())  # blocks kept by every row or column: the sink
-            print(f"decay {decay} {name:32s} {full} full, max/mean kept {max(cost) / (sum(cost) / len(cost)):.1f}x  "
-                  f"block order {makespan(block_order, args.sms) / ideal - 1:6.1%} over ideal, "
-                  f"heavy first {makespan(heavy_first, args.sms) / ideal - 1:6.1%}")  # fmt: skip
+            print(
+                f"decay {decay} {name:32s} {full} full, max/mean kept {max(cost) / (sum(cost) / len(cost)):.1f}x  "
+                f"block order {makespan(block_order, args.sms) / ideal - 1:6.1%} over ideal, "
+                f"heavy first {makespan(heavy_first, args.sms) / ideal - 1:6.1%}"
+            )
 
 
 if __name__ == "__main__":

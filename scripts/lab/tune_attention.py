@@ -34,13 +34,36 @@ from radial_lora.scripts.report import write_report
 # (BLOCK_M, BLOCK_N, warps, stages): the tiles that fit Hopper's registers and shared memory at
 # head dim 128 (scripts/lab/kernel_sass.py shows which spill), around the current winners.
 CANDIDATES = {
-    "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 32, 8, 4),
-            (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3)],
-    "dkdv": [(64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3),
-             (32, 64, 4, 4), (64, 128, 8, 2), (16, 128, 8, 4)],
-    "dq": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3),
-           (64, 64, 4, 2), (64, 128, 4, 2)],
-}  # fmt: skip
+    "fwd": [
+        (128, 64, 8, 3),
+        (128, 64, 8, 4),
+        (128, 128, 8, 2),
+        (128, 128, 8, 3),
+        (128, 32, 8, 4),
+        (64, 64, 4, 3),
+        (64, 128, 4, 3),
+        (128, 64, 4, 3),
+    ],
+    "dkdv": [
+        (64, 64, 4, 2),
+        (64, 64, 4, 3),
+        (32, 128, 8, 2),
+        (32, 128, 8, 3),
+        (32, 64, 4, 3),
+        (32, 64, 4, 4),
+        (64, 128, 8, 2),
+        (16, 128, 8, 4),
+    ],
+    "dq": [
+        (128, 128, 8, 2),
+        (128, 128, 8, 3),
+        (128, 64, 8, 2),
+        (128, 64, 8, 3),
+        (128, 32, 8, 3),
+        (64, 64, 4, 2),
+        (64, 128, 4, 2),
+    ],
+}
 # The Gluon kernels (12 warps: a loading warpgroup and two computing ones): forward and dQ (128
 # query rows, key tile, stages) and dK/dV (query tile, 128 keys, stages).
 CANDIDATES["gluon"] = [(128, 128, 12, 3), (128, 128, 12, 2), (128, 64, 12, 4), (128, 64, 12, 3)]
@@ -49,8 +72,11 @@ CANDIDATES["gluon_dkdv"] = [(64, 128, 12, 2), (64, 128, 12, 3), (32, 128, 12, 2)
 KERNELS = tuple(triton_kernels.AUTOTUNED)  # fwd, dkdv, dq
 # Each Gluon kernel: its name for gluon_kernels.only_tile, the tile side it sweeps (the other is
 # the 128-row mask block), and the attention.kernels.gluon choice that runs it alone.
-GLUON = {"gluon": ("fwd", "BLOCK_N", "fwd"), "gluon_dkdv": ("dkdv", "BLOCK_M", "fwd_dkdv"),
-         "gluon_dq": ("dq", "BLOCK_N", "fwd_dq")}
+GLUON = {
+    "gluon": ("fwd", "BLOCK_N", "fwd"),
+    "gluon_dkdv": ("dkdv", "BLOCK_M", "fwd_dkdv"),
+    "gluon_dq": ("dq", "BLOCK_N", "fwd_dq"),
+}
 # While one kernel is swept the others run these (the 2026-11-26 H100 winners).
 FIXED = {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 4, 2), "dq": (128, 128, 8, 2)}
 
@@ -76,15 +102,18 @@ def main():
 
     seq = args.frames * args.tokens_per_frame
     g = torch.Generator("cuda").manual_seed(0)
-    q, k, v, d_out = (torch.randn(1, args.heads, seq, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-                      for _ in range(4))  # fmt: skip
+    q, k, v, d_out = (
+        torch.randn(1, args.heads, seq, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)
+    )
     for t in (q, k, v):
         t.requires_grad_()
     mask = radial_block_mask(args.frames, args.tokens_per_frame, block_size=128, decay=args.decay, device="cuda")
     density = block_density(mask)
     flops = 4 * seq * seq * 128 * args.heads * density
-    print(f"{torch.cuda.get_device_name()}: {seq} tokens x {args.heads} heads, decay {args.decay}, "
-          f"density {density:.3f}", flush=True)  # fmt: skip
+    print(
+        f"{torch.cuda.get_device_name()}: {seq} tokens x {args.heads} heads, decay {args.decay}, density {density:.3f}",
+        flush=True,
+    )
 
     rows = []
     for name in args.kernels:
@@ -101,27 +130,57 @@ def main():
                     try:
                         out = block_sparse_attention(q, k, v, mask, kernels=choice)
                         if name in ("fwd", "gluon"):  # the forward alone; other rows the whole backward
-                            ms = triton.testing.do_bench(lambda: block_sparse_attention(q, k, v, mask, kernels=choice),
-                                                         warmup=25, rep=250, return_mode="median")  # fmt: skip
+                            ms = triton.testing.do_bench(
+                                lambda: block_sparse_attention(q, k, v, mask, kernels=choice),
+                                warmup=25,
+                                rep=250,
+                                return_mode="median",
+                            )
                             tflops = flops / ms / 1e9
                         else:
                             ms = triton.testing.do_bench(
                                 lambda: torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True),
-                                warmup=25, rep=250, return_mode="median",
-                            )  # fmt: skip
+                                warmup=25,
+                                rep=250,
+                                return_mode="median",
+                            )
                             tflops = 2.5 * flops / ms / 1e9
                         error = ""
                     except Exception as e:  # a tile that fails to compile or launch is a result too
-                        ms, tflops, error = float("nan"), float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                row = dict(kernel=name, block_m=tile[0], block_n=tile[1], warps=tile[2], stages=tile[3],
-                           loads="TMA" if tma else "pointer", ms=round(ms, 3), tflops=round(tflops, 1), error=error)  # fmt: skip
+                        ms, tflops, error = (
+                            float("nan"),
+                            float("nan"),
+                            f"{type(e).__name__}: {str(e).splitlines()[0][:120]}",
+                        )
+                row = dict(
+                    kernel=name,
+                    block_m=tile[0],
+                    block_n=tile[1],
+                    warps=tile[2],
+                    stages=tile[3],
+                    loads="TMA" if tma else "pointer",
+                    ms=round(ms, 3),
+                    tflops=round(tflops, 1),
+                    error=error,
+                )
                 rows.append(row)
-                print(f"{name:5s} {tile[0]:4d}x{tile[1]:<4d} w{tile[2]} s{tile[3]} {row['loads']:7s} "
-                      f"{ms:8.2f} ms {tflops:6.1f} TF/s {error}", flush=True)  # fmt: skip
+                print(
+                    f"{name:5s} {tile[0]:4d}x{tile[1]:<4d} w{tile[2]} s{tile[3]} {row['loads']:7s} "
+                    f"{ms:8.2f} ms {tflops:6.1f} TF/s {error}",
+                    flush=True,
+                )
 
-    meta = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
-                triton=triton.__version__, tokens=seq, heads=args.heads, decay=args.decay, density=round(density, 4),
-                command="python " + " ".join(sys.argv))  # fmt: skip
+    meta = dict(
+        card=torch.cuda.get_device_name(),
+        date=datetime.date.today().isoformat(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        tokens=seq,
+        heads=args.heads,
+        decay=args.decay,
+        density=round(density, 4),
+        command="python " + " ".join(sys.argv),
+    )
     lines = [
         f"# Kernel tile sweep: {meta['card']}, {meta['date']}",
         "",
@@ -137,8 +196,10 @@ def main():
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['kernel']} | {r['block_m']}x{r['block_n']} | {r['warps']} | {r['stages']} | {r['loads']} "
-                     f"| {r['ms']:.2f} | {r['tflops']:.0f} | {r['error']} |")  # fmt: skip
+        lines.append(
+            f"| {r['kernel']} | {r['block_m']}x{r['block_n']} | {r['warps']} | {r['stages']} | {r['loads']} "
+            f"| {r['ms']:.2f} | {r['tflops']:.0f} | {r['error']} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
