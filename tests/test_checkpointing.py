@@ -168,13 +168,13 @@ def test_compiled_blocks_keep_attention_inside_the_graph(tiny_model_dir, keep, b
 
 
 def attention_forward_launches(step) -> int:
-    """Attention forward kernels (Triton's or Gluon's `_fwd_kernel`) launched on the GPU by `step()`."""
+    """Attention forward kernels (Triton's or Gluon's `forward_kernel`) launched on the GPU by `step()`."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    return sum(1 for event in prof.events() if "_fwd_kernel" in event.name)
+    return sum(1 for event in prof.events() if "forward_kernel" in event.name)
 
 
 @pytest.mark.gpu
