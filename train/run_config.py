@@ -222,12 +222,12 @@ def kernel_overrides(cfg: DictConfig) -> tuple[DictConfig, list[str]]:
     changed, notes = cfg, []
     for key, variable in KERNEL_ENVIRONMENT.items():
         value = os.environ.get(variable)
-        if value is None or value == OmegaConf.select(cfg, f"attention.kernels.{key}"):
+        was = OmegaConf.select(cfg, f"attention.kernels.{key}")
+        was = getattr(was, "value", was)  # an enum member in a typed config
+        if value is None or value == was:
             continue
         if changed is cfg:
             changed = copy.deepcopy(cfg)
-        was = OmegaConf.select(cfg, f"attention.kernels.{key}")
-        was = getattr(was, "value", was)  # an enum member in a typed config
         try:
             with open_dict(changed):
                 OmegaConf.update(changed, f"attention.kernels.{key}", value)
