@@ -198,6 +198,10 @@ class DataConfig:
     encodes on the fly."""
     cache_dtype: DType = DType.bfloat16
     """Storage dtype of cached latents and embeddings."""
+    val_clips: int = 0
+    """Clips of each length (data.frames) set apart from training and scored by the held-out loss
+    (validation.*): chosen by train.seed, never trained on. A length with fewer clips than this
+    plus one keeps all but one for training."""
     require_cache: bool = False
     """Refuse to train without `cache`: for models whose VAE and text encoder, kept on every GPU to
     encode on the fly, would not leave room for the step (the 14B at 4x)."""
@@ -264,6 +268,15 @@ class AttentionConfig:
     kernels: KernelConfig = field(default_factory=KernelConfig)
 
 
+class LoraFormat(str, Enum):
+    """A LoRA file format (models/lora_files.py): `diffusers` (WanPipeline.load_lora_weights),
+    `comfyui` (Wan's native names, ComfyUI's LoRA loader) or `kohya` (kohya-ss / musubi-tuner)."""
+
+    diffusers = "diffusers"
+    comfyui = "comfyui"
+    kohya = "kohya"
+
+
 @dataclass
 class LoraConfig:
     """peft LoRA adapters on the transformer."""
@@ -276,6 +289,13 @@ class LoraConfig:
     """Dropout on the adapter's input, in [0, 1)."""
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     """Module names (peft's matching rules) that get adapters."""
+    init_from: str | None = None
+    """A Wan LoRA file (diffusers, ComfyUI or kohya format) the adapters start from instead of
+    peft's initialisation: someone else's LoRA, or a 1x LoRA to extend to 4x. Its rank and adapted
+    modules must match rank and target_modules. Read at a fresh start; a resume takes the
+    checkpoint's adapters."""
+    formats: list[LoraFormat] = field(default_factory=lambda: [LoraFormat.diffusers, LoraFormat.comfyui])
+    """Files every export writes (lora/ and each checkpoint): diffusers, comfyui, kohya."""
 
 
 @dataclass
@@ -379,6 +399,33 @@ class TrainConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """What a run shows while it trains: sample videos and the held-out loss per clip length."""
+
+    every: int = 0
+    """Validate every N optimizer steps and at the last step; 0 never."""
+    prompts: list[str] = field(default_factory=list)
+    """Sample videos' prompts; empty: the captions of the held-out clips (data.val_clips)."""
+    samples: int = 2
+    """At most this many sample videos each time (prompts in order, seed `seed + i` for the i-th);
+    0 keeps only the held-out loss."""
+    seed: int = 0
+    """Seed of the first sample video's noise."""
+    frames: int | None = None
+    """Sample length (4n+1); null: the run's longest, data.frames' maximum."""
+    size: list[int] | None = None
+    """Sample [height, width]; null: data.sizes' first."""
+    steps: int = 30
+    """Denoising steps per sample (scripts.generate's default is 50: samples here are a preview)."""
+    guidance: float = 5.0
+    """Classifier-free guidance scale."""
+    negative_prompt: str = ""
+    sigmas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    """Noise levels the held-out loss is measured at (fixed noise per clip): a mean over levels
+    that show structure (low), motion (middle) and layout (high)."""
+
+
+@dataclass
 class Config:
     """One training run."""
 
@@ -398,6 +445,7 @@ class Config:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
 # The Hydra tree, as an absolute path: this folder, configs/, in a checkout (editable install)
@@ -505,6 +553,21 @@ def validate(cfg: Config) -> None:
         (cfg.attention.block_size >= 16, f"attention.block_size={cfg.attention.block_size} must be >= 16"),
         (cfg.attention.decay > 0, f"attention.decay={cfg.attention.decay} must be > 0"),
         (cfg.attention.dense_layers >= 0, f"attention.dense_layers={cfg.attention.dense_layers} must be >= 0"),
+        (cfg.data.val_clips >= 0, f"data.val_clips={cfg.data.val_clips} must be >= 0"),
+        (cfg.validation.every >= 0, f"validation.every={cfg.validation.every} must be >= 0 (0: never)"),
+        (cfg.validation.samples >= 0, f"validation.samples={cfg.validation.samples} must be >= 0"),
+        (cfg.validation.steps >= 1, f"validation.steps={cfg.validation.steps} must be >= 1"),
+        (
+            cfg.validation.frames is None or (cfg.validation.frames - 1) % 4 == 0 and cfg.validation.frames >= 1,
+            f"validation.frames={cfg.validation.frames} must be 4n+1",
+        ),
+        (
+            cfg.validation.size is None
+            or len(cfg.validation.size) == 2
+            and all(v > 0 and v % 16 == 0 for v in cfg.validation.size),
+            f"validation.size={cfg.validation.size} must be [height, width], multiples of 16",
+        ),
+        (all(0 < s < 1 for s in cfg.validation.sigmas), f"validation.sigmas={cfg.validation.sigmas} must be in (0, 1)"),
         (cfg.logger.log_every >= 1, f"logger.log_every={cfg.logger.log_every} must be >= 1"),
         ("/" not in cfg.name and cfg.name not in ("", ".", ".."), f"name={cfg.name!r} must be a plain folder name"),
     ]

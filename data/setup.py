@@ -71,3 +71,23 @@ def usable_clips(cfg: Config, catalog: Catalog):
             f"`python -m scripts.inspect_data PATH` lists each file's problem"
         )
     return clips, cache
+
+
+def split_held_out(clips: list, per_length: int, seed: int) -> tuple[list, list]:
+    """(training clips, held-out clips): `per_length` clips of each clip length set apart, chosen
+    by `seed` from the clips sorted by video path (the same choice on every process and at every
+    resume), leaving at least one clip of each length for training."""
+    import numpy as np
+
+    if per_length == 0:
+        return list(clips), []
+    by_length: dict[int, list] = {}
+    for clip in sorted(clips, key=lambda c: (c.video, c.bucket)):
+        by_length.setdefault(clip.bucket[0], []).append(clip)
+    held = []
+    for frames, group in sorted(by_length.items()):
+        rng = np.random.default_rng([seed, frames])
+        n = min(per_length, len(group) - 1)
+        held += [group[i] for i in sorted(rng.choice(len(group), size=n, replace=False))]
+    chosen = {id(c) for c in held}
+    return [c for c in clips if id(c) not in chosen], held

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -190,13 +191,7 @@ def set_self_attention(transformer, cfg: AttentionConfig, mode: str = "train") -
     (cfg.dense_timesteps). Returns the routing; `describe(routing, n)` says which layer got what.
     """
     cfg = replace(cfg, backend=AttentionBackend(cfg.backend))  # also accept a plain string
-    if mode == "train":
-        rule = DenseAboveSigma(cfg.train_dense_above_sigma) if cfg.train_dense_above_sigma is not None else None
-    elif mode == "generate":
-        rule = DenseFirstSteps(cfg.dense_timesteps) if cfg.dense_timesteps > 0 else None
-    else:
-        raise ValueError(f"mode must be 'train' or 'generate', got {mode!r}")
-    routing = AttentionRouting(cfg, rule)
+    routing = AttentionRouting(cfg, dense_rule(cfg, mode))
     if cfg.backend == AttentionBackend.triton:
         from radial_lora.kernels.kernel_choice import KernelChoice  # imports Triton: only for this backend
 
@@ -210,6 +205,7 @@ def set_self_attention(transformer, cfg: AttentionConfig, mode: str = "train") -
         _, _, frames, height, width = hidden.shape
         routing.video_shape = (frames // patch_t, (height // patch_h) * (width // patch_w))
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        rule = routing.dense_rule  # read per forward: generation_rules swaps it
         routing.dense_samples = rule(timestep) if rule is not None else None
         routing.mask = None
         if cfg.backend != AttentionBackend.dense:
@@ -219,7 +215,36 @@ def set_self_attention(transformer, cfg: AttentionConfig, mode: str = "train") -
     if getattr(transformer, "_radial_hook", None) is not None:
         transformer._radial_hook.remove()  # a second swap replaces the first
     transformer._radial_hook = transformer.register_forward_pre_hook(read_shape_and_timestep, with_kwargs=True)
+    transformer._radial_routing = routing
     return routing
+
+
+def dense_rule(cfg: AttentionConfig, mode: str):
+    """Which samples of a forward run dense: in "train" mode by noise level
+    (cfg.train_dense_above_sigma), in "generate" mode the first cfg.dense_timesteps denoising steps;
+    None when the config asks for neither."""
+    if mode == "train":
+        return DenseAboveSigma(cfg.train_dense_above_sigma) if cfg.train_dense_above_sigma is not None else None
+    if mode == "generate":
+        return DenseFirstSteps(cfg.dense_timesteps) if cfg.dense_timesteps > 0 else None
+    raise ValueError(f"mode must be 'train' or 'generate', got {mode!r}")
+
+
+@contextmanager
+def generation_rules(transformer):
+    """Inside: the transformer's attention follows the generation rule (the first
+    attention.dense_timesteps denoising steps dense), whatever `set_self_attention` mode it was
+    set up in; afterwards the rule it had. A no-op for a transformer without our processors."""
+    routing = getattr(transformer, "_radial_routing", None)
+    if routing is None:
+        yield
+        return
+    saved = routing.dense_rule
+    routing.dense_rule = dense_rule(routing.cfg, "generate")
+    try:
+        yield
+    finally:
+        routing.dense_rule = saved
 
 
 def _radial_processors(transformer) -> list:

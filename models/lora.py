@@ -1,4 +1,5 @@
-"""peft LoRA adapters on the transformer, and their export in diffusers' LoRA format."""
+"""peft LoRA adapters on the transformer: adding them, their export (models/lora_files.py has the
+formats) and starting them from an existing LoRA file."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from pathlib import Path
 import torch
 
 from radial_lora.configs.schema import ConfigError, LoraConfig
+from radial_lora.models.lora_files import FILE_NAMES, Adapter, LoraFormat, LoraWeights, save_lora
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_WEIGHT_NAME = FILE_NAMES[LoraFormat.diffusers]
 
 
 def add_lora(transformer, cfg: LoraConfig) -> list[torch.nn.Parameter]:
@@ -95,32 +97,82 @@ def load_trainable_state_dict(model: torch.nn.Module, state: dict[str, torch.Ten
             p.copy_(state[n])
 
 
-def export_lora(transformer, directory: str | os.PathLike, is_main_process: bool = True) -> Path:
-    """Write the adapters as `pytorch_lora_weights.safetensors` in diffusers' format.
-
-    Goes through `WanPipeline.save_lora_weights`, so `WanPipeline.load_lora_weights` reads it with
-    no conversion. The alpha/rank scale is folded into lora_B and the file says alpha = rank:
-    loaders that ignore diffusers' metadata (ComfyUI assumes alpha = rank when no `.alpha` key is
-    present) then apply the same scale as loaders that read it.
-    """
-    from diffusers import WanPipeline
-    from peft.utils import get_peft_model_state_dict
+def lora_weights(transformer) -> LoraWeights:
+    """The transformer's peft adapters as `LoraWeights` (diffusers module names, fp32 on CPU)."""
+    from peft.tuners.lora import LoraLayer
 
     peft_config = transformer.peft_config["default"]
     if peft_config.rank_pattern or peft_config.alpha_pattern:
         raise NotImplementedError("export of LoRA with per-module rank/alpha patterns")
-    scale = peft_config.lora_alpha / peft_config.r
-    state = {
-        name: (w * scale if ".lora_B." in name else w).detach().to("cpu", torch.float32).contiguous()
-        for name, w in get_peft_model_state_dict(transformer).items()
-    }
-    metadata = peft_config.to_dict()
-    metadata["lora_alpha"] = peft_config.r
-    directory = Path(directory)
-    WanPipeline.save_lora_weights(
-        directory,
-        transformer_lora_layers=state,
-        is_main_process=is_main_process,
-        transformer_lora_adapter_metadata=metadata,
-    )
-    return (directory / LORA_WEIGHT_NAME).resolve()
+    weights = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            weights[name] = Adapter(
+                down=module.lora_A["default"].weight.detach().to("cpu", torch.float32),
+                up=module.lora_B["default"].weight.detach().to("cpu", torch.float32),
+                alpha=float(peft_config.lora_alpha),
+            )
+    return weights
+
+
+def export_lora(
+    transformer,
+    directory: str | os.PathLike,
+    formats=(LoraFormat.diffusers, LoraFormat.comfyui),
+    info: dict[str, str] | None = None,
+    is_main_process: bool = True,
+) -> Path:
+    """Write the adapters into `directory`, one file per format (lora_files.FILE_NAMES), each with
+    `info` in its metadata; returns the diffusers file's path (the one `scripts.generate` loads)
+    or, without diffusers among `formats`, the first one written.
+
+    Every file applies exactly the trained delta in the tool it is for: `diffusers` folds alpha/r
+    into B and says alpha = r; `comfyui` and `kohya` carry B as trained with `.alpha` tensors.
+    """
+    weights = lora_weights(transformer)
+    rank = next(iter(weights.values())).rank
+    info = {**(info or {}), "radial_lora.rank": str(rank)}
+    written = []
+    for fmt in formats:
+        fmt = LoraFormat(fmt)
+        path = Path(directory, FILE_NAMES[fmt])
+        # alpha as each file states it: the diffusers file's B carries alpha/r (so alpha = r there).
+        alpha = rank if fmt == LoraFormat.diffusers else next(iter(weights.values())).alpha
+        meta = info | {"radial_lora.format": fmt.value, "radial_lora.alpha": f"{alpha:g}"}
+        if is_main_process:
+            save_lora(weights, path, fmt, meta)
+        written.append(path.resolve())
+    diffusers_file = Path(directory, FILE_NAMES[LoraFormat.diffusers]).resolve()
+    return diffusers_file if diffusers_file in written else written[0]
+
+
+def init_lora_from(transformer, weights: LoraWeights, cfg: LoraConfig, source: str) -> None:
+    """Set the transformer's adapters to `weights` (read from `source`, for messages), rescaled
+    to the config's alpha so the model applies the same delta; refuses, in one line, a LoRA whose
+    rank or adapted modules differ from what `cfg` put on the transformer."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {n: m for n, m in transformer.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A}
+    if weights.keys() != layers.keys():
+        extra, missing = sorted(weights.keys() - layers.keys()), sorted(layers.keys() - weights.keys())
+        raise ConfigError(
+            f"lora.init_from={source}: its adapters are on {len(weights)} modules, lora.target_modules="
+            f"{list(cfg.target_modules)} puts them on {len(layers)}"
+            + (f"; only in the file: {extra[0]}" if extra else "")
+            + (f"; only in the config: {missing[0]}" if missing else "")
+        )
+    ranks = sorted({a.rank for a in weights.values()})
+    if ranks != [cfg.rank]:
+        raise ConfigError(f"lora.init_from={source}: rank {', '.join(map(str, ranks))}, but lora.rank={cfg.rank}")
+    scale = cfg.alpha / cfg.rank  # what the model multiplies B A by
+    with torch.no_grad():
+        for name, layer in layers.items():
+            a = weights[name]
+            down, up = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            if down.shape != a.down.shape or up.shape != a.up.shape:
+                raise ConfigError(
+                    f"lora.init_from={source}: module {name} has down {tuple(a.down.shape)} / up {tuple(a.up.shape)}, "
+                    f"the model's adapter {tuple(down.shape)} / {tuple(up.shape)} (another model size?)"
+                )
+            down.copy_(a.down)
+            up.copy_(a.up * (a.scale / scale))

@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from radial_lora.configs.schema import Config, typed_config
 from radial_lora.models.attention import describe, set_self_attention
+from radial_lora.models.generation import check_video_shape, generate_video
 from radial_lora.models.loading import load_pipeline
 from radial_lora.models.lora import LORA_WEIGHT_NAME
 
@@ -54,12 +54,6 @@ def trained_size(run: Path, cfg: Config) -> tuple[int, int, str]:
     return cfg.data.sizes[0][0], cfg.data.sizes[0][1], "the run's first data.sizes (no clips.json)"
 
 
-def to_uint8(video) -> np.ndarray:
-    """The pipeline's frames (float [T, H, W, 3] in [0, 1]) as uint8 [T, H, W, 3]."""
-    frames = np.asarray(video[0] if isinstance(video, list | tuple) or np.ndim(video) == 5 else video)
-    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
-
-
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a training run's folder (outputs/NAME)")
@@ -83,10 +77,10 @@ def main(argv: list[str] | None = None) -> Path:
     height, width, why = trained_size(args.run, cfg)
     if args.height or args.width:
         height, width, why = args.height or height, args.width or width, "as asked"
-    if (frames - 1) % 4 or height % 16 or width % 16:
-        raise SystemExit(
-            f"error: --frames must be 4n+1 and --height/--width multiples of 16; got {frames}, {height}x{width}"
-        )
+    try:
+        check_video_shape(frames, height, width)
+    except ValueError as err:
+        raise SystemExit(f"error: --frames/--height/--width: {err}") from None
     device = torch.device(args.device)
     print(f"size: {height}x{width} ({why}), {frames} frames")
 
@@ -102,26 +96,25 @@ def main(argv: list[str] | None = None) -> Path:
     print(describe(pipe.transformer) + f"; first {cfg.attention.dense_timesteps} steps dense")
     pipe.to(device)
 
-    generator = torch.Generator(device).manual_seed(args.seed)
-    with torch.inference_mode():
-        video = pipe(
-            args.prompt,
-            negative_prompt=args.negative_prompt,
-            num_frames=frames,
-            height=height,
-            width=width,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            generator=generator,
-            output_type="np",
-            max_sequence_length=cfg.model.max_text_tokens,
-        ).frames
+    video = generate_video(
+        pipe,
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        frames=frames,
+        height=height,
+        width=width,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        max_text_tokens=cfg.model.max_text_tokens,
+        device=device,
+    )
 
     from radial_lora.data.demo_videos import write_mp4
 
     out = (args.out or args.run / "samples" / f"seed{args.seed}.mp4").resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_mp4(out, to_uint8(video), fps=args.fps or cfg.data.fps or 16.0)
+    write_mp4(out, video, fps=args.fps or cfg.data.fps or 16.0)
     print(f"video written to {out}")
     return out
 

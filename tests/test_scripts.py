@@ -112,6 +112,12 @@ def test_generate_with_a_trained_lora(train_cli):
         "logger.mode=disabled",
         "optim.lr=1e-2",
         "name=g",
+        # the run's own sample at its last step: the same prompt, seed and settings as below
+        "validation.every=3",
+        "validation.prompts=[a red square]",
+        "validation.frames=13",
+        "validation.size=[32,32]",
+        "validation.steps=3",
     )
     videos = {}
     for name, extra in (("lora", []), ("base", ["--no-lora"])):
@@ -149,6 +155,12 @@ def test_generate_with_a_trained_lora(train_cli):
         videos[name] = reader.get_batch(list(range(len(reader)))).asnumpy()
         assert videos[name].shape == (13, 32, 32, 3)
     assert np.abs(videos["lora"].astype(int) - videos["base"].astype(int)).mean() > 0.5
+    # The sample the run rendered while training comes from the same generation code: the same
+    # video (the exported file's B carries alpha/r, hence not bit-equal: within a level or two).
+    reader = decord.VideoReader(str(train_cli.cwd / "outputs/g/samples/step_000003/sample_0.mp4"))
+    sample = reader.get_batch(list(range(len(reader)))).asnumpy()
+    assert sample.shape == videos["lora"].shape
+    assert np.abs(sample.astype(int) - videos["lora"].astype(int)).max() <= 2
 
 
 def test_kernel_sass_report_shows_tma_loads_on_hopper():

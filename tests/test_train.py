@@ -45,13 +45,28 @@ def test_readme_demo_command_runs_end_to_end(tmp_path):
     # W&B offline: the resolved config once, then the metrics of every step.
     (wandb_file,) = glob.glob(str(run_dir / "wandb/offline-run-*/run-*.wandb"))
     first, *rows = wandb_history(wandb_file)
-    assert first["_step"] == 0 and first["data/clips"] == 24  # the data summary, before training
+    assert first["_step"] == 0 and first["data/clips"] == 22  # 24 videos, 2 held out (data.val_clips)
     assert len(rows) == 150 and METRICS <= rows[-1].keys()
     assert [r["_step"] for r in rows] == list(range(1, 151))
     losses = [r["loss"] for r in rows]
     assert sum(losses[-20:]) / 20 < 0.9 * sum(losses[:20]) / 20  # it learns something
     logged = wandb_config(wandb_file)
     assert logged["lora"]["rank"] == 16 and logged["model"]["id"] == "tiny-wan"
+
+    # Validation every 50 steps: the held-out loss per length, and two sample videos (the held-out
+    # clips' captions) as mp4s in the run folder and as W&B videos.
+    import decord
+
+    validated = [r for r in rows if "val/loss_33f" in r]
+    assert [r["_step"] for r in validated] == [50, 100, 150]
+    assert validated[-1]["val/loss_33f"] < validated[0]["val/loss_33f"]  # the held-out loss falls
+    for r in validated:
+        for i in range(2):
+            mp4 = run_dir / f"samples/step_{r['_step']:06d}/sample_{i}.mp4"
+            reader = decord.VideoReader(str(mp4))
+            assert len(reader) == 33 and reader[0].shape == (64, 64, 3)
+            assert r[f"samples/{i}/_type"] == "video-file" and r[f"samples/{i}/caption"].startswith("a ")
+            assert Path(wandb_file).parent.joinpath("files", r[f"samples/{i}/path"]).stat().st_size > 1000
 
     pipe = WanPipeline.from_pretrained(tmp_path / ".cache/models/tiny-wan")
     pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)

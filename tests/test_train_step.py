@@ -139,3 +139,76 @@ def test_compiled_blocks_train_like_eager_ones(composed, capsys):
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5)
     assert any(float(t.abs().max()) > 0 for t in b.values())  # it trained
+
+
+def test_init_from_starts_the_run_from_a_lora_file(composed, tmp_path):
+    """lora.init_from: a run starts from an exported ComfyUI file (trained at another alpha) with
+    the same weight change per module; a file of another rank is refused in one line."""
+    from radial_lora.configs.schema import ConfigError
+    from radial_lora.models.lora import lora_weights
+    from radial_lora.models.lora_files import FILE_NAMES, LoraFormat, load_lora
+    from radial_lora.train.loop import build, train_step
+
+    cfg, resolved = composed("name=first", "lora.rank=4", "lora.alpha=8")
+    first = build(cfg, resolved)
+    for _ in range(2):
+        train_step(first, [next(first.batches)])
+    first.export(tmp_path / "exported")
+    source = tmp_path / "exported" / FILE_NAMES[LoraFormat.comfyui]
+    expected = {m: a.delta() for m, a in load_lora(source)[0].items()}
+
+    cfg, resolved = composed("name=second", "lora.rank=4", "lora.alpha=2", f"lora.init_from={source}")
+    second = build(cfg, resolved)
+    started = lora_weights(second.accelerator.unwrap_model(second.transformer))
+    assert started.keys() == expected.keys()
+    for module, adapter in started.items():
+        torch.testing.assert_close(adapter.delta(), expected[module], atol=1e-7, rtol=1e-6)
+
+    cfg, resolved = composed("name=third", "lora.rank=8", f"lora.init_from={source}")
+    with pytest.raises(ConfigError, match="rank 4, but lora.rank=8"):
+        build(cfg, resolved)
+    cfg, resolved = composed("name=fourth", f"lora.init_from={tmp_path / 'missing.safetensors'}")
+    with pytest.raises(ConfigError, match="lora.init_from: .*no such file"):
+        build(cfg, resolved)
+
+
+def test_held_out_clips_are_not_trained_on_and_score_the_same_twice(composed):
+    """data.val_clips sets clips apart (never in the training list) and the held-out loss is a
+    fixed function of the LoRA: the same twice, and a different number once the LoRA moves."""
+    from radial_lora.train.loop import build, train_step
+    from radial_lora.train.validation import held_out_losses
+
+    cfg, resolved = composed("data.val_clips=2")
+    run = build(cfg, resolved)
+    assert len(run.held_out) == 2 and len(run.clips) == 22
+    assert not {c.video for c in run.held_out} & {c.video for c in run.clips}
+
+    def score():
+        run.transformer.eval()
+        losses = held_out_losses(run.transformer, run.held_out, [0.25, 0.75], 0, run.model_dtype, "cpu")
+        run.transformer.train()
+        return losses
+
+    before = score()
+    assert list(before) == ["val/loss_9f"] and before == score()
+    for _ in range(2):  # the first step's learning rate is 0 (warm-up)
+        train_step(run, [next(run.batches)])
+    assert score() != before
+
+
+def test_validation_says_when_it_has_nothing_to_do_and_refuses_what_it_cannot(composed, tmp_path, capsys):
+    from radial_lora.configs.schema import ConfigError
+    from radial_lora.train.loop import build
+
+    cfg, resolved = composed("validation.every=1")  # no prompts, no held-out clips
+    build(cfg, resolved)
+    assert "no held-out clips (data.val_clips): nothing to validate" in capsys.readouterr().out
+    from radial_lora.train.validation import check_validation
+
+    cfg, _ = composed("validation.every=1", "validation.prompts=[a]", "trainer=zero3")
+    with pytest.raises(ConfigError, match="validation sample videos render on rank 0 alone"):
+        check_validation(cfg, text_encoder_loaded=True)
+    cfg, _ = composed("validation.every=1", "validation.prompts=[a]")
+    with pytest.raises(ConfigError, match="need the text encoder, which a latent cache"):
+        check_validation(cfg, text_encoder_loaded=False)
+    assert check_validation(cfg, text_encoder_loaded=True) is None

@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 from radial_lora.configs.schema import AttentionBackend, Config, ConfigError, TrainConfig
 from radial_lora.data.dataset import BucketBatchSampler, ClipDataset, collate
 from radial_lora.data.policy import REASONS, RejectCounts
-from radial_lora.data.setup import catalog_for, usable_clips
+from radial_lora.data.setup import catalog_for, split_held_out, usable_clips
 from radial_lora.models.attention import describe, triton_kernels
 from radial_lora.models.loading import check_model_available, load_pipeline, torch_dtype, weights_fingerprint
-from radial_lora.models.lora import check_targets_exist, export_lora
+from radial_lora.models.lora import check_targets_exist, export_lora, init_lora_from
+from radial_lora.models.lora_files import LoraFileError, load_lora
 from radial_lora.models.setup import check_rotary_covers, prepare_transformer
 from radial_lora.train.checkpoint import (
     TrainState,
@@ -52,6 +53,7 @@ from radial_lora.train.distributed import (
 from radial_lora.train.preemption import ignore_stop_signals, note_preemption, stop_signals
 from radial_lora.train.step import encode_captions, flow_matching_loss, noisy_inputs, posterior_params, sample_generator
 from radial_lora.train.tracking import peak_memory_gb, start_tracking
+from radial_lora.train.validation import HeldOutClip, check_validation, encode_held_out, validate_run
 
 # The run's own lines go to the terminal (print) and to {run dir}/train.log through this logger,
 # which configs/train.yaml routes to Hydra's file handler only.
@@ -150,6 +152,8 @@ class Run:
     say: Callable[[str], None]
     skipped: RejectCounts = field(default_factory=RejectCounts)
     """Clips that failed to decode mid-run on this process (each replaced by the next of its bucket)."""
+    held_out: list[HeldOutClip] = field(default_factory=list)
+    """The clips set apart for the held-out loss (data.val_clips), encoded."""
 
     @property
     def main(self) -> bool:
@@ -158,13 +162,33 @@ class Run:
     def export(self, folder: Path) -> Path:
         """Write the LoRA (every process calls this: under ZeRO-3 the adapters are gathered first)."""
         with gathered(self.accelerator, self.params):
-            return export_lora(self.accelerator.unwrap_model(self.transformer), folder, is_main_process=self.main)
+            return export_lora(
+                self.accelerator.unwrap_model(self.transformer),
+                folder,
+                formats=self.cfg.lora.formats,
+                info=lora_file_info(self.cfg),
+                is_main_process=self.main,
+            )
 
     def total_skipped(self) -> RejectCounts:
         """Mid-run skips summed over processes (a collective: every process calls it together)."""
         local = torch.tensor([self.skipped[r] for r in REASONS], device=self.accelerator.device)
         counts = self.accelerator.reduce(local, reduction="sum")
         return RejectCounts({r: n for r, n in zip(REASONS, counts.tolist()) if n})
+
+
+def lora_file_info(cfg: Config) -> dict[str, str]:
+    """What every exported LoRA file states in its metadata about how it was trained."""
+    a = cfg.attention
+    attention = {"backend": a.backend.value, "decay": a.decay, "dense_layers": a.dense_layers}
+    return {
+        "radial_lora.base_model": cfg.model.id,
+        "radial_lora.target_modules": json.dumps(list(cfg.lora.target_modules)),
+        "radial_lora.trained_alpha": f"{cfg.lora.alpha:g}",
+        "radial_lora.frames": json.dumps(sorted(cfg.data.frames, reverse=True)),
+        "radial_lora.sizes": json.dumps([list(s) for s in cfg.data.sizes]),
+        "radial_lora.attention": json.dumps(attention),
+    }
 
 
 @dataclass
@@ -208,6 +232,12 @@ def build(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
     sp_group, data_rank, data_ranks = sequence_parallel_group(sp)
     check_model_available(cfg.model, cache_dir=cfg.cache_dir)
     check_targets_exist(list(cfg.lora.target_modules))
+    init_weights = None
+    if cfg.lora.init_from and resume_from is None:  # read before the data scan: a bad file fails at once
+        try:
+            init_weights, init_format, _ = load_lora(cfg.lora.init_from)
+        except LoraFileError as err:
+            raise ConfigError(f"lora.init_from: {err}") from None
     fingerprint = weights_fingerprint(cfg.model)
     if resume_from is not None:
         check_same_base_model(resume_from, fingerprint, f"model.path={cfg.model.path or cfg.model.id}")
@@ -219,9 +249,13 @@ def build(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
     with accelerator.main_process_first():  # the demo's videos are generated once, by rank 0
         catalog = catalog_for(cfg.data, seed=cfg.train.seed)
     clips, cache = usable_clips(cfg, catalog)
+    if (note := check_validation(cfg, text_encoder_loaded=cache is None)) is not None:
+        say(note)
+    clips, held_out_clips = split_held_out(clips, cfg.data.val_clips, cfg.train.seed)
     buckets = ", ".join(f"{f}x{h}x{w}: {n}" for (f, h, w), n in catalog.bucket_counts().items())
     from_cache = f"; latents from {cfg.data.cache}" if cache else ""
-    say(f"data: {len(clips)} clips ({buckets}); rejected: {catalog.counts.summary()}{from_cache}")
+    held_note = f"; {len(held_out_clips)} held out for validation (data.val_clips)" if held_out_clips else ""
+    say(f"data: {len(clips)} clips ({buckets}){held_note}; rejected: {catalog.counts.summary()}{from_cache}")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         counts = [[*bucket, n] for bucket, n in catalog.bucket_counts().items()]
@@ -247,6 +281,9 @@ def build(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
     check_rotary_covers(pipe, cfg.data.frames, cfg.data.sizes)
     transformer = pipe.transformer
     params = prepare_transformer(transformer, cfg.model, cfg.attention, cfg.lora, sp_group)
+    if init_weights is not None:
+        init_lora_from(transformer, init_weights, cfg.lora, cfg.lora.init_from)
+        say(f"LoRA: starts from {cfg.lora.init_from} ({init_format.value} format, {len(init_weights)} adapters)")
     say(describe(transformer))
     # What the attention inputs will be: the autocast dtype under mixed precision, else the weights'.
     attention_dtype = autocast_dtype(cfg) or torch_dtype(cfg.model.transformer_dtype)
@@ -257,6 +294,7 @@ def build(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
     if cfg.model.compile_blocks:
         say(f"transformer blocks: torch.compile, backend {cfg.model.compile_backend}")
     pipe.to(device)
+    held_out = encode_held_out(pipe, held_out_clips, cfg, cache, device, say) if held_out_clips else []
     transformer.train()
     model_dtype = torch_dtype(cfg.model.transformer_dtype)
 
@@ -340,6 +378,7 @@ def build(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
         save_kwargs=save_kwargs,
         stop=stop,
         say=say,
+        held_out=held_out,
     )
 
 
@@ -444,9 +483,14 @@ def train(
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{metrics['lr']:.2e}")
             losses, last_log_time, last_log_step = [], now, state.step
 
+        stopping = step.stop and state.step < stop_at
+        # --- validation: held-out loss per length and sample videos, every N steps and at the end ---
+        v_every = cfg.validation.every
+        if v_every > 0 and not stopping and (state.step % v_every == 0 or state.step == cfg.train.steps):
+            validate_run(run, run.held_out)
+
         # --- checkpoint (resumable state + a LoRA export), always at the last step or on a stop signal ---
         every = cfg.train.checkpoint_every
-        stopping = step.stop and state.step < stop_at
         if (every > 0 and state.step % every == 0) or state.step == stop_at or stopping:
             train_state = {"train_state": state.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict()}
             result.checkpoint = save_checkpoint(

@@ -48,6 +48,8 @@ RESUMABLE = (
     "data.decode_threads",
     "cache_dir",
     "attention.kernels.",
+    "validation.",
+    "lora.formats",
 )
 # Settings of one invocation, not of the run: a resumed run takes them from its own command line
 # (or their defaults), never from the checkpoint (a stop_after_step that ended the last job must
