@@ -25,7 +25,7 @@ def compact_mask(block_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
     5.3x the mean count, and in block order they start late enough in the last head to leave the
     GPU waiting on them (a list-scheduling model of 132 SMs, scripts/lab/launch_order_model.py: 5.3-6.6%
     over the ideal makespan in block order, 0.1-0.6% in this order; measured:
-    docs/benchmarks/attention.md).
+    docs/radial_attention.md, what we tried).
     """
 
     def build():

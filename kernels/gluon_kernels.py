@@ -9,7 +9,7 @@ Shapes as in kernels/triton_kernels.py (B batch, H heads, S tokens, D head dim 6
 
 Why a second forward: Triton's `tl.*` kernel runs FlashAttention-2's schedule (every warp loads
 and computes; the softmax of tile j waits for the tensor cores), which measured 447 TFLOP/s on an
-H100 against cuDNN's 590 dense (docs/benchmarks/attention.md). Triton 3.6 does not warp-specialize
+H100 against cuDNN's 590 dense (docs/radial_attention.md, what we tried). Triton 3.6 does not warp-specialize
 on Hopper. Gluon, Triton's lower-level dialect, does, so this kernel takes FlashAttention-3's
 layout:
   - one producer warpgroup (few registers) walks the mask row's kept blocks and brings the query
@@ -32,8 +32,8 @@ query block, K/V tiles streamed, the same pipeline), with Q and dO resident and 
 per tile. (The dK/dV kernel pipelined that way measured slower: its dSᵀ has to wait in shared
 memory, since in registers it spills.) The fused
 backward is the dK/dV kernel plus dQ = dS K summed over programs by TMA reduce-adds into fp32
-(5 products per block pair instead of 7): on an H100 1-2% faster than the split pair (4%
-before the dK/dV kernel loaded lse and delta a tile ahead; docs/benchmarks/attention.md), so the
+(5 products per block pair instead of 7): on an H100 1-4% faster than the split pair
+(docs/benchmarks/attention.md), so the
 default, except under torch.use_deterministic_algorithms (its dQ adds land in varying order;
 kernels/kernel_choice.py GLUON_CHOICES; docs/benchmarks/attention.md).
 
@@ -200,7 +200,7 @@ def _consumer(
         # FlashAttention-3's intra-warpgroup pipeline: tile t's S = Q Kᵀ and tile t-1's P V go to
         # the tensor cores together, and tile t's softmax runs while P V does. Tile t-1's stage is
         # released a tile later, so the ring needs 3 stages (with 2, the loads stall it: 9% slower
-        # than the unpipelined loop; with 3, 10% faster, H100, docs/benchmarks/attention.md).
+        # than the unpipelined loop; with 3, 10% faster, H100, docs/radial_attention.md).
         mbarrier.wait(kv_ready.index(0), 0)
         s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
@@ -343,7 +343,7 @@ def _query_tile_stats(
     top of tile t instead, their latency stalled every tile: on an H100 the
     dK/dV kernel runs 5.5% faster this way (61.1 -> 57.7 ms at the wan_4x shape) and the fused one
     0-2.4%; prefetching at the top of the tile instead keeps the values live through all the
-    products and spills (dK/dV: 197 instructions, 112 ms; docs/benchmarks/gluon_variants_*).
+    products and spills (dK/dV: 197 instructions, 112 ms; docs/radial_attention.md, what we tried).
 
     LATE_ROW_STATS: load lse and delta one value per thread and spread them over the score columns
     (16 registers each) only where they are used. That frees registers while the products run:
@@ -379,7 +379,7 @@ def _key_tile_products(
     q = q_smem.index(stage)
     do = do_smem.index(stage)
     # dPᵀ goes to the tensor cores right behind Sᵀ, so it runs while the exponentials do
-    # (5-6% faster on an H100 than issuing it after them; docs/benchmarks/attention.md).
+    # (5-6% faster on an H100 than issuing it after them; docs/radial_attention.md).
     s_t = warpgroup_mma(k, q.permute((1, 0)), s_init, use_acc=False, is_async=True)
     dp_t = warpgroup_mma(v, do.permute((1, 0)), s_init, use_acc=False, is_async=True)
     s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
@@ -629,7 +629,7 @@ def dq_kernel(
 # each then computes dQ for its half of the head dim over all 128 keys (dS · K[:, half]), stages it
 # in shared memory and adds it into an fp32 [B*H, S, D] buffer with one TMA reduce-add, which the
 # copy engine carries out while the warpgroup goes on (no registers held, no per-element atomics:
-# those spilled 115 instructions' worth, docs/benchmarks/attention.md). The sum's order varies
+# those spilled 115 instructions' worth, docs/radial_attention.md). The sum's order varies
 # between runs, so dQ is not bitwise reproducible (the split kernels are).
 # ----------------------------------------------------------------------------------------------
 
@@ -794,7 +794,7 @@ def _launch_per_block(kernel, tile: dict, block_size: int, tensors, index, strid
 
 # The key tile and ring depth: 128-key tiles, 3 stages, 224 KB of the 227 KB of shared memory with
 # the 128-row query tile. The pipelined consumer releases a stage a tile late, so 2 stages stall it
-# (H100: 581 TFLOP/s with 3 stages, 477 with 2; docs/benchmarks/attention.md).
+# (H100: 581 TFLOP/s with 3 stages, 477 with 2; docs/radial_attention.md).
 FORWARD_TILE = MappingProxyType({"BLOCK_N": 128, "STAGES": 3})
 
 

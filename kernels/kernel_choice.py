@@ -7,7 +7,7 @@ reaches the op as an argument (kernels/sparse_attention.py): nothing here is pro
       auto        (the default) wherever they can run (sm_90, bf16/fp16, head dim 64 or 128, mask
                   block 128, TMA-readable layouts): the Gluon forward and the one-kernel Gluon
                   backward (dK/dV and dQ together, dQ summed by TMA reduce-adds in varying order:
-                  not bitwise reproducible, 1-2% faster than the split pair on an H100,
+                  not bitwise reproducible, 1-4% faster than the split pair on an H100,
                   docs/benchmarks/attention.md), or, while torch.use_deterministic_algorithms is
                   on, the split pair (Gluon dK/dV and dQ: every output written once); Triton
                   elsewhere
@@ -17,7 +17,7 @@ reaches the op as an argument (kernels/sparse_attention.py): nothing here is pro
       none        Triton throughout
     tma    which Triton kernels stream their tiles through Hopper's tensor memory accelerator
            (sm_90+, where the layout allows): backward (the default: on an H100 the backward
-           2-4% faster, the forward no faster, docs/benchmarks/attention.md), all or none.
+           2-4% faster, the forward no faster, docs/radial_attention.md), all or none.
 
 Only the Gluon route imports Gluon: Triton's CPU interpreter, which cannot run it, never does.
 """

@@ -12,7 +12,7 @@ one program per key tile, walks the transposed index (so each dK/dV tile is owne
 no atomics on dK/dV); a dQ kernel walks the forward index, recomputing P and dP: 7 matrix products
 per block pair, deterministic.
 (A fused Triton variant, dS·K added into an fp32 dQ buffer with atomics inside the dK/dV kernel,
-5 products, measured 8% slower on an H100 and was removed: docs/benchmarks/attention.md. The
+5 products, measured 8% slower on an H100 and was removed: docs/radial_attention.md. The
 Gluon one-kernel backward, the Hopper default, does this with TMA reduce-adds and is faster.)
 
 Loads of the streamed tiles (K/V in the forward and dQ kernels, Q/dO in the dK/dV kernel) are
@@ -67,7 +67,7 @@ def _configs(choices):
 
 
 # Small tiles serve small mask blocks (and are the interpreter's only choice). On an H100 at the
-# wan_4x shape every tile was timed alone (scripts/lab/tune_attention.py, docs/benchmarks/): forward
+# wan_4x shape every tile was timed alone (scripts/lab/tune_attention.py): forward
 # 128x128 (8 warps, 3 stages) 450 TFLOP/s vs 404 for 128x64; dK/dV 64x64 (4 warps, 3 stages); dQ
 # 128x128 (8 warps, 2 stages); the autotuner chooses among these and their neighbours.
 _SMALL = ((32, 32, 4, 2), (16, 16, 4, 2))

@@ -1,6 +1,6 @@
 """Real Wan2.1 architectures with random weights (`model.init=random`).
 
-For speed and memory work where no weights can be downloaded (the lent GPUs reach no hub): the
+For speed and memory work where no weights can be downloaded (a cluster node that reaches no model hub): the
 transformer has the published architecture of the named checkpoint, the VAE is Wan's
 (AutoencoderKLWan's defaults are Wan2.1's), the text encoder is UMT5-XXL's encoder. Only the
 tokenizer is not the real one (google/umt5-xxl's vocabulary needs a download): the small local

@@ -8,12 +8,12 @@ torch.use_deterministic_algorithms); "ours, gluon forward only" the Gluon forwar
 backward (gluon=auto_fwd);
 "ours, triton only" Triton kernels throughout.
 
-    python scripts/bench_attention.py                      # all shapes, writes docs/benchmarks/
+    python scripts/bench_attention.py                      # all shapes, writes docs/benchmarks/records/
     python scripts/bench_attention.py --quick --out /tmp   # Wan2.1-1.3B at 321 frames only
     python scripts/bench_attention.py --models Wan2.1-14B --shapes "480p 321f"   # a subset
 
-Shapes: Wan2.1-1.3B (12 heads x 128) and 14B (40 x 128); 480p at 21 and 81 latent frames
-(32,760 and 126,360 tokens: 81 and 321 video frames) and 720p at 21 (75,600). Radial masks at
+Shapes: Wan2.1-1.3B (12 heads x 128) and 14B (40 x 128); 480p at 21, 41 and 81 latent frames
+(32,760, 63,960 and 126,360 tokens: 81, 161 and 321 video frames) and 720p at 21 (75,600). Radial masks at
 decay 1.0 and 0.2 (the paper's Wan setting for its 1x-length runs). Batch 1, bf16, non-causal.
 
 Effective TFLOP/s count computed blocks only: forward 4*S^2*D*H*density, backward 2.5x that
@@ -37,11 +37,12 @@ from radial_lora.kernels.flex import block_sparse_attention_flex
 from radial_lora.kernels.kernel_choice import KernelChoice
 from radial_lora.kernels.radial_mask import block_density, radial_block_mask
 from radial_lora.kernels.sparse_attention import block_sparse_attention
-from radial_lora.scripts.report import write_report
+from radial_lora.scripts.report import RECORDS, record_stem, write_report
 
 MODELS = {"Wan2.1-1.3B": 12, "Wan2.1-14B": 40}
 SHAPES = [  # (name, latent frames, tokens per frame)
     ("480p 81f", 21, 30 * 52),
+    ("480p 161f", 41, 30 * 52),
     ("480p 321f", 81, 30 * 52),
     ("720p 81f", 21, 45 * 80),
 ]
@@ -51,9 +52,9 @@ HEAD_DIM = 128
 
 
 def time_fwd_bwd(fn, q, k, v, d_out):
-    """(forward ms, backward ms): medians over CUDA-event timed runs, about a second of each. (Until
-    session 8 it was 100 ms: at 126k tokens one or two backward runs, and the first of our rows at
-    each new mask came out 6-10 ms slower than the kernels timed directly.)"""
+    """(forward ms, backward ms): medians over CUDA-event timed runs, about a second of each. (A
+    100 ms budget is one or two backward runs at 126k tokens, and the first row at each new mask
+    then comes out 6-10 ms slower than the kernels timed directly.)"""
     fwd = triton.testing.do_bench(lambda: fn(q, k, v), warmup=200, rep=1000, return_mode="median")
     out = fn(q, k, v)
     bwd = triton.testing.do_bench(
@@ -156,28 +157,41 @@ def markdown(rows, meta):
 
 
 def plot(rows, path):
+    """Speedup of fwd+bwd over dense cuDNN against video length, one line per backend and decay
+    at 480p, squares for 720p, Wan2.1-1.3B's heads."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for backend in ("ours", "flex"):
-        for decay in DECAYS:
-            pts = []
-            for r in rows:
-                if r["backend"] == backend and r["decay"] == decay and r["model"] == "Wan2.1-1.3B":
+    colours = {("ours", 1.0): "C0", ("ours", 0.2): "C1", ("flex", 1.0): "C2", ("flex", 0.2): "C3"}
+    for resolution, style in (("480p", "-"), ("720p", "")):
+        for backend in ("ours", "flex"):
+            for decay in DECAYS:
+                pts = []
+                for r in rows:
+                    if not (r["backend"] == backend and r["decay"] == decay and r["model"] == "Wan2.1-1.3B"):
+                        continue
+                    if not r["shape"].startswith(resolution):
+                        continue
                     dense = next(
                         x
                         for x in rows
                         if x["model"] == r["model"] and x["shape"] == r["shape"] and x["backend"] == "sdpa cuDNN"
                     )
-                    pts.append((r["tokens"], (dense["fwd_ms"] + dense["bwd_ms"]) / (r["fwd_ms"] + r["bwd_ms"])))
-            if pts:
-                pts.sort()
-                ax.plot(*zip(*pts), marker="o", label=f"{backend}, decay {decay}")
+                    frames = int(r["shape"].split()[1].rstrip("f"))
+                    pts.append((frames, (dense["fwd_ms"] + dense["bwd_ms"]) / (r["fwd_ms"] + r["bwd_ms"])))
+                if pts:
+                    pts.sort()
+                    label = f"{backend}, decay {decay}" if resolution == "480p" else None
+                    marker = "o" if resolution == "480p" else "s"
+                    ax.plot(*zip(*pts), style, marker=marker, color=colours[backend, decay], label=label)
+    ax.plot([], [], "s", color="gray", label="720p (squares; lines: 480p)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([81, 161, 321], ["81 (1x)", "161 (2x)", "321 (4x)"])
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xlabel("sequence length (tokens)")
+    ax.set_xlabel("video frames")
     ax.set_ylabel("fwd+bwd speedup over dense cuDNN")
     ax.set_title("Radial attention vs dense SDPA (Wan2.1-1.3B, 12 heads x 128)")
     ax.legend()
@@ -187,7 +201,7 @@ def plot(rows, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="docs/benchmarks")
+    parser.add_argument("--out", default=RECORDS)
     parser.add_argument("--quick", action="store_true", help="only Wan2.1-1.3B at 480p, 321 frames")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument(
@@ -212,7 +226,7 @@ def main():
             if model not in args.models or shape_name not in args.shapes:
                 continue
             rows += bench_shape(model, heads, shape_name, frames, tokens_per_frame)
-    stem = f"attention_{meta['card'].replace(' ', '_')}_{meta['date']}"
+    stem = record_stem("attention", meta["card"], meta["date"], "quick" if args.quick else "all_shapes")
     out = write_report(args.out, stem, meta, rows, markdown(rows, meta))
     plot(rows, out / f"{stem}.png")
     from radial_lora.kernels import gluon_kernels, triton_kernels

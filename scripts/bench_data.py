@@ -1,6 +1,6 @@
 """Data loading benchmark: decoding wan_4x clips (321 frames at 480x832, 16 fps) on this machine's CPU.
 
-    python scripts/bench_data.py                       # writes docs/benchmarks/data_<host>_<date>.{md,json}
+    python scripts/bench_data.py                       # writes docs/benchmarks/records/data_<N>-cores_<date>.{md,json}
     python scripts/bench_data.py --workers 0 1 2 --clips 8
 
 Sources are generated H.264 files (moving patterns, x264 'veryfast'): 480x832 at 16 fps (already
@@ -29,7 +29,7 @@ from radial_lora.data.cache import LatentCache
 from radial_lora.data.catalog import build_catalog
 from radial_lora.data.dataset import BucketBatchSampler, ClipDataset, collate
 from radial_lora.data.demo_videos import render_clip, write_mp4
-from radial_lora.scripts.report import write_report
+from radial_lora.scripts.report import RECORDS, record_stem, write_report
 
 FRAMES, HEIGHT, WIDTH, FPS = 321, 480, 832, 16.0
 
@@ -92,7 +92,7 @@ def synthetic_cache(root: Path, count: int) -> tuple[LatentCache, list]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="docs/benchmarks")
+    parser.add_argument("--out", default=RECORDS)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--clips", type=int, default=6, help="clips timed per setting")
     parser.add_argument("--videos", type=int, default=3, help="source videos per kind")
@@ -153,7 +153,7 @@ def main():
         lines.append(
             f"| {r['source']} | {r['workers']} | {r['s_per_clip']} | {r['clips_per_s']} | {r['frames_per_s']} |"
         )
-    write_report(args.out, f"data_{meta['cores']}cores_{meta['date']}", meta, rows, "\n".join(lines))
+    write_report(args.out, record_stem("data", f"{meta['cores']}-cores", meta["date"]), meta, rows, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Multi-GPU check and scaling on one host (run on the lent nvidia-h100-x2):
+# Multi-GPU check and scaling on one host of 2 or more GPUs (e.g. 2 x H100):
 #   1. the CPU demo's tiny model on 2 GPUs with ZeRO-2 and ZeRO-3 (the GPU/NCCL path end to end);
 #   2. throughput of a compute-bound config (model=tiny_wan_gpu: Wan2.1-1.3B blocks, 10 layers,
 #      480x832 x 33 frames = 14,040 tokens per sample, radial attention on our Triton kernels,

@@ -39,7 +39,7 @@ from radial_lora.configs.schema import (
 )
 from radial_lora.models.attention import describe
 from radial_lora.models.setup import prepare_transformer
-from radial_lora.scripts.report import write_report
+from radial_lora.scripts.report import RECORDS, record_stem, write_report
 from radial_lora.train.step import flow_matching_loss, sample_sigmas
 
 
@@ -187,7 +187,7 @@ def main():
         help="split each clip's tokens over this many GPUs (run under torchrun with as many)",
     )
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--out", default="docs/benchmarks")
+    parser.add_argument("--out", default=RECORDS)
     args = parser.parse_args()
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as training sets it
     group = sequence_parallel_group(args)
@@ -230,11 +230,17 @@ def main():
         lines.append(
             f"| {r['model']} | {r['video_frames']} | {r['tokens']:,} | {r['backend']} | {r['step_s']} | {r['peak_gb']} |"
         )
-    stem = (
-        f"train_step_{device.replace(' ', '_')}_{meta['date']}"
-        + ("_compiled" if args.compile else "")
-        + (f"_keep{args.keep_attention}" if args.keep_attention else "")
-        + (f"_sp{args.sequence_parallel}" if args.sequence_parallel > 1 else "")
+    model = "14b" if "14B" in args.model else "1.3b" if not args.preset else args.preset
+    stem = record_stem(
+        "train_step",
+        device,
+        meta["date"],
+        model,
+        "-".join(f"{f}f" for f in args.frames),
+        "-".join(args.backends),
+        "compiled" if args.compile else "eager",
+        f"keep{args.keep_attention}" if args.keep_attention else "",
+        f"sp{args.sequence_parallel}" if args.sequence_parallel > 1 else "",
     )
     write_report(args.out, stem, meta, rows, "\n".join(lines))
     print("\n".join(lines))

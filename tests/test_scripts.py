@@ -52,6 +52,14 @@ def test_train_step_benchmark_runs(tmp_path):
     rows = json.loads(result.read_text())["rows"]
     assert [(r["backend"], r["tokens"]) for r in rows] == [("dense", 48), ("reference", 48), ("triton", 48)]
     assert all(r["step_s"] > 0 for r in rows)
+    # The record is named by what it measured, and plots as the benchmark page shows it.
+    assert result.name.startswith("train_step_cpu_") and result.name.endswith(
+        "_tiny_9f_dense-reference-triton_eager_keep1.json"
+    )
+    png = tmp_path / "step.png"
+    plot = [sys.executable, str(REPO / "scripts/plot_train_step.py"), str(result), "--out", str(png)]
+    subprocess.run(plot, check=True, capture_output=True, timeout=120)
+    assert png.stat().st_size > 10_000
 
 
 def test_train_step_benchmark_with_sequence_parallelism(tmp_path):

@@ -1,7 +1,7 @@
 """Our Triton block-sparse attention against the reference, forward and gradients.
 
 On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest) at small
-shapes, fp32 and fp16; on the lent GPU (`pytest -m gpu`) in bf16 at real shapes. Tolerance, as in
+shapes, fp32 and fp16; on a CUDA GPU (`pytest -m gpu`) in bf16 at real shapes. Tolerance, as in
 flash-attention's tests: the kernel's error against a higher-precision reference is at most
 twice the error of a plain PyTorch implementation at the kernel's own precision.
 """

@@ -8,7 +8,7 @@ Each program (one mask block of one head) holds one of the GPU's SMs (the Hopper
 the next program in launch order starts on the first SM that frees. Prints the makespan over the
 ideal (total work / SMs) for the grid's block order and for compact_mask's heavy-first order, for
 the key-block programs (dK/dV, one-kernel backward: q_order) and the query-block ones (forward,
-dQ: kv_order). A model, not a measurement: docs/benchmarks/attention.md has the timings.
+dQ: kv_order). A model, not a measurement: docs/radial_attention.md (what we tried) has the timings.
 """
 
 from __future__ import annotations

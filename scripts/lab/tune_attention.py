@@ -2,7 +2,7 @@
 
     python scripts/lab/tune_attention.py                          # Wan2.1-1.3B, 480p, 321 frames
     python scripts/lab/tune_attention.py --frames 21 --heads 40   # another shape
-    python scripts/lab/tune_attention.py --out docs/benchmarks    # also write a markdown + JSON record
+    python scripts/lab/tune_attention.py --out docs/benchmarks/records    # also write a markdown + JSON record
 
 The autotuner keeps only its winner; this shows the whole field, which is what the kernel's
 config lists (`kernels/triton_kernels.py`) are cut from, and what to rerun on a new card.
