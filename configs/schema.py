@@ -143,7 +143,7 @@ class ModelConfig:
     gradient_checkpointing the checkpoint is compiled with each block (models/checkpointing.py),
     else diffusers' `compile_repeated_blocks`. The first steps are slower while it compiles.
     Attention backends work inside the compiled blocks on GPU; on CPU the triton backend
-    (interpreter) cannot be compiled. On in the wan experiments (at 4x on an H100, 10.2 to 8.0 s a
+    (interpreter) cannot be compiled. On in the wan experiments (at 4x on an H100, 22% off the
     step); why not everywhere: docs/recipes.md."""
     compile_backend: str = "inductor"
     """torch.compile backend for compile_blocks (`aot_eager` traces the same graphs without
@@ -243,6 +243,14 @@ class KernelConfig:
 KERNEL_ENVIRONMENT = {"gluon": "RADIAL_GLUON", "tma": "RADIAL_TRITON_TMA"}
 
 
+class MaskPattern(str, Enum):
+    """Which static block-sparse mask the sparse backends run: Radial Attention's, or a local
+    window of frames (kernels/local_mask.py), the control of the same density."""
+
+    radial = "radial"
+    local = "local"
+
+
 @dataclass
 class AttentionConfig:
     """Self-attention: dense, or Radial Attention's static block-sparse mask (arXiv 2506.19852)."""
@@ -258,6 +266,12 @@ class AttentionConfig:
     """Every frame attends the first latent frame in full (Wan)."""
     legacy_adjacent: bool = False
     """Adjacent frames attend a half-frame band instead of the whole frame (an older variant)."""
+    pattern: MaskPattern = MaskPattern.radial
+    """`radial` (the paper's mask, decay/sink/legacy_adjacent below) or `local`: each frame sees
+    the frames within local_window of it in full, and the first frame with sink: a sliding window
+    to compare the radial shape with at equal density."""
+    local_window: int = 6
+    """For pattern=local: how many frames each side a frame attends."""
     dense_layers: int = 0
     """The first N transformer blocks keep dense attention (the paper: 1 for Wan)."""
     dense_timesteps: int = 0
@@ -368,10 +382,28 @@ class TimestepConfig:
     at 480p, 5.0 at 720p)."""
 
 
+class TrainMode(str, Enum):
+    """What trains: LoRA adapters on the frozen transformer, or every transformer weight."""
+
+    lora = "lora"
+    full = "full"
+
+
 @dataclass
 class TrainConfig:
     """The training loop."""
 
+    mode: TrainMode = TrainMode.lora
+    """`lora`: adapters per lora.* on the frozen transformer, exported as LoRA files. `full`: every
+    transformer weight trains (pretraining from scratch with model.init=random, or full
+    fine-tuning), exported as a whole diffusers model folder, `model/` (weights in shards of at most
+    16 MiB), that model.path can load."""
+    condition_frames: int = 0
+    """Frame conditioning: in a share `condition_probability` of the samples the first N latent
+    frames are given clean (timestep 0 on their tokens, Wan2.2 TI2V style) and left out of the
+    loss, so one model learns both to generate and to continue given frames. 0: off."""
+    condition_probability: float = 0.5
+    """Share of samples conditioned on their first condition_frames latent frames."""
     steps: int = 100
     """Optimizer steps (each is gradient_accumulation_steps micro-batches)."""
     seed: int = 0
@@ -553,6 +585,7 @@ def validate(cfg: Config) -> None:
         (cfg.attention.block_size >= 16, f"attention.block_size={cfg.attention.block_size} must be >= 16"),
         (cfg.attention.decay > 0, f"attention.decay={cfg.attention.decay} must be > 0"),
         (cfg.attention.dense_layers >= 0, f"attention.dense_layers={cfg.attention.dense_layers} must be >= 0"),
+        (cfg.attention.local_window >= 0, f"attention.local_window={cfg.attention.local_window} must be >= 0"),
         (cfg.data.val_clips >= 0, f"data.val_clips={cfg.data.val_clips} must be >= 0"),
         (cfg.validation.every >= 0, f"validation.every={cfg.validation.every} must be >= 0 (0: never)"),
         (cfg.validation.samples >= 0, f"validation.samples={cfg.validation.samples} must be >= 0"),
@@ -568,6 +601,20 @@ def validate(cfg: Config) -> None:
             f"validation.size={cfg.validation.size} must be [height, width], multiples of 16",
         ),
         (all(0 < s < 1 for s in cfg.validation.sigmas), f"validation.sigmas={cfg.validation.sigmas} must be in (0, 1)"),
+        (cfg.train.condition_frames >= 0, f"train.condition_frames={cfg.train.condition_frames} must be >= 0"),
+        (
+            0 <= cfg.train.condition_probability <= 1,
+            f"train.condition_probability={cfg.train.condition_probability} must be in [0, 1]",
+        ),
+        (
+            cfg.train.mode != TrainMode.full or cfg.trainer.strategy not in (Strategy.zero3,),
+            "train.mode=full is not supported with trainer=zero3 (exporting a sharded full model is not built); "
+            "use single, ddp or zero2",
+        ),
+        (
+            cfg.train.mode != TrainMode.full or not cfg.lora.init_from,
+            "lora.init_from starts LoRA adapters; train.mode=full trains no adapters",
+        ),
         (cfg.logger.log_every >= 1, f"logger.log_every={cfg.logger.log_every} must be >= 1"),
         ("/" not in cfg.name and cfg.name not in ("", ".", ".."), f"name={cfg.name!r} must be a plain folder name"),
     ]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from radial_lora.data.policy import LISTING_PROBLEMS, RejectCounts
 from radial_lora.data.sources import Entry, read_source
+from radial_lora.data.sprite_world import is_world, world_clip_names
 from radial_lora.data.video import BadVideo, VideoInfo, fits, probe
 
 Bucket = tuple[int, int, int]  # (frames, height, width)
@@ -92,13 +93,20 @@ def build_catalog(
     decode_check: bool = True,
     threads: int | None = None,
 ) -> Catalog:
-    """Read every source, probe every video (in threads), and sort entries into clips and rejects."""
-    listed = [(i, e) for i, src in enumerate(sources) for e in read_source(src)]
+    """Read every source, probe every video (in threads), and sort entries into clips and rejects.
+    A `world:` source (data/sprite_world.py) adds its rendered clips, nothing to probe."""
+    worlds = [
+        Clip(name, "", bucket, i, 0, 0, bucket[1:])
+        for i, src in enumerate(sources)
+        if is_world(src)
+        for name, bucket in world_clip_names(src, frames, sizes)
+    ]
+    listed = [(i, e) for i, src in enumerate(sources) if not is_world(src) for e in read_source(src)]
     sizes = [tuple(s) for s in sizes]
     threads = threads or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(threads) as pool:
         results = list(pool.map(lambda ie: _check(ie[1], fps, frames, sizes, too_short, decode_check), listed))
-    catalog = Catalog(clips=[])
+    catalog = Catalog(clips=worlds)
     for (source, entry), result in zip(listed, results):
         if isinstance(result, str):
             catalog.rejected[entry.video] = result

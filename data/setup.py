@@ -19,6 +19,13 @@ def catalog_for(cfg: DataConfig, seed: int = 0) -> Catalog:
     """Every usable clip of the configured datasets (the demo's are generated first if asked)."""
     if cfg.demo:
         generate_demo_videos(cfg.root, seed=seed)
+    try:
+        return _catalog(cfg)
+    except ValueError as err:  # a world source with sizes it cannot render
+        raise ConfigError(f"data: {err}") from None
+
+
+def _catalog(cfg: DataConfig) -> Catalog:
     return build_catalog(
         [s.path for s in cfg.sources()],
         fps=cfg.fps,

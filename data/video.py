@@ -162,8 +162,12 @@ def decode_clip(
 
     With the source's (height, width) known, decord scales frames while decoding (FFmpeg's
     scaler, in uint8) to the size that covers the target, and only the crop is left: much
-    cheaper than resizing full-size frames afterwards (measured in docs/benchmarks/).
+    cheaper than resizing full-size frames afterwards (measured: docs/benchmarks/data.md).
     """
+    if path.startswith("world:"):  # a procedural clip: rendered, not decoded
+        from radial_lora.data.sprite_world import render_world_clip
+
+        return render_world_clip(path, num_frames, rng)
     scaled = {}
     if source_size is not None and min(source_size) > 0 and tuple(source_size) != (height, width):
         rh, rw = cover_size(*source_size, height, width)

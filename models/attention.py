@@ -22,8 +22,16 @@ from typing import Any
 
 import torch
 
-from radial_lora.configs.schema import AttentionBackend, AttentionConfig, ConfigError, GluonKernels, TmaLoads
+from radial_lora.configs.schema import (
+    AttentionBackend,
+    AttentionConfig,
+    ConfigError,
+    GluonKernels,
+    MaskPattern,
+    TmaLoads,
+)
 from radial_lora.kernels.dispatch import attention, prepare_mask
+from radial_lora.kernels.local_mask import local_block_mask
 from radial_lora.kernels.radial_mask import radial_block_mask
 
 
@@ -64,7 +72,10 @@ class DenseAboveSigma:
         self.sigma = sigma
 
     def __call__(self, timestep: torch.Tensor) -> torch.Tensor:
-        return (timestep.float() / 1000 >= self.sigma).cpu()
+        level = timestep.float()
+        if level.ndim == 2:  # per-token timesteps (given frames at 0): the sample's noise level is its highest
+            level = level.amax(dim=1)
+        return (level / 1000 >= self.sigma).cpu()
 
 
 @dataclass
@@ -94,6 +105,15 @@ class AttentionRouting:
 
     def block_mask(self, device: torch.device) -> torch.Tensor:
         frames, tokens_per_frame = self.video_shape
+        if self.cfg.pattern == MaskPattern.local:
+            return local_block_mask(
+                frames,
+                tokens_per_frame,
+                block_size=self.cfg.block_size,
+                window=self.cfg.local_window,
+                sink=self.cfg.sink,
+                device=device,
+            )
         return radial_block_mask(
             frames,
             tokens_per_frame,
@@ -277,7 +297,8 @@ def describe(transformer) -> str:
     if not radial:
         return f"self-attention: {layers} layers dense"
     cfg = radial[0].routing.cfg
-    return (
-        f"self-attention: {layers - len(radial)} layers dense, {len(radial)} layers radial on "
-        f"{cfg.backend.value} (block {cfg.block_size}, decay {cfg.decay}, sink {cfg.sink})"
-    )
+    if MaskPattern(cfg.pattern) == MaskPattern.local:
+        shape = f"local (+-{cfg.local_window} frames) on {cfg.backend.value} (block {cfg.block_size}, sink {cfg.sink})"
+    else:
+        shape = f"radial on {cfg.backend.value} (block {cfg.block_size}, decay {cfg.decay}, sink {cfg.sink})"
+    return f"self-attention: {layers - len(radial)} layers dense, {len(radial)} layers {shape}"

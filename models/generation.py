@@ -41,11 +41,14 @@ def generate_video(
     check_video_shape(frames, height, width)
     device = torch.device(device) if device is not None else pipe._execution_device
     generator = torch.Generator(device).manual_seed(seed)
+    # Wan's pipeline rounds num_frames to 4n+1 for its VAE's 4x temporal compression; a model
+    # without one (models/pixel_wan.py, scale factor 1) would get a frame more: ask for one fewer.
+    asked = frames - 1 if pipe.vae_scale_factor_temporal == 1 else frames
     with torch.inference_mode(), generation_rules(pipe.transformer):
         video = pipe(
             prompt,
             negative_prompt=negative_prompt,
-            num_frames=frames,
+            num_frames=asked,
             height=height,
             width=width,
             num_inference_steps=steps,

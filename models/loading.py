@@ -8,8 +8,15 @@ import torch
 
 from radial_lora.configs.schema import ModelConfig
 
-# Small random models built on the spot (models/tiny_wan.py): model id -> preset.
-TINY_MODELS = {"tiny-wan": "tiny", "tiny-wan-gpu": "gpu"}
+# Small random models built on the spot: model id -> (module of models/ that builds it, preset).
+# tiny_wan: the demo's latent-space Wan; pixel_wan: a pixel-space Wan (identity VAE) for
+# experiments scored against a simulator (docs/length_extension.md).
+TINY_MODELS = {
+    "tiny-wan": ("tiny_wan", "tiny"),
+    "tiny-wan-gpu": ("tiny_wan", "gpu"),
+    "pixel-wan": ("pixel_wan", "sprites"),
+    "pixel-wan-toy": ("pixel_wan", "toy"),
+}
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -24,9 +31,12 @@ def model_source(cfg: ModelConfig) -> str:
     if cfg.id in TINY_MODELS:
         if not cfg.path:
             raise ValueError(f"model.path must name a folder for model.id={cfg.id} (it is built there)")
-        from radial_lora.models.tiny_wan import build_tiny_wan
-
-        return str(build_tiny_wan(cfg.path, preset=TINY_MODELS[cfg.id]))
+        module, preset = TINY_MODELS[cfg.id]
+        if module == "pixel_wan":
+            from radial_lora.models.pixel_wan import build_pixel_wan as build
+        else:
+            from radial_lora.models.tiny_wan import build_tiny_wan as build
+        return str(build(cfg.path, preset=preset))
     if cfg.path:
         if not Path(cfg.path, "model_index.json").exists():
             raise FileNotFoundError(f"model.path={cfg.path} is not a diffusers model folder (no model_index.json)")
@@ -114,6 +124,10 @@ def load_pipeline(cfg: ModelConfig, transformer: bool = True, device=None, text_
 
         return random_pipeline(cfg.id, dtypes, device or "cpu", transformer=transformer, text_encoder=text_encoder)
     source = model_source(cfg)
+    # A pixel-space model's folder names its identity VAE class (models/pixel_wan.py); diffusers
+    # loads a class of another library only once its module is imported.
+    import radial_lora.models.pixel_wan  # noqa: F401
+
     skip = {name: None for name, wanted in (("transformer", transformer), ("text_encoder", text_encoder)) if not wanted}
     try:
         return WanPipeline.from_pretrained(source, dtype=dtypes, **skip)

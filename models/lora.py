@@ -3,6 +3,7 @@ formats) and starting them from an existing LoRA file."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -144,6 +145,23 @@ def export_lora(
         written.append(path.resolve())
     diffusers_file = Path(directory, FILE_NAMES[LoraFormat.diffusers]).resolve()
     return diffusers_file if diffusers_file in written else written[0]
+
+
+MODEL_SHARD = "16MB"
+"""Largest weight file of a full-model export: small files travel (and resume) more easily."""
+
+
+def export_model(
+    pipe, directory: str | os.PathLike, info: dict[str, str] | None = None, is_main_process: bool = True
+) -> Path:
+    """Write the whole pipeline (its trained transformer and the frozen rest) as a diffusers model
+    folder that `model.path` loads, weights in shards of at most MODEL_SHARD; `info` goes into
+    `training.json` beside it. Returns the folder."""
+    directory = Path(directory)
+    if is_main_process:
+        pipe.save_pretrained(directory, max_shard_size=MODEL_SHARD, safe_serialization=True)
+        (directory / "training.json").write_text(json.dumps(info or {}, indent=1) + "\n")
+    return directory.resolve()
 
 
 def init_lora_from(transformer, weights: LoraWeights, cfg: LoraConfig, source: str) -> None:

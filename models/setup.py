@@ -1,5 +1,5 @@
 """From a run's config to its trainable transformer: our self-attention, sequence parallelism,
-LoRA, checkpointing and compilation, in the one order that works.
+LoRA (or every weight, train.mode=full), checkpointing and compilation, in the one order that works.
 
 Shared by training (train/loop.py) and scripts/bench_train_step.py, so the benchmark times the
 transformer exactly as training prepares it.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from radial_lora.configs.schema import AttentionConfig, ConfigError, LoraConfig, ModelConfig
+from radial_lora.configs.schema import AttentionConfig, ConfigError, LoraConfig, ModelConfig, TrainMode
 from radial_lora.models.attention import set_self_attention
 from radial_lora.models.checkpointing import enable_checkpointing
 from radial_lora.models.lora import add_lora, check_lora_inside_blocks
@@ -17,9 +17,16 @@ from radial_lora.models.sequence_parallel import enable_sequence_parallel
 
 
 def prepare_transformer(
-    transformer, model: ModelConfig, attention: AttentionConfig, lora: LoraConfig, sp_group=None
+    transformer,
+    model: ModelConfig,
+    attention: AttentionConfig,
+    lora: LoraConfig,
+    sp_group=None,
+    mode: TrainMode = TrainMode.lora,
 ) -> list[torch.nn.Parameter]:
-    """Set `transformer` up for training in place; returns the trainable (LoRA) parameters.
+    """Set `transformer` up for training in place; returns the trainable parameters: the LoRA
+    adapters, or with `mode=full` every weight of the transformer (kept in fp32, like the adapters:
+    the optimizer's updates would round away in bf16).
 
     The processors go in before LoRA (they read the adapted projections), sequence parallelism
     needs the processors' routing, and compilation comes last so its graphs include the adapters
@@ -28,9 +35,15 @@ def prepare_transformer(
     routing = set_self_attention(transformer, attention, mode="train")
     if sp_group is not None:
         enable_sequence_parallel(transformer, routing, sp_group)
-    params = add_lora(transformer, lora)
-    if sp_group is not None:
-        check_lora_inside_blocks(transformer)
+    if TrainMode(mode) == TrainMode.full:
+        transformer.requires_grad_(True)
+        params = list(transformer.parameters())
+        for p in params:
+            p.data = p.data.float()
+    else:
+        params = add_lora(transformer, lora)
+        if sp_group is not None:
+            check_lora_inside_blocks(transformer)
     compile_backend = model.compile_backend if model.compile_blocks else None
     if model.gradient_checkpointing:  # compiles the checkpointed blocks (models/checkpointing.py)
         enable_checkpointing(transformer, model.checkpoint_keep_attention, compile_backend)

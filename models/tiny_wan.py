@@ -58,13 +58,15 @@ PRESETS = {
 }
 
 
-def _build_components(seed: int, preset: str = "tiny") -> dict:
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+TEXT_DIM = 32
+
+
+def tiny_text_encoder():
+    """(tokenizer, text encoder): a 2-layer UMT5 encoder of width TEXT_DIM over the tiny tokenizer."""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    torch.manual_seed(seed)
     tokenizer = _build_tokenizer()
-    text_dim = 32
+    text_dim = TEXT_DIM
     text_encoder = UMT5EncoderModel(
         UMT5Config(
             vocab_size=len(tokenizer),
@@ -80,6 +82,15 @@ def _build_components(seed: int, preset: str = "tiny") -> dict:
             decoder_start_token_id=0,
         )
     )
+    return tokenizer, text_encoder
+
+
+def _build_components(seed: int, preset: str = "tiny") -> dict:
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    tokenizer, text_encoder = tiny_text_encoder()
+    text_dim = TEXT_DIM
     z_dim = 4
     vae = AutoencoderKLWan(
         base_dim=8,
@@ -104,7 +115,12 @@ def _build_components(seed: int, preset: str = "tiny") -> dict:
 
 
 def build_tiny_wan(path: str | os.PathLike, seed: int = 0, preset: str = "tiny") -> Path:
-    """Write a small random WanPipeline folder to `path` (once: an existing folder is kept).
+    """Write a small random WanPipeline folder to `path` (once: an existing folder is kept)."""
+    return write_pipeline_once(path, lambda: _build_components(seed, preset))
+
+
+def write_pipeline_once(path: str | os.PathLike, components) -> Path:
+    """Save `WanPipeline(**components())` to `path` unless a model is there already.
 
     Built into a temporary sibling and renamed, so an interrupted build never leaves a half
     folder that later runs would try to load.
@@ -117,7 +133,7 @@ def build_tiny_wan(path: str | os.PathLike, seed: int = 0, preset: str = "tiny")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     try:
-        WanPipeline(**_build_components(seed, preset)).save_pretrained(tmp)
+        WanPipeline(**components()).save_pretrained(tmp)
         try:
             tmp.rename(path)
         except OSError:  # another process finished first: keep its copy

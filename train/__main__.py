@@ -151,8 +151,9 @@ def run(dict_cfg: DictConfig) -> None:
         if result.stopped_by == "SIGINT":
             sys.exit(130)  # the shell's convention for Ctrl-C, so `train && next` does not go on
         return
-    log.info("LoRA exported to %s", result.lora_file)
-    say(f"LoRA exported to {result.lora_file}")
+    what = "Model" if cfg.train.mode.value == "full" else "LoRA"
+    log.info("%s exported to %s", what, result.lora_file)
+    say(f"{what} exported to {result.lora_file}")
 
 
 def main() -> None:

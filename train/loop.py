@@ -24,13 +24,13 @@ import torch
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from radial_lora.configs.schema import AttentionBackend, Config, ConfigError, TrainConfig
+from radial_lora.configs.schema import AttentionBackend, Config, ConfigError, TrainConfig, TrainMode
 from radial_lora.data.dataset import BucketBatchSampler, ClipDataset, collate
 from radial_lora.data.policy import REASONS, RejectCounts
 from radial_lora.data.setup import catalog_for, split_held_out, usable_clips
 from radial_lora.models.attention import describe, triton_kernels
 from radial_lora.models.loading import check_model_available, load_pipeline, torch_dtype, weights_fingerprint
-from radial_lora.models.lora import check_targets_exist, export_lora, init_lora_from
+from radial_lora.models.lora import check_targets_exist, export_lora, export_model, init_lora_from
 from radial_lora.models.lora_files import LoraFileError, load_lora
 from radial_lora.models.setup import check_rotary_covers, prepare_transformer
 from radial_lora.train.checkpoint import (
@@ -51,7 +51,14 @@ from radial_lora.train.distributed import (
     sequence_parallel_group,
 )
 from radial_lora.train.preemption import ignore_stop_signals, note_preemption, stop_signals
-from radial_lora.train.step import encode_captions, flow_matching_loss, noisy_inputs, posterior_params, sample_generator
+from radial_lora.train.step import (
+    conditioned_frames,
+    encode_captions,
+    flow_matching_loss,
+    noisy_inputs,
+    posterior_params,
+    sample_generator,
+)
 from radial_lora.train.tracking import peak_memory_gb, start_tracking
 from radial_lora.train.validation import HeldOutClip, check_validation, encode_held_out, validate_run
 
@@ -134,7 +141,7 @@ class Run:
     transformer: Any
     """pipe.transformer as accelerate prepared it (DDP / DeepSpeed engine around it)."""
     params: list
-    """The trainable (LoRA) parameters."""
+    """The trainable parameters: the LoRA adapters, or every transformer weight (train.mode=full)."""
     optimizer: Any
     lr_scheduler: Any
     state: TrainState
@@ -159,8 +166,15 @@ class Run:
     def main(self) -> bool:
         return self.accelerator.is_main_process
 
+    @property
+    def full(self) -> bool:
+        return self.cfg.train.mode == TrainMode.full
+
     def export(self, folder: Path) -> Path:
-        """Write the LoRA (every process calls this: under ZeRO-3 the adapters are gathered first)."""
+        """Write the LoRA files, or with train.mode=full the whole model folder (every process
+        calls this: under ZeRO-3 the adapters are gathered first)."""
+        if self.full:
+            return export_model(self.pipe, folder, info=lora_file_info(self.cfg), is_main_process=self.main)
         with gathered(self.accelerator, self.params):
             return export_lora(
                 self.accelerator.unwrap_model(self.transformer),
@@ -178,17 +192,20 @@ class Run:
 
 
 def lora_file_info(cfg: Config) -> dict[str, str]:
-    """What every exported LoRA file states in its metadata about how it was trained."""
+    """What every exported LoRA file (or full model's training.json) states about how it was trained."""
     a = cfg.attention
     attention = {"backend": a.backend.value, "decay": a.decay, "dense_layers": a.dense_layers}
-    return {
+    info = {
+        "radial_lora.mode": cfg.train.mode.value,
         "radial_lora.base_model": cfg.model.id,
-        "radial_lora.target_modules": json.dumps(list(cfg.lora.target_modules)),
-        "radial_lora.trained_alpha": f"{cfg.lora.alpha:g}",
         "radial_lora.frames": json.dumps(sorted(cfg.data.frames, reverse=True)),
         "radial_lora.sizes": json.dumps([list(s) for s in cfg.data.sizes]),
         "radial_lora.attention": json.dumps(attention),
     }
+    if cfg.train.mode == TrainMode.lora:
+        info["radial_lora.target_modules"] = json.dumps(list(cfg.lora.target_modules))
+        info["radial_lora.trained_alpha"] = f"{cfg.lora.alpha:g}"
+    return info
 
 
 @dataclass
@@ -231,7 +248,8 @@ def build(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
     sp = cfg.trainer.sequence_parallel
     sp_group, data_rank, data_ranks = sequence_parallel_group(sp)
     check_model_available(cfg.model, cache_dir=cfg.cache_dir)
-    check_targets_exist(list(cfg.lora.target_modules))
+    if cfg.train.mode == TrainMode.lora:
+        check_targets_exist(list(cfg.lora.target_modules))
     init_weights = None
     if cfg.lora.init_from and resume_from is None:  # read before the data scan: a bad file fails at once
         try:
@@ -280,7 +298,11 @@ def build(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
         pipe.text_encoder.requires_grad_(False).eval()
     check_rotary_covers(pipe, cfg.data.frames, cfg.data.sizes)
     transformer = pipe.transformer
-    params = prepare_transformer(transformer, cfg.model, cfg.attention, cfg.lora, sp_group)
+    params = prepare_transformer(transformer, cfg.model, cfg.attention, cfg.lora, sp_group, mode=cfg.train.mode)
+    if cfg.train.mode == TrainMode.full:
+        say(
+            f"training every transformer weight (train.mode=full): {sum(p.numel() for p in params) / 1e6:.1f}M parameters"
+        )
     if init_weights is not None:
         init_lora_from(transformer, init_weights, cfg.lora, cfg.lora.init_from)
         say(f"LoRA: starts from {cfg.lora.init_from} ({init_format.value} format, {len(init_weights)} adapters)")
@@ -405,8 +427,9 @@ def train_step(run: Run, micro_batches: list[dict]) -> StepResult:
         ]
         state.batches_seen += 1
         latents, sigmas, noise = noisy_inputs(run.pipe.vae, posteriors, gens, cfg.train.timesteps, device)
+        clean = conditioned_frames(gens, cfg.train.condition_frames, cfg.train.condition_probability, device)
         with accelerator.accumulate(run.transformer):
-            loss = flow_matching_loss(run.transformer, latents, text, sigmas, noise, run.model_dtype)
+            loss = flow_matching_loss(run.transformer, latents, text, sigmas, noise, run.model_dtype, clean)
             # Gradients are averaged over all processes, but the `sp` processes of a group
             # each hold part of one clip's gradient: x sp makes the average their sum.
             accelerator.backward(loss * sp if sp > 1 else loss)
@@ -522,7 +545,7 @@ def train(
     if result.stopped_by is None:  # an interrupted run has its LoRA in the checkpoint, not in lora/
         error = None
         try:
-            result.lora_file = run.export(run.run_dir / "lora")
+            result.lora_file = run.export(run.run_dir / ("model" if run.full else "lora"))
         except (OSError, SafetensorError) as err:  # on rank 0, which writes; the others learn of it here
             error = io_error(err)
         raise_if_any_failed(accelerator, error, "the final LoRA", run.run_dir)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from radial_lora.configs.schema import TimestepConfig, TimestepSampling
 from radial_lora.data.video import to_vae_input
@@ -81,6 +80,16 @@ def encode_captions(pipe, captions: list[str], max_tokens: int, device) -> torch
     return embeds
 
 
+def conditioned_frames(generators: list[torch.Generator], frames: int, probability: float, device) -> torch.Tensor:
+    """[B] how many leading latent frames each sample is given clean (train.condition_frames):
+    `frames` with `probability`, else 0, drawn from each sample's own generator (after its latent,
+    noise level and noise), so a resumed run conditions the same samples."""
+    if frames == 0:
+        return torch.zeros(len(generators), dtype=torch.long, device=device)
+    draws = torch.cat([torch.rand(1, generator=g, device=device) for g in generators])
+    return (draws < probability).long() * frames
+
+
 def flow_matching_loss(
     transformer,
     latents: torch.Tensor,
@@ -88,17 +97,33 @@ def flow_matching_loss(
     sigmas: torch.Tensor,
     noise: torch.Tensor,
     dtype: torch.dtype,
+    clean_frames: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared error between the predicted and the true velocity (eps - x0), in fp32.
 
-    `dtype` is the transformer's storage dtype, which its inputs are cast to.
+    `dtype` is the transformer's storage dtype, which its inputs are cast to. `clean_frames` [B]
+    (optional): each sample's first N latent frames are given clean, their tokens get timestep 0
+    (a per-token timestep [B, S], as Wan2.2's TI2V model takes it), and the loss leaves them out.
     """
     s = sigmas.view(-1, 1, 1, 1, 1)
     noisy = (1 - s) * latents + s * noise
+    timestep = sigmas * 1000
+    weight = None
+    if clean_frames is not None and bool((clean_frames > 0).any()):
+        B, _, T, H, W = latents.shape
+        p_t, p_h, p_w = getattr(transformer, "module", transformer).config.patch_size
+        clean = torch.arange(T, device=latents.device)[None] < clean_frames.to(latents.device)[:, None]  # [B, T]
+        noisy = torch.where(clean[:, None, :, None, None], latents, noisy)
+        per_frame = torch.where(clean[:, ::p_t], torch.zeros_like(timestep)[:, None], timestep[:, None])
+        timestep = per_frame.repeat_interleave((H // p_h) * (W // p_w), dim=1)  # [B, S]
+        weight = (~clean).float()[:, None, :, None, None].expand_as(latents)
     pred = transformer(
         hidden_states=noisy.to(dtype),
-        timestep=sigmas * 1000,
+        timestep=timestep,
         encoder_hidden_states=text_embeds.to(dtype),
         return_dict=False,
     )[0]
-    return F.mse_loss(pred.float(), (noise - latents).float())
+    error = (pred.float() - (noise - latents).float()) ** 2
+    if weight is None:
+        return error.mean()
+    return (error * weight).sum() / weight.sum().clamp(min=1)

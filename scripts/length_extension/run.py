@@ -1,0 +1,313 @@
+"""The length-extension experiment, one command per phase (docs/length_extension.md):
+
+    python -m scripts.length_extension.run calibrate --dir RUN   # time each step type, fix the step counts
+    python -m scripts.length_extension.run pretrain  --dir RUN   # the base model at L (resumes; a wall budget)
+    python -m scripts.length_extension.run pilot     --dir RUN   # the learning rate, on the dense arm only
+    python -m scripts.length_extension.run arms      --dir RUN   # every LoRA arm at 4L
+    python -m scripts.length_extension.run evaluate  --dir RUN   # every arm scored on the same clips
+    python -m scripts.length_extension.run report    --dir RUN   # tables with intervals, the verdict, pictures
+
+Every phase trains through the project's own trainer (`python -m train +experiment=sprites_base`
+/ `sprites_4x` with overrides), writes under RUN (outputs/, cache/, plan.json, results/) and skips
+what is already done, so a phase cut short by a time limit is run again to go on. `--toy` runs the
+same phases at CPU-test size (the toy model, 5 and 17 frames, the reference attention backend, a
+few steps): what CI runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SEEDS = (0, 1)
+PILOT_LRS = (2e-4, 1e-3)
+
+
+def settings(toy: bool) -> dict:
+    """The phases' sizes: the real experiment's, or the CPU toy's."""
+    if toy:
+        return dict(
+            model="pixel_wan_toy", L=5, L4=17, backend="reference", batch=2, lora_batch=2, workers=0,
+            calibrate_steps=3, calibrate_arms=("d",), pretrain_steps=6, lora_steps=2, pilot_steps=2, conditional=3, unconditional=2,
+            sample_steps=2, precision="no", device="cpu", eval_batch=2, val_clips=1,
+        )  # fmt: skip
+    return dict(
+        model="pixel_wan", L=17, L4=65, backend="triton", batch=32, lora_batch=8, workers=8,
+        calibrate_steps=12, calibrate_arms=("c", "d", "e"), pretrain_steps=None, lora_steps=200, pilot_steps=60, conditional=96, unconditional=32,
+        sample_steps=25, precision="bf16", device="cuda", eval_batch=16, val_clips=8,
+    )  # fmt: skip
+
+
+def train(run_dir: Path, s: dict, experiment: str, *overrides: str, log: Path | None = None) -> str:
+    """Run the project's trainer on this experiment's folders; returns its output (raises on failure)."""
+    command = [
+        sys.executable,
+        "-m",
+        "radial_lora.train",
+        f"+experiment={experiment}",
+        f"model={s['model']}",
+        f"output_root={run_dir / 'outputs'}",
+        f"cache_dir={run_dir / 'cache'}",
+        f"trainer.mixed_precision={s['precision']}",
+        f"data.num_workers={s['workers']}",
+        f"data.val_clips={s['val_clips']}",
+        "logger.mode=disabled",
+        *overrides,
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if log is not None:
+        log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {' '.join(command[3:])} failed:\n{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def median_step(output: str) -> float:
+    """The trainer's median step time, from its throughput line."""
+    found = re.search(r"median step ([0-9.]+) s", output)
+    if found is None:
+        raise SystemExit("error: the trainer printed no throughput line (too few steps?)")
+    return float(found.group(1))
+
+
+def lora_arm_overrides(arm: str, s: dict) -> list[str]:
+    """What each tuned arm changes from experiment/sprites_4x.yaml (the radial arm)."""
+    backend = f"attention.backend={s['backend']}"
+    return {
+        "c": ["attention=dense"],
+        "d": [backend],
+        "recipe": [backend, "attention.dense_layers=1"],
+        "e": [backend, "attention.pattern=local", "attention.local_window=6"],
+    }[arm]
+
+
+def base_model(run_dir: Path) -> Path:
+    return run_dir / "outputs/sprites_base/model"
+
+
+def calibrate(run_dir: Path, s: dict) -> None:
+    """Time pretraining at L and each LoRA arm's step at 4L; fix the pretraining steps to the wall
+    budget (phases of at most 8.5 minutes) and write plan.json."""
+    steps = s["calibrate_steps"]
+    common = ["train.checkpoint_every=0", "validation.every=0", f"train.steps={steps}"]
+    times = {
+        "pretrain": median_step(
+            train(
+                run_dir,
+                s,
+                "sprites_base",
+                *common,
+                f"data.frames=[{s['L']}]",
+                f"data.batch_size={s['batch']}",
+                "name=calibrate_base",
+            )
+        )
+    }
+    base = run_dir / "outputs/calibrate_base/model"
+    for arm in s["calibrate_arms"]:
+        times[arm] = median_step(
+            train(
+                run_dir,
+                s,
+                "sprites_4x",
+                *common,
+                *lora_arm_overrides(arm, s),
+                f"model.path={base}",
+                f"data.frames=[{s['L4']}]",
+                f"data.batch_size={s['lora_batch']}",
+                f"name=calibrate_{arm}",
+            )  # fmt: skip
+        )
+    pretrain_steps = s["pretrain_steps"] or int(2 * 8.5 * 60 / times["pretrain"])  # two phases of 8.5 min
+    plan = {"step_s": times, "pretrain_steps": pretrain_steps, "lora_steps": s["lora_steps"]}
+    (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    print(json.dumps(plan, indent=1))
+
+
+def plan_of(run_dir: Path) -> dict:
+    path = run_dir / "plan.json"
+    if not path.exists():
+        raise SystemExit(f"error: no {path}: run the calibrate phase first")
+    return json.loads(path.read_text())
+
+
+def pretrain(run_dir: Path, s: dict, minutes: float) -> None:
+    """Pretrain (or go on pretraining) the base model; stops with a checkpoint after `minutes`."""
+    plan = plan_of(run_dir)
+    budget = max(1, int(minutes * 60 / plan["step_s"]["pretrain"]))
+    done = sorted((run_dir / "outputs/sprites_base/checkpoints").glob("step_*"))
+    start = int(done[-1].name.split("_")[1]) if done else 0
+    stop = min(plan["pretrain_steps"], start + budget)
+    out = train(
+        run_dir, s, "sprites_base", f"data.frames=[{s['L']}]", f"data.batch_size={s['batch']}",
+        f"train.steps={plan['pretrain_steps']}", f"train.stop_after_step={stop}", "train.resume=auto",
+        f"train.checkpoint_every={max(1, budget // 4)}", log=run_dir / "pretrain.log",
+    )  # fmt: skip
+    print(out.strip().splitlines()[-1])
+
+
+def pilot(run_dir: Path, s: dict) -> None:
+    """The dense LoRA arm at each candidate learning rate; the lowest held-out loss at 4L wins."""
+    plan = plan_of(run_dir)
+    losses = {}
+    for lr in PILOT_LRS:
+        out = train(
+            run_dir, s, "sprites_4x", *lora_arm_overrides("c", s), f"model.path={base_model(run_dir)}",
+            f"data.frames=[{s['L4']}]", f"data.batch_size={s['lora_batch']}", f"optim.lr={lr}",
+            f"train.steps={s['pilot_steps']}", f"validation.every={s['pilot_steps']}", "train.checkpoint_every=0",
+            f"name=pilot_lr{lr:g}",
+        )  # fmt: skip
+        losses[lr] = float(re.findall(r"validation: loss_\d+f ([0-9.]+)", out)[-1])
+    plan["pilot_loss"] = {f"{lr:g}": v for lr, v in losses.items()}
+    plan["lr"] = min(losses, key=losses.get)
+    (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    print(f"learning rate {plan['lr']:g} (held-out loss {losses})")
+
+
+TUNED = {"c0": ("c", 0), "c1": ("c", 1), "d0": ("d", 0), "d1": ("d", 1), "recipe": ("recipe", 0), "e": ("e", 0)}
+
+
+def arms(run_dir: Path, s: dict, only: list[str] | None = None) -> None:
+    """Train every LoRA arm (those whose LoRA exists are skipped), recording each one's step time."""
+    plan = plan_of(run_dir)
+    if "lr" not in plan:
+        raise SystemExit("error: no learning rate in plan.json: run the pilot phase first")
+    for name, (arm, seed) in TUNED.items():
+        if only and name not in only:
+            continue
+        if (run_dir / f"outputs/arm_{name}/lora/pytorch_lora_weights.safetensors").exists():
+            continue
+        started = time.time()
+        out = train(
+            run_dir, s, "sprites_4x", *lora_arm_overrides(arm, s), f"model.path={base_model(run_dir)}",
+            f"data.frames=[{s['L4']}]", f"data.batch_size={s['lora_batch']}", f"optim.lr={plan['lr']}",
+            f"train.seed={seed}", f"train.steps={plan['lora_steps']}", f"name=arm_{name}",
+            log=run_dir / f"arm_{name}.log",
+        )  # fmt: skip
+        plan.setdefault("arm_step_s", {})[name] = median_step(out) if plan["lora_steps"] > 2 else None
+        plan.setdefault("arm_wall_s", {})[name] = round(time.time() - started, 1)
+        (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+        print(f"arm {name}: {out.strip().splitlines()[-1]}")
+
+
+def arm_specs(run_dir: Path, s: dict):
+    """Every arm as evaluate.Arm: the untuned a, b, f and the tuned ones."""
+    from radial_lora.scripts.length_extension.evaluate import Arm
+
+    base = str(base_model(run_dir))
+    radial = dict(backend=s["backend"], block_size=64, decay=0.2)
+    lora = lambda name: str(run_dir / f"outputs/arm_{name}/lora/pytorch_lora_weights.safetensors")  # noqa: E731
+    specs = [Arm("a", base), Arm("b", base, attention=radial), Arm("f", base, riflex=True)]
+    specs += [Arm(n, base, lora(n)) for n in ("c0", "c1")]
+    specs += [Arm(n, base, lora(n), attention=radial) for n in ("d0", "d1")]
+    specs += [Arm("recipe", base, lora("recipe"), attention={**radial, "dense_layers": 1, "dense_timesteps": 1})]
+    specs += [
+        Arm("e", base, lora("e"), attention=dict(backend=s["backend"], block_size=64, pattern="local", local_window=6))
+    ]
+    return specs
+
+
+def energy(run_dir: Path, s: dict) -> None:
+    """Gate G2, the premise: the base model's attention at L through the energy probe, the radial
+    mask of the arms (block 64, decay 0.2); and the dense LoRA's at 4L, if trained. The kept mass
+    and the temporal fit go into plan.json."""
+    from radial_lora.scripts import attention_energy
+
+    plan = plan_of(run_dir)
+    probes = {"base": run_dir / "outputs/sprites_base", "c0": run_dir / "outputs/arm_c0"}
+    for name, run in probes.items():
+        if name in plan.get("energy", {}) or not run.exists():
+            continue
+        device = ["--device", s["device"]]
+        summary = attention_energy.main(
+            ["--run", str(run), "--decay", "0.2", "--block-size", "64", "--local-window", "6",
+             "--out", str(run_dir / "results" / f"energy_{name}"), *device]
+        )  # fmt: skip
+        plan.setdefault("energy", {})[name] = {
+            k: summary[k]
+            for k in (
+                "kept_mass_radial",
+                "kept_mass_local",
+                "output_error_radial",
+                "temporal_profile_fit",
+                "spatial_heads",
+            )
+        }
+    if "base" in plan.get("energy", {}):
+        plan["radial_mass_at_L"] = plan["energy"]["base"]["kept_mass_radial"]
+        plan["temporal_fit_r2"] = plan["energy"]["base"]["temporal_profile_fit"]["r2"]
+    (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+
+
+def evaluate(run_dir: Path, s: dict, only: list[str] | None = None) -> None:
+    """Score every arm (skipping those scored already) into results/ARM.npz and .json, after the
+    energy probe of gate G2."""
+    import numpy as np
+    import torch
+
+    from radial_lora.scripts.length_extension.evaluate import Arm, evaluation_clips, score_arm
+
+    results = run_dir / "results"
+    results.mkdir(exist_ok=True)
+    energy(run_dir, s)
+    conditional, unconditional = evaluation_clips(0, s["conditional"], s["unconditional"], s["L4"])
+    dtype = torch.bfloat16 if s["device"] == "cuda" else torch.float32
+    # Gate G1 scores the base model at its own length L, on clips of that length.
+    at_l = evaluation_clips(0, s["conditional"], s["unconditional"], s["L"], hiding=False)
+    jobs = [(Arm("base_L", str(base_model(run_dir))), s["L"], at_l)]
+    jobs += [(arm, s["L4"], (conditional, unconditional)) for arm in arm_specs(run_dir, s)]
+    for arm, frames, (cond, uncond) in jobs:
+        if (only and arm.name not in only) or (results / f"{arm.name}.npz").exists():
+            continue
+        started = time.time()
+        metrics, extras = score_arm(
+            arm, seed=0, conditional=cond, unconditional=uncond, frames=frames, train_frames=s["L"],
+            steps=s["sample_steps"], batch=s["eval_batch"], device=s["device"], dtype=dtype,
+        )  # fmt: skip
+        np.savez_compressed(
+            results / f"{arm.name}.npz", **metrics, rollouts=extras["rollouts"], samples=extras["samples"]
+        )
+        info = {
+            "recall": extras["recall"],
+            "position_curve": extras["position_curve"],
+            "seconds": time.time() - started,
+        }
+        (results / f"{arm.name}.json").write_text(json.dumps(info) + "\n")
+        print(f"arm {arm.name}: scored in {info['seconds']:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("phase", choices=["calibrate", "pretrain", "pilot", "arms", "evaluate", "report"])
+    parser.add_argument("--dir", type=Path, required=True, help="the experiment's folder")
+    parser.add_argument("--toy", action="store_true", help="the CPU-test size")
+    parser.add_argument("--minutes", type=float, default=8.5, help="pretrain: the wall budget of this phase")
+    parser.add_argument("--only", nargs="+", help="arms / evaluate: only these arms")
+    args = parser.parse_args(argv)
+    s = settings(args.toy)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    run_dir = args.dir.resolve()
+    if args.phase == "calibrate":
+        calibrate(run_dir, s)
+    elif args.phase == "pretrain":
+        pretrain(run_dir, s, args.minutes)
+    elif args.phase == "pilot":
+        pilot(run_dir, s)
+    elif args.phase == "arms":
+        arms(run_dir, s, args.only)
+    elif args.phase == "evaluate":
+        evaluate(run_dir, s, args.only)
+    else:
+        from radial_lora.scripts.length_extension.report import write_report
+
+        print(write_report(run_dir, s))
+
+
+if __name__ == "__main__":
+    main()
