@@ -128,6 +128,31 @@ def write_report(run_dir: Path, s: dict) -> Path:
             + ", ".join(n for n in (*needed, "base_L") if n not in results)
             + ")",
         ]
+    # Cost: attention FLOPs of one forward relative to dense (kept blocks over all layers), and
+    # the measured LoRA step of each tuned arm.
+    from radial_lora.kernels.local_mask import local_block_mask
+    from radial_lora.kernels.radial_mask import block_density, radial_block_mask
+
+    config = run_dir / "outputs/sprites_base/model/transformer/config.json"
+    layers = json.loads(config.read_text())["num_layers"] if config.exists() else 8
+    s4 = 256  # tokens a 64x64 frame
+    radial = block_density(radial_block_mask(s["L4"], s4, block_size=64, decay=0.2))
+    local = block_density(local_block_mask(s["L4"], s4, block_size=64, window=6))
+    density = {
+        "c0": 1.0,
+        "c1": 1.0,
+        "d0": radial,
+        "d1": radial,
+        "recipe": (1 + (layers - 1) * radial) / layers,
+        "e": local,
+    }
+    lines += ["", "## Cost", "", "| arm | attention FLOPs vs dense | LoRA step (s) | wall (s) |", "|---|---|---|---|"]
+    for name, d in density.items():
+        step = plan.get("arm_step_s", {}).get(name)
+        wall = plan.get("arm_wall_s", {}).get(name)
+        lines.append(
+            f"| {ARM_NAMES[name]} | {d:.3f} | {step if step is not None else '-'} | {wall if wall is not None else '-'} |"
+        )
     lines += ["", "Plan and measured step times: `plan.json`.", ""]
     path = folder / "report.md"
     path.write_text("\n".join(lines))
