@@ -304,6 +304,12 @@ def test_the_experiments_phases_run_end_to_end_at_toy_size(tmp_path):
     assert "Verdict: not reached (arms missing: b, c1, d1)" in report
     assert (folder / "report/position_error_by_frame.png").stat().st_size > 5000
     assert (folder / "report/rollout_d0.mp4").stat().st_size > 0
+    # The base model travels in bf16 parts of at most 15 MiB, and the plan with it.
+    run.main(["pack", "--dir", str(folder), "--toy", "--to", str(tmp_path / "parts")])
+    assert all(p.stat().st_size <= run.PART for p in (tmp_path / "parts").glob("base.tar.part*"))
+    run.main(["unpack", "--dir", str(tmp_path / "elsewhere"), "--toy", "--source", str(tmp_path / "parts")])
+    assert (tmp_path / "elsewhere/plan.json").read_text() == (folder / "plan.json").read_text()
+    assert (tmp_path / "elsewhere/outputs/sprites_base/model/transformer/config.json").exists()
 
 
 # --- the energy-decay tool ---

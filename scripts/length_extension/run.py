@@ -9,8 +9,9 @@
 
 Every phase trains through the project's own trainer (`python -m train +experiment=sprites_base`
 / `sprites_4x` with overrides), writes under RUN (outputs/, cache/, plan.json, results/) and skips
-what is already done, so a phase cut short by a time limit is run again to go on. `--toy` runs the
-same phases at CPU-test size (the toy model, 5 and 17 frames, the reference attention backend, a
+what is already done, so a phase cut short by a time limit is run again to go on. `pack` / `unpack`
+carry the pretrained base model (bf16, in parts of at most 15 MiB) from one machine to the next.
+`--toy` runs the same phases at CPU-test size (the toy model, 5 and 17 frames, the reference attention backend, a
 few steps): what CI runs.
 """
 
@@ -282,9 +283,63 @@ def evaluate(run_dir: Path, s: dict, only: list[str] | None = None) -> None:
         print(f"arm {arm.name}: scored in {info['seconds']:.0f} s")
 
 
+PART = 15 * 2**20
+"""Largest file `pack` writes: the device returns files of at most 16 MiB."""
+
+
+def pack(run_dir: Path, out: Path) -> None:
+    """The pretrained base model, its transformer in bf16, as a tar cut into parts of at most
+    PART bytes (with plan.json beside them): what travels from one machine to the next."""
+    import io
+    import shutil
+    import tarfile
+    import tempfile
+
+    import torch
+    from diffusers import WanPipeline
+
+    import radial_lora.models.pixel_wan  # noqa: F401  the identity VAE's class, for from_pretrained
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = WanPipeline.from_pretrained(str(base_model(run_dir)))
+        pipe.transformer.to(torch.bfloat16)
+        pipe.save_pretrained(Path(tmp) / "model", max_shard_size="1GB")
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            tar.add(Path(tmp) / "model", arcname="model")
+    data = buffer.getvalue()
+    for i in range(0, len(data), PART):
+        (out / f"base.tar.part{i // PART:02d}").write_bytes(data[i : i + PART])
+    shutil.copy(run_dir / "plan.json", out / "plan.json")
+    print(f"packed {len(data) / 2**20:.1f} MiB into {-(-len(data) // PART)} parts in {out}")
+
+
+def unpack(run_dir: Path, source: Path) -> None:
+    """Put a packed base model (and its plan.json) back where the later phases look for it."""
+    import io
+    import shutil
+    import tarfile
+
+    data = b"".join(p.read_bytes() for p in sorted(source.glob("base.tar.part*")))
+    if not data:
+        raise SystemExit(f"error: no base.tar.part* in {source}")
+    target = base_model(run_dir).parent
+    target.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(target, filter="data")
+    if (source / "plan.json").exists():
+        shutil.copy(source / "plan.json", run_dir / "plan.json")
+    print(f"unpacked the base model into {base_model(run_dir)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["calibrate", "pretrain", "pilot", "arms", "evaluate", "report"])
+    parser.add_argument(
+        "phase", choices=["calibrate", "pretrain", "pilot", "arms", "evaluate", "report", "pack", "unpack"]
+    )
+    parser.add_argument("--to", type=Path, help="pack: the folder the parts go to")
+    parser.add_argument("--source", type=Path, help="unpack: the folder holding the parts")
     parser.add_argument("--dir", type=Path, required=True, help="the experiment's folder")
     parser.add_argument("--toy", action="store_true", help="the CPU-test size")
     parser.add_argument("--minutes", type=float, default=8.5, help="pretrain: the wall budget of this phase")
@@ -303,6 +358,10 @@ def main(argv: list[str] | None = None) -> None:
         arms(run_dir, s, args.only)
     elif args.phase == "evaluate":
         evaluate(run_dir, s, args.only)
+    elif args.phase == "pack":
+        pack(run_dir, args.to or run_dir / "pack")
+    elif args.phase == "unpack":
+        unpack(run_dir, args.source or run_dir / "pack")
     else:
         from radial_lora.scripts.length_extension.report import write_report
 
