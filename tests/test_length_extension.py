@@ -374,3 +374,32 @@ def test_the_energy_tool_runs_on_a_toy_wan_on_cpu(tmp_path):
     assert len(record["rows"]) == 2 * 2 * 2  # layers x heads x noise levels
     assert summary["kept_mass_radial"] <= 1 and summary["spatial_heads"] >= 0
     assert len(summary["temporal_profile"]) == 5 and (tmp_path / "out/attention_energy.png").stat().st_size > 5000
+
+
+def test_the_sampler_follows_the_flow_to_the_clip_an_oracle_points_at():
+    """With the exact velocity of a straight path to x0 (what a perfect model predicts), Euler
+    steps from noise end at x0, and given frames stay as given with their timestep at 0."""
+    from types import SimpleNamespace
+
+    from radial_lora.scripts.length_extension.sample import sample
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 3, 5, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    seen = []
+
+    class Oracle(torch.nn.Module):
+        config = SimpleNamespace(patch_size=(1, 4, 4))
+
+        def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
+            seen.append(timestep)
+            sigma = (timestep if timestep.ndim == 1 else timestep[:, -1]) / 1000
+            return ((hidden_states - x0) / sigma.view(-1, 1, 1, 1, 1)).unsqueeze(0)
+
+    out = sample(Oracle(), torch.zeros(2, 1, 4), noise, steps=7)
+    assert torch.allclose(out, x0.clamp(-1, 1), atol=1e-5)
+    given = x0[:, :, :2]
+    out = sample(Oracle(), torch.zeros(2, 1, 4), noise, given=given, steps=7)
+    assert torch.equal(out[:, :, :2], given) and torch.allclose(out, x0, atol=1e-5)
+    per_token = seen[-1]
+    assert per_token.shape == (2, 5 * 4) and (per_token[:, :8] == 0).all() and (per_token[:, 8:] > 0).all()
