@@ -143,7 +143,7 @@ class ModelConfig:
     gradient_checkpointing the checkpoint is compiled with each block (models/checkpointing.py),
     else diffusers' `compile_repeated_blocks`. The first steps are slower while it compiles.
     Attention backends work inside the compiled blocks on GPU; on CPU the triton backend
-    (interpreter) cannot be compiled. On in the wan experiments (at 4x on an H100, 22% off the
+    (interpreter) cannot be compiled. On in the wan experiments (at 4x on an H100, 24% off the
     step); why not everywhere: docs/recipes.md."""
     compile_backend: str = "inductor"
     """torch.compile backend for compile_blocks (`aot_eager` traces the same graphs without

@@ -308,8 +308,20 @@ def test_the_experiments_phases_run_end_to_end_at_toy_size(tmp_path):
     run.main(["pack", "--dir", str(folder), "--toy", "--to", str(tmp_path / "parts")])
     assert all(p.stat().st_size <= run.PART for p in (tmp_path / "parts").glob("base.tar.part*"))
     run.main(["unpack", "--dir", str(tmp_path / "elsewhere"), "--toy", "--source", str(tmp_path / "parts")])
-    assert (tmp_path / "elsewhere/plan.json").read_text() == (folder / "plan.json").read_text()
-    assert (tmp_path / "elsewhere/outputs/sprites_base/model/transformer/config.json").exists()
+    elsewhere = tmp_path / "elsewhere"
+    carried = json.loads((elsewhere / "plan.json").read_text())
+    assert carried["pretrained_steps"] == 6 and carried["lr"] == plan["lr"]
+    assert (elsewhere / "outputs/sprites_base/model/transformer/config.json").exists()
+    # On a fresh machine pretraining goes on from the carried weights, for the steps left.
+    carried["pretrained_steps"] = 4
+    (elsewhere / "plan.json").write_text(json.dumps(carried))
+    run.main(["pretrain", "--dir", str(elsewhere), "--toy"])
+    log = (elsewhere / "pretrain.log").read_text()
+    from omegaconf import OmegaConf
+
+    started = OmegaConf.load(elsewhere / "outputs/sprites_base/config.yaml")
+    assert started.model.path == str(elsewhere / "outputs/sprites_start/model") and started.optim.warmup_steps == 100
+    assert "Model exported to" in log and (elsewhere / "outputs/sprites_base/checkpoints/step_000002").exists()
 
 
 # --- the energy-decay tool ---

@@ -139,16 +139,31 @@ def plan_of(run_dir: Path) -> dict:
 
 
 def pretrain(run_dir: Path, s: dict, minutes: float) -> None:
-    """Pretrain (or go on pretraining) the base model; stops with a checkpoint after `minutes`."""
+    """Pretrain (or go on pretraining) the base model; stops with a checkpoint after `minutes`.
+
+    On the machine that holds its checkpoints it resumes from them (optimizer state and all). On a
+    fresh machine with only an unpacked base (`unpack`), it goes on from those weights as a new
+    run of the remaining steps, with fresh AdamW moments and a 100-step warm-up."""
     plan = plan_of(run_dir)
     budget = max(1, int(minutes * 60 / plan["step_s"]["pretrain"]))
+    earlier = plan.get("pretrained_steps", 0)  # steps of runs before this one (packed and carried here)
+    total = plan["pretrain_steps"] - earlier
+    if total <= 0:
+        print(f"pretraining done ({earlier} of {plan['pretrain_steps']} steps)")
+        return
     done = sorted((run_dir / "outputs/sprites_base/checkpoints").glob("step_*"))
     start = int(done[-1].name.split("_")[1]) if done else 0
-    stop = min(plan["pretrain_steps"], start + budget)
+    carried = []
+    if not done and base_model(run_dir).exists():
+        start_from = run_dir / "outputs/sprites_start/model"
+        if not start_from.exists():
+            base_model(run_dir).parent.rename(start_from.parent)
+        carried = [f"model.path={start_from}", "optim.warmup_steps=100"]
+    stop = min(total, start + budget)
     out = train(
         run_dir, s, "sprites_base", f"data.frames=[{s['L']}]", f"data.batch_size={s['batch']}",
-        f"train.steps={plan['pretrain_steps']}", f"train.stop_after_step={stop}", "train.resume=auto",
-        f"train.checkpoint_every={max(1, budget // 4)}", log=run_dir / "pretrain.log",
+        f"train.steps={total}", f"train.stop_after_step={stop}", "train.resume=auto",
+        f"train.checkpoint_every={max(1, budget // 4)}", *carried, log=run_dir / "pretrain.log",
     )  # fmt: skip
     print(out.strip().splitlines()[-1])
 
@@ -291,7 +306,6 @@ def pack(run_dir: Path, out: Path) -> None:
     """The pretrained base model, its transformer in bf16, as a tar cut into parts of at most
     PART bytes (with plan.json beside them): what travels from one machine to the next."""
     import io
-    import shutil
     import tarfile
     import tempfile
 
@@ -311,7 +325,11 @@ def pack(run_dir: Path, out: Path) -> None:
     data = buffer.getvalue()
     for i in range(0, len(data), PART):
         (out / f"base.tar.part{i // PART:02d}").write_bytes(data[i : i + PART])
-    shutil.copy(run_dir / "plan.json", out / "plan.json")
+    # The plan travels with the steps the packed weights have had, for a later `pretrain` to go on.
+    plan = plan_of(run_dir)
+    done = sorted((run_dir / "outputs/sprites_base/checkpoints").glob("step_*"))
+    plan["pretrained_steps"] = plan.get("pretrained_steps", 0) + (int(done[-1].name.split("_")[1]) if done else 0)
+    (out / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
     print(f"packed {len(data) / 2**20:.1f} MiB into {-(-len(data) // PART)} parts in {out}")
 
 
