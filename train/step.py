@@ -90,6 +90,15 @@ def conditioned_frames(generators: list[torch.Generator], frames: int, probabili
     return (draws < probability).long() * frames
 
 
+def token_timesteps(timestep: torch.Tensor, clean: torch.Tensor, latent_shape, patch_size) -> torch.Tensor:
+    """[B, S] per-token timesteps (as Wan2.2's TI2V model takes them): each sample's `timestep`
+    [B], 0 on the tokens of its given latent frames, `clean` [B, T] bool."""
+    _, _, _, H, W = latent_shape
+    p_t, p_h, p_w = patch_size
+    per_frame = torch.where(clean[:, ::p_t], torch.zeros_like(timestep)[:, None], timestep[:, None])
+    return per_frame.repeat_interleave((H // p_h) * (W // p_w), dim=1)
+
+
 def flow_matching_loss(
     transformer,
     latents: torch.Tensor,
@@ -110,12 +119,11 @@ def flow_matching_loss(
     timestep = sigmas * 1000
     weight = None
     if clean_frames is not None and bool((clean_frames > 0).any()):
-        B, _, T, H, W = latents.shape
-        p_t, p_h, p_w = getattr(transformer, "module", transformer).config.patch_size
+        T = latents.shape[2]
         clean = torch.arange(T, device=latents.device)[None] < clean_frames.to(latents.device)[:, None]  # [B, T]
         noisy = torch.where(clean[:, None, :, None, None], latents, noisy)
-        per_frame = torch.where(clean[:, ::p_t], torch.zeros_like(timestep)[:, None], timestep[:, None])
-        timestep = per_frame.repeat_interleave((H // p_h) * (W // p_w), dim=1)  # [B, S]
+        patch = getattr(transformer, "module", transformer).config.patch_size
+        timestep = token_timesteps(timestep, clean, latents.shape, patch)
         weight = (~clean).float()[:, None, :, None, None].expand_as(latents)
     pred = transformer(
         hidden_states=noisy.to(dtype),

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from radial_lora.models.attention import generation_rules
+from radial_lora.train.step import token_timesteps
 
 
 def euler_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
@@ -46,19 +47,16 @@ def sample(
     """Videos [B, 3, T, H, W] in [-1, 1] from `noise` [B, 3, T, H, W]; `text` [B, L, D]. With
     `given` [B, 3, K, H, W] the first K frames are held at it and their tokens get timestep 0."""
     x = noise.float().clone()
-    B, _, T, H, W = x.shape
-    p_t, p_h, p_w = transformer.config.patch_size
+    B, _, T = x.shape[:3]
     K = 0 if given is None else given.shape[2]
+    clean = (torch.arange(T, device=x.device) < K).expand(B, T)  # [B, T]
     sigmas = euler_sigmas(steps, shift).tolist()
     with generation_rules(transformer):
         for sigma, nxt in zip(sigmas[:-1], sigmas[1:]):
+            timestep = torch.full((B,), sigma * 1000, device=x.device)
             if K:
                 x[:, :, :K] = given.float()
-                per_frame = torch.full((B, T // p_t), sigma * 1000, device=x.device)
-                per_frame[:, : K // p_t] = 0
-                timestep = per_frame.repeat_interleave((H // p_h) * (W // p_w), dim=1)
-            else:
-                timestep = torch.full((B,), sigma * 1000, device=x.device)
+                timestep = token_timesteps(timestep, clean, x.shape, transformer.config.patch_size)
             v = transformer(
                 hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=text.to(dtype), return_dict=False
             )[0].float()
