@@ -20,19 +20,15 @@ def catalog_for(cfg: DataConfig, seed: int = 0) -> Catalog:
     if cfg.demo:
         generate_demo_videos(cfg.root, seed=seed)
     try:
-        return _catalog(cfg)
+        return build_catalog(
+            [s.path for s in cfg.sources()],
+            fps=cfg.fps,
+            frames=list(cfg.frames),
+            sizes=[tuple(s) for s in cfg.sizes],
+            too_short=cfg.too_short.value,
+        )
     except ValueError as err:  # a world source with sizes it cannot render
         raise ConfigError(f"data: {err}") from None
-
-
-def _catalog(cfg: DataConfig) -> Catalog:
-    return build_catalog(
-        [s.path for s in cfg.sources()],
-        fps=cfg.fps,
-        frames=list(cfg.frames),
-        sizes=[tuple(s) for s in cfg.sizes],
-        too_short=cfg.too_short.value,
-    )
 
 
 def meta_for(cfg: Config) -> dict:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from radial_lora.data.sprite_world import is_world
+
 
 class BadVideo(Exception):
     """A video that cannot be used; `reason` is one of data/policy.py's reasons."""
@@ -164,7 +166,7 @@ def decode_clip(
     scaler, in uint8) to the size that covers the target, and only the crop is left: much
     cheaper than resizing full-size frames afterwards (measured: docs/benchmarks/data.md).
     """
-    if path.startswith("world:"):  # a procedural clip: rendered, not decoded
+    if is_world(path):  # a procedural clip: rendered, not decoded
         from radial_lora.data.sprite_world import render_world_clip
 
         return render_world_clip(path, num_frames, rng)

@@ -138,6 +138,14 @@ def plan_of(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def pretrained_here(run_dir: Path) -> int:
+    """The step of the base model's newest complete checkpoint on this machine (0: none)."""
+    from radial_lora.train.checkpoint import checkpoint_dirs, checkpoint_step
+
+    done = checkpoint_dirs(run_dir / "outputs/sprites_base")
+    return checkpoint_step(done[-1]) if done else 0
+
+
 def pretrain(run_dir: Path, s: dict, minutes: float) -> None:
     """Pretrain (or go on pretraining) the base model; stops with a checkpoint after `minutes`.
 
@@ -151,10 +159,9 @@ def pretrain(run_dir: Path, s: dict, minutes: float) -> None:
     if total <= 0:
         print(f"pretraining done ({earlier} of {plan['pretrain_steps']} steps)")
         return
-    done = sorted((run_dir / "outputs/sprites_base/checkpoints").glob("step_*"))
-    start = int(done[-1].name.split("_")[1]) if done else 0
+    start = pretrained_here(run_dir)
     carried = []
-    if not done and base_model(run_dir).exists():
+    if not start and base_model(run_dir).exists():
         start_from = run_dir / "outputs/sprites_start/model"
         if not start_from.exists():
             base_model(run_dir).parent.rename(start_from.parent)
@@ -327,8 +334,7 @@ def pack(run_dir: Path, out: Path) -> None:
         (out / f"base.tar.part{i // PART:02d}").write_bytes(data[i : i + PART])
     # The plan travels with the steps the packed weights have had, for a later `pretrain` to go on.
     plan = plan_of(run_dir)
-    done = sorted((run_dir / "outputs/sprites_base/checkpoints").glob("step_*"))
-    plan["pretrained_steps"] = plan.get("pretrained_steps", 0) + (int(done[-1].name.split("_")[1]) if done else 0)
+    plan["pretrained_steps"] = plan.get("pretrained_steps", 0) + pretrained_here(run_dir)
     (out / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
     print(f"packed {len(data) / 2**20:.1f} MiB into {-(-len(data) // PART)} parts in {out}")
 
