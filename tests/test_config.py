@@ -188,6 +188,15 @@ def test_cross_field_checks_name_the_key():
     cfg = typed_config(compose_cfg("model.checkpoint_keep_attention=4", "model.gradient_checkpointing=false"))
     with pytest.raises(ConfigError, match=r"model\.checkpoint_keep_attention needs model\.gradient_checkpointing"):
         validate(cfg)
+    cfg = typed_config(compose_cfg("train.ema_decay=0.999", "trainer=zero2"))
+    with pytest.raises(ConfigError, match=r"train\.ema_decay needs each process to hold the trainable weights whole"):
+        validate(cfg)
+    cfg = typed_config(compose_cfg("train.ema_decay=1.0"))
+    with pytest.raises(ConfigError, match=r"train\.ema_decay=1\.0 must be in \[0, 1\)"):
+        validate(cfg)
+    cfg = typed_config(compose_cfg("train.condition_frames=2", "trainer.sequence_parallel=2"))
+    with pytest.raises(ConfigError, match=r"train\.condition_frames is not supported with trainer\.sequence_parallel"):
+        validate(cfg)
 
 
 @pytest.mark.parametrize(

@@ -283,7 +283,7 @@ def test_pattern_local_reaches_the_attention(tmp_path):
 
 @pytest.mark.slow
 def test_the_experiments_phases_run_end_to_end_at_toy_size(tmp_path):
-    """calibrate -> pretrain -> pilot -> arms -> evaluate -> report through the project's trainer,
+    """calibrate -> pretrain -> pilot -> arms -> evaluate (with check) -> report through the project's trainer,
     at CPU size (a few steps: the numbers mean nothing, the plumbing and the report's shape do)."""
     from radial_lora.scripts.length_extension import run
 
@@ -294,6 +294,9 @@ def test_the_experiments_phases_run_end_to_end_at_toy_size(tmp_path):
     run.main(["report", "--dir", str(folder), "--toy"])
     plan = json.loads((folder / "plan.json").read_text())
     assert plan["lr"] in run.PILOT_LRS and plan["step_s"]["pretrain"] > 0
+    # The sampler's shift was chosen on the base at L (tuning clips) before any arm was scored.
+    assert plan["sample_shift"] in run.SAMPLE_SHIFTS and plan["checks"][0]["pretrained_steps"] == 6
+    assert set(plan["checks"][0]["by_shift"]) == {f"{x:g}" for x in run.SAMPLE_SHIFTS}
     for arm in ("base_L", "a", "c0", "d0"):
         with np.load(folder / "results" / f"{arm}.npz") as data:
             assert data["rollouts"].dtype == np.uint8 and data["rollouts"].shape[1] == (5 if arm == "base_L" else 17)

@@ -10,6 +10,7 @@ code runs one process or many (accelerate). `build` and `train_step` can be call
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import math
@@ -50,6 +51,7 @@ from radial_lora.train.distributed import (
     model_input_dtype,
     sequence_parallel_group,
 )
+from radial_lora.train.ema import WeightAverage
 from radial_lora.train.preemption import ignore_stop_signals, note_preemption, stop_signals
 from radial_lora.train.step import (
     conditioned_frames,
@@ -161,6 +163,8 @@ class Run:
     """Clips that failed to decode mid-run on this process (each replaced by the next of its bucket)."""
     held_out: list[HeldOutClip] = field(default_factory=list)
     """The clips set apart for the held-out loss (data.val_clips), encoded."""
+    ema: WeightAverage | None = None
+    """The average of the trainable weights (train.ema_decay), or None."""
 
     @property
     def main(self) -> bool:
@@ -170,9 +174,24 @@ class Run:
     def full(self) -> bool:
         return self.cfg.train.mode == TrainMode.full
 
+    def averaged(self):
+        """A context with the averaged weights swapped in (train.ema_decay), or a no-op."""
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+
     def export(self, folder: Path) -> Path:
         """Write the LoRA files, or with train.mode=full the whole model folder (every process
-        calls this: under ZeRO-3 the adapters are gathered first)."""
+        calls this: under ZeRO-3 the adapters are gathered first), from the averaged weights if
+        train.ema_decay is on."""
+        with self.averaged():
+            return self._export(folder)
+
+    def checkpoint_files(self, folder: Path) -> None:
+        """What a checkpoint holds beyond accelerate's state: the export and the weight average."""
+        self.export(folder)
+        if self.ema is not None and self.main:
+            self.ema.save(folder)
+
+    def _export(self, folder: Path) -> Path:
         if self.full:
             return export_model(self.pipe, folder, info=lora_file_info(self.cfg), is_main_process=self.main)
         with gathered(self.accelerator, self.params):
@@ -351,6 +370,14 @@ def build(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
                 f"optim.lr={cfg.optim.lr} from now on (the learning rate is {lr_scheduler._last_lr[0]:.3g} at this step)"
             )
 
+    ema = None
+    if cfg.train.ema_decay > 0:
+        names = {id(p): n for n, p in accelerator.unwrap_model(transformer).named_parameters()}
+        ema = WeightAverage(params, [names[id(p)] for p in params], cfg.train.ema_decay)
+        if resume_from is not None and not ema.load(resume_from):
+            say(f"weight average (train.ema_decay): {resume_from.name} holds none; it starts from these weights")
+        say(f"weight average: decay {cfg.train.ema_decay}, {ema.steps} updates so far; validation and exports use it")
+
     sampler = BucketBatchSampler(
         [c.bucket for c in clips],
         cfg.data.batch_size,
@@ -401,6 +428,7 @@ def build(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
         stop=stop,
         say=say,
         held_out=held_out,
+        ema=ema,
     )
 
 
@@ -443,6 +471,8 @@ def train_step(run: Run, micro_batches: list[dict]) -> StepResult:
     if diverged:
         raise diverged_error(state.step + 1, step_losses, grad_norm, run.run_dir)
     run.lr_scheduler.step()
+    if run.ema is not None:
+        run.ema.update()
     state.step += 1
     return StepResult(losses=step_losses, grad_norm=grad_norm, stop=stop)
 
@@ -510,7 +540,8 @@ def train(
         # --- validation: held-out loss per length and sample videos, every N steps and at the end ---
         v_every = cfg.validation.every
         if v_every > 0 and not stopping and (state.step % v_every == 0 or state.step == cfg.train.steps):
-            validate_run(run, run.held_out)
+            with run.averaged():
+                validate_run(run, run.held_out)
 
         # --- checkpoint (resumable state + a LoRA export), always at the last step or on a stop signal ---
         every = cfg.train.checkpoint_every
@@ -522,7 +553,7 @@ def train(
                 state.step,
                 cfg.train.keep_last,
                 train_state,
-                export=run.export,
+                export=run.checkpoint_files,
                 config=resolved_config,
                 choices=choices,
                 model_fingerprint=run.fingerprint,

@@ -21,6 +21,8 @@ from radial_lora.scripts.length_extension.sample import apply_riflex, clip_noise
 EVAL_FIRST = 100_000
 """The experiment's clips start here in the evaluation stream (the loop's held-out clips, data.val_clips,
 are among the first 4096)."""
+TUNING_FIRST = 500_000
+"""Clips for choosing the sampler and watching pretraining (the `check` phase): never scored."""
 LOSS_SIGMAS = (0.25, 0.5, 0.75, 0.9)
 GIVEN_FRAMES = 2
 CAPTION = ""
@@ -39,22 +41,22 @@ class Arm:
 
 
 def evaluation_clips(
-    seed: int, conditional: int, unconditional: int, frames: int, hiding: bool = True
+    seed: int, conditional: int, unconditional: int, frames: int, hiding: bool = True, first: int = EVAL_FIRST
 ) -> tuple[list[int], list[int]]:
     """(conditional, unconditional) clip indices of the evaluation stream. Conditional clips each
     hold a bar and (with `hiding`) at least one complete passage behind it within `frames`, the
-    first `conditional` such from EVAL_FIRST on; unconditional ones any clips after them."""
-    chosen, index = [], EVAL_FIRST
+    first `conditional` such from `first` on; unconditional ones any clips after them."""
+    chosen, index = [], first
     while len(chosen) < conditional:
         batch = list(range(index, index + 64))
         clips = world.render_clips(seed, "eval", batch, frames)
         passing = {e.clip for e in world.occlusions(clips)} if hiding else set(range(len(batch)))
         chosen += [batch[b] for b in range(len(batch)) if b in passing and clips.bar_left[b] >= 0]
         index += 64
-        if index > EVAL_FIRST + 64 * 1000:
+        if index > first + 64 * 1000:
             raise ValueError(f"fewer than {conditional} clips of {frames} frames with a passage behind the bar")
     chosen = chosen[:conditional]
-    start = max(chosen, default=EVAL_FIRST) + 1
+    start = max(chosen, default=first) + 1
     return chosen, list(range(start, start + unconditional))
 
 
@@ -103,14 +105,16 @@ def heldout_loss(transformer, text, clips: world.Clips, seed: int, dtype, early_
     }
 
 
-def _generate(transformer, text, clips: world.Clips, indices, seed, steps, dtype, given: bool, batch: int):
+def _generate(transformer, text, clips: world.Clips, indices, seed, steps, shift, dtype, given: bool, batch: int):
     out = []
     for start in range(0, len(indices), batch):
         part = slice(start, start + batch)
         video = clips.video()[part].to(text.device)
         noise = clip_noise(seed, indices[part], tuple(video.shape[1:]), text.device)
         cond = video[:, :, :GIVEN_FRAMES] if given else None
-        x = sample(transformer, text.expand(video.shape[0], -1, -1), noise, given=cond, steps=steps, dtype=dtype)
+        x = sample(
+            transformer, text.expand(video.shape[0], -1, -1), noise, given=cond, steps=steps, shift=shift, dtype=dtype
+        )
         out.append(x.permute(0, 2, 3, 4, 1).cpu())  # [B, T, H, W, 3]
     return torch.cat(out)
 
@@ -124,18 +128,19 @@ def score_arm(
     frames: int,
     train_frames: int,
     steps: int = 25,
+    shift: float = 1.0,
     batch: int = 16,
     device="cuda",
     dtype=torch.bfloat16,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """(per-clip metrics, extras: recall by hidden duration, per-frame position error, sample
-    videos as uint8) of one arm."""
+    videos as uint8) of one arm, sampled with `steps` Euler steps at time shift `shift`."""
     transformer, text = load_arm(arm, device, dtype, train_frames, frames)
     cond_clips = world.render_clips(seed, "eval", conditional, frames)
     uncond_clips = world.render_clips(seed, "eval", unconditional, frames)
     out = heldout_loss(transformer, text, cond_clips, seed, dtype, train_frames)
-    rollouts = _generate(transformer, text, cond_clips, conditional, seed, steps, dtype, True, batch)
-    samples = _generate(transformer, text, uncond_clips, unconditional, seed, steps, dtype, False, batch)
+    rollouts = _generate(transformer, text, cond_clips, conditional, seed, steps, shift, dtype, True, batch)
+    samples = _generate(transformer, text, uncond_clips, unconditional, seed, steps, shift, dtype, False, batch)
 
     truth, det = m.detect(cond_clips.frames), m.detect(rollouts)
     position, position_curve = m.position_error(det, truth, cond_clips)

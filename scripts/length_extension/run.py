@@ -2,6 +2,7 @@
 
     python -m scripts.length_extension.run calibrate --dir RUN   # time each step type, fix the step counts
     python -m scripts.length_extension.run pretrain  --dir RUN   # the base model at L (resumes; a wall budget)
+    python -m scripts.length_extension.run check     --dir RUN   # the base at L on tuning clips: G1's metrics, the sampler's shift
     python -m scripts.length_extension.run pilot     --dir RUN   # the learning rate, on the dense arm only
     python -m scripts.length_extension.run arms      --dir RUN   # every LoRA arm at 4L
     python -m scripts.length_extension.run evaluate  --dir RUN   # every arm scored on the same clips
@@ -28,6 +29,9 @@ from pathlib import Path
 
 SEEDS = (0, 1)
 PILOT_LRS = (2e-4, 1e-3)
+SAMPLE_SHIFTS = (1.0, 3.0)
+"""The sampler's time shifts the `check` phase compares on the base model at L (1: uniform steps;
+3: Wan's, more steps at high noise, where the sprites' places are decided)."""
 
 
 def settings(toy: bool) -> dict:
@@ -36,12 +40,12 @@ def settings(toy: bool) -> dict:
         return dict(
             model="pixel_wan_toy", L=5, L4=17, backend="reference", batch=2, lora_batch=2, workers=0,
             calibrate_steps=3, calibrate_arms=("d",), pretrain_steps=6, lora_steps=2, pilot_steps=2, conditional=3, unconditional=2,
-            sample_steps=2, precision="no", device="cpu", eval_batch=2, val_clips=1,
+            sample_steps=2, precision="no", device="cpu", eval_batch=2, val_clips=1, compile=False, check_clips=2,
         )  # fmt: skip
     return dict(
         model="pixel_wan", L=17, L4=65, backend="triton", batch=32, lora_batch=8, workers=8,
         calibrate_steps=12, calibrate_arms=("c", "d", "e"), pretrain_steps=None, lora_steps=200, pilot_steps=60, conditional=96, unconditional=32,
-        sample_steps=25, precision="bf16", device="cuda", eval_batch=16, val_clips=8,
+        sample_steps=25, precision="bf16", device="cuda", eval_batch=16, val_clips=8, compile=True, check_clips=48,
     )  # fmt: skip
 
 
@@ -146,14 +150,22 @@ def pretrained_here(run_dir: Path) -> int:
     return checkpoint_step(done[-1]) if done else 0
 
 
-def pretrain(run_dir: Path, s: dict, minutes: float) -> None:
+def pretrain(run_dir: Path, s: dict, minutes: float, total_steps: int | None = None) -> None:
     """Pretrain (or go on pretraining) the base model; stops with a checkpoint after `minutes`.
 
     On the machine that holds its checkpoints it resumes from them (optimizer state and all). On a
     fresh machine with only an unpacked base (`unpack`), it goes on from those weights as a new
-    run of the remaining steps, with fresh AdamW moments and a 100-step warm-up."""
+    run of the remaining steps, with fresh AdamW moments and a 100-step warm-up. `total_steps`
+    raises the planned pretraining (G1's remedy: pretrain longer); it is recorded in plan.json.
+    On the GPU the transformer's blocks are compiled (model.compile_blocks): the step time of the
+    last phase, not the eager calibration, sets the next phase's budget."""
     plan = plan_of(run_dir)
-    budget = max(1, int(minutes * 60 / plan["step_s"]["pretrain"]))
+    if total_steps is not None and total_steps != plan["pretrain_steps"]:
+        plan.setdefault("pretrain_steps_changes", []).append([plan["pretrain_steps"], total_steps])
+        plan["pretrain_steps"] = total_steps
+        (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    step_s = plan.get("pretrain_step_s_measured", plan["step_s"]["pretrain"])
+    budget = max(1, int(minutes * 60 / step_s))
     earlier = plan.get("pretrained_steps", 0)  # steps of runs before this one (packed and carried here)
     total = plan["pretrain_steps"] - earlier
     if total <= 0:
@@ -167,11 +179,16 @@ def pretrain(run_dir: Path, s: dict, minutes: float) -> None:
             base_model(run_dir).parent.rename(start_from.parent)
         carried = [f"model.path={start_from}", "optim.warmup_steps=100"]
     stop = min(total, start + budget)
+    compiled = ["model.compile_blocks=true"] if s["compile"] else []
     out = train(
         run_dir, s, "sprites_base", f"data.frames=[{s['L']}]", f"data.batch_size={s['batch']}",
         f"train.steps={total}", f"train.stop_after_step={stop}", "train.resume=auto",
-        f"train.checkpoint_every={max(1, budget // 4)}", *carried, log=run_dir / "pretrain.log",
+        f"train.checkpoint_every={max(1, budget // 4)}", *compiled, *carried, log=run_dir / "pretrain.log",
     )  # fmt: skip
+    if stop - start > 2:
+        plan = plan_of(run_dir)
+        plan["pretrain_step_s_measured"] = median_step(out)
+        (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
     print(out.strip().splitlines()[-1])
 
 
@@ -268,6 +285,44 @@ def energy(run_dir: Path, s: dict) -> None:
     (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
 
 
+def check(run_dir: Path, s: dict) -> dict:
+    """The base model at L on tuning clips (never scored): G1's three metrics at each shift of
+    SAMPLE_SHIFTS; the best shift by position error becomes the sampler's for every arm. Run after
+    each pretraining phase to watch the base improve; recorded in plan.json under `checks`."""
+    import numpy as np
+    import torch
+
+    from radial_lora.scripts.length_extension.evaluate import TUNING_FIRST, Arm, evaluation_clips, score_arm
+    from radial_lora.scripts.length_extension.verdict import GATE_LIMITS
+
+    plan = plan_of(run_dir)
+    cond, uncond = evaluation_clips(0, s["check_clips"], 2, s["L"], hiding=False, first=TUNING_FIRST)
+    dtype = torch.bfloat16 if s["device"] == "cuda" else torch.float32
+    steps_so_far = plan.get("pretrained_steps", 0) + pretrained_here(run_dir)
+    record = {"pretrained_steps": steps_so_far, "clips": len(cond), "by_shift": {}}
+    for shift in SAMPLE_SHIFTS:
+        metrics, _ = score_arm(
+            Arm("base_L", str(base_model(run_dir))), seed=0, conditional=cond, unconditional=uncond, frames=s["L"],
+            train_frames=s["L"], steps=s["sample_steps"], shift=shift, batch=s["eval_batch"], device=s["device"],
+            dtype=dtype,
+        )  # fmt: skip
+        record["by_shift"][f"{shift:g}"] = {
+            "position_error": float(np.nanmean(metrics["position_error"])),
+            "identity_failure": float(np.nanmean(metrics["identity_failure"])),
+            "physics_residual": float(np.nanmean(metrics["physics_residual"])),
+        }
+    best = min(record["by_shift"], key=lambda k: record["by_shift"][k]["position_error"])
+    plan["sample_shift"] = float(best)
+    plan.setdefault("checks", []).append(record)
+    (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    limits = {k.removeprefix("base_"): v for k, v in GATE_LIMITS.items() if k.startswith("base_")}
+    for shift, got in record["by_shift"].items():
+        line = ", ".join(f"{k} {v:.3f} (G1: <= {limits[k]:g})" for k, v in got.items())
+        print(f"base at L after {steps_so_far} steps, shift {shift}: {line}")
+    print(f"sampler shift {best} (lowest position error on {len(cond)} tuning clips)")
+    return record
+
+
 def evaluate(run_dir: Path, s: dict, only: list[str] | None = None) -> None:
     """Score every arm (skipping those scored already) into results/ARM.npz and .json, after the
     energy probe of gate G2."""
@@ -278,6 +333,9 @@ def evaluate(run_dir: Path, s: dict, only: list[str] | None = None) -> None:
 
     results = run_dir / "results"
     results.mkdir(exist_ok=True)
+    if "sample_shift" not in plan_of(run_dir):  # frozen on the base at L before any 4L output exists
+        check(run_dir, s)
+    shift = plan_of(run_dir)["sample_shift"]
     energy(run_dir, s)
     conditional, unconditional = evaluation_clips(0, s["conditional"], s["unconditional"], s["L4"])
     dtype = torch.bfloat16 if s["device"] == "cuda" else torch.float32
@@ -291,7 +349,7 @@ def evaluate(run_dir: Path, s: dict, only: list[str] | None = None) -> None:
         started = time.time()
         metrics, extras = score_arm(
             arm, seed=0, conditional=cond, unconditional=uncond, frames=frames, train_frames=s["L"],
-            steps=s["sample_steps"], batch=s["eval_batch"], device=s["device"], dtype=dtype,
+            steps=s["sample_steps"], shift=shift, batch=s["eval_batch"], device=s["device"], dtype=dtype,
         )  # fmt: skip
         np.savez_compressed(
             results / f"{arm.name}.npz", **metrics, rollouts=extras["rollouts"], samples=extras["samples"]
@@ -360,7 +418,7 @@ def unpack(run_dir: Path, source: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "phase", choices=["calibrate", "pretrain", "pilot", "arms", "evaluate", "report", "pack", "unpack"]
+        "phase", choices=["calibrate", "pretrain", "check", "pilot", "arms", "evaluate", "report", "pack", "unpack"]
     )
     parser.add_argument("--to", type=Path, help="pack: the folder the parts go to")
     parser.add_argument("--source", type=Path, help="unpack: the folder holding the parts")
@@ -368,6 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--toy", action="store_true", help="the CPU-test size")
     parser.add_argument("--minutes", type=float, default=8.5, help="pretrain: the wall budget of this phase")
     parser.add_argument("--only", nargs="+", help="arms / evaluate: only these arms")
+    parser.add_argument("--total-steps", type=int, help="pretrain: raise the planned pretraining steps to this")
     args = parser.parse_args(argv)
     s = settings(args.toy)
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -375,7 +434,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.phase == "calibrate":
         calibrate(run_dir, s)
     elif args.phase == "pretrain":
-        pretrain(run_dir, s, args.minutes)
+        pretrain(run_dir, s, args.minutes, args.total_steps)
+    elif args.phase == "check":
+        check(run_dir, s)
     elif args.phase == "pilot":
         pilot(run_dir, s)
     elif args.phase == "arms":
