@@ -1,15 +1,16 @@
-"""The attention seam: each Wan block's self-attention (attn1) runs through our processor.
+"""The attention seam: each block's self-attention runs through our processor.
 
-The processor does what diffusers' `WanAttnProcessor` does for self-attention (projections,
-RMS q/k norm, rotary embedding, output projection) and replaces only the attention call: dense, or
-radial block-sparse on the configured backend. Cross-attention (attn2) keeps the stock processor.
-The swap goes through diffusers' per-module `set_processor`, never a global patch.
+A processor per model family (models/families/: Wan's `attn1`, HunyuanVideo's joint text+video
+attention) does what the stock diffusers processor does (projections, q/k norms, rotary, output
+projections) and replaces only the attention call (`RadialSelfAttention` here): dense, or radial
+block-sparse on the configured backend. Cross-attention keeps the stock processor. The swap goes
+through diffusers' per-module `set_processor`, never a global patch.
 
-The radial mask depends on the latent video's shape (frames F, tokens per frame s), which the
-attention call itself cannot see: a forward pre-hook on the transformer reads it from each call's
-input (so batches of any size and length work) together with the timestep, from which the
-configured rule decides which samples run dense (`dense_timesteps` in generation,
-`train_dense_above_sigma` in training).
+The radial mask depends on the latent video's shape (frames F, tokens per frame s) and, for joint
+attention, on each prompt's text tokens, which the attention call itself cannot see: a forward
+pre-hook on the transformer reads them from each call's input (so batches of any size and length
+work) together with the timestep, from which the configured rule decides which samples run dense
+(`dense_timesteps` in generation, `train_dense_above_sigma` in training).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from radial_lora.configs.schema import (
     AttentionBackend,
@@ -33,16 +35,7 @@ from radial_lora.configs.schema import (
 from radial_lora.kernels.dispatch import attention, prepare_mask
 from radial_lora.kernels.local_mask import local_block_mask
 from radial_lora.kernels.radial_mask import radial_block_mask
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's rotary embedding on interleaved pairs; x [B, S, H, D], cos/sin [1, S, 1, D] (fp32/64)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
+from radial_lora.models.families import family_of
 
 
 class DenseFirstSteps:
@@ -90,9 +83,12 @@ class AttentionRouting:
     """bool [B]: samples of the current forward that run dense, set by the pre-hook."""
     sp: Any = None
     """models.sequence_parallel.SequenceParallel when the tokens are split over processes."""
-    mask: torch.Tensor | None = None
-    """The radial block mask of the current forward, built by the pre-hook: outside the
-    transformer blocks, so a compiled block sees a plain tensor input (no graph break)."""
+    text_tokens: list[int] | None = None
+    """Per sample, the valid text tokens after the video in a joint attention (None: no joint text)."""
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    """The block masks of the current forward by text tokens (0: the video alone), built by the
+    pre-hook: outside the transformer blocks, so a compiled block sees a plain tensor input (no
+    graph break)."""
     kernels: Any = None
     """kernels.kernel_choice.KernelChoice of the triton backend (cfg.kernels as the op takes it)."""
     calls: dict = field(default_factory=lambda: {"dense": 0, "radial": 0})
@@ -103,9 +99,13 @@ class AttentionRouting:
         if not torch.compiler.is_compiling():
             self.calls[path] += n
 
-    def block_mask(self, device: torch.device) -> torch.Tensor:
+    def block_mask(self, device: torch.device, text_tokens: int = 0) -> torch.Tensor:
+        """The configured mask over the current video and `text_tokens` text tokens after it
+        (their rows and columns dense)."""
         frames, tokens_per_frame = self.video_shape
         if self.cfg.pattern == MaskPattern.local:
+            if text_tokens:
+                raise ConfigError("attention.pattern=local is built for video-only attention (Wan), not joint text")
             return local_block_mask(
                 frames,
                 tokens_per_frame,
@@ -117,6 +117,7 @@ class AttentionRouting:
         return radial_block_mask(
             frames,
             tokens_per_frame,
+            text_tokens=text_tokens,
             block_size=self.cfg.block_size,
             decay=self.cfg.decay,
             sink=self.cfg.sink,
@@ -125,70 +126,50 @@ class AttentionRouting:
         )
 
 
-class WanSelfAttnProcessor:
-    """Self-attention of one `WanAttention` module (block `layer`), dense or radial."""
+class RadialSelfAttention:
+    """The attention call of one self-attention layer (block `layer`), dense or radial: what every
+    family's processor (models/families/) shares. Each processor does its family's projections,
+    norms and rotary as diffusers does, then calls `attend` (video only) or `attend_joint` (video
+    tokens followed by text tokens)."""
 
     def __init__(self, layer: int, routing: AttentionRouting):
         self.layer, self.routing = layer, routing
         cfg = routing.cfg
         self.radial = cfg.backend.value != "dense" and layer >= cfg.dense_layers
 
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError("WanSelfAttnProcessor is for self-attention (attn1) without a mask")
-        if attn.fused_projections:
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query, key = attn.norm_q(query), attn.norm_k(key)
+    def _runs_dense(self) -> bool:
+        dense = self.routing.dense_samples
+        return not self.radial or (dense is not None and bool(dense.all()))
 
-        # [B, S, H*D] -> [B, S, H, D]; rotary is applied in this layout as diffusers does.
-        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-        if rotary_emb is not None:
-            query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
-
-        sp = self.routing.sp  # sequence parallel: this process holds a slice of the tokens
-        if sp is not None:
-            query, key, value = sp.to_heads(query), sp.to_heads(key), sp.to_heads(value)
-        out = self._attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)).transpose(1, 2)
-        if sp is not None:
-            out = sp.to_tokens(out)
-        out = out.flatten(2, 3).type_as(query)
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)
-
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """[B, H, S, D] attention, radial or dense per sample as the routing says."""
+    def _mask(self, q: torch.Tensor, text_tokens: int = 0) -> torch.Tensor:
         routing = self.routing
-        dense = routing.dense_samples
-        if not self.radial or (dense is not None and bool(dense.all())):
-            routing.count("dense")
-            return attention(q, k, v, backend="dense")
         if routing.video_shape is None:
             raise RuntimeError("radial attention needs the video shape: call the transformer, not a block")
+        mask = routing.masks.get(text_tokens)
+        if mask is None or mask.device != q.device:  # a block called on its own, or on another device
+            mask = routing.block_mask(q.device, text_tokens)
+        return mask
+
+    def _radial(self, q, k, v, mask):
+        cfg = self.routing.cfg
+        return attention(
+            q, k, v, backend=cfg.backend.value, block_mask=mask, block_size=cfg.block_size, kernels=self.routing.kernels
+        )
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[B, H, S, D] attention over the video's S = F*s tokens, radial or dense per sample as the
+        routing says."""
+        routing = self.routing
+        if self._runs_dense():
+            routing.count("dense")
+            return attention(q, k, v, backend="dense")
         frames, tokens_per_frame = routing.video_shape
         if frames * tokens_per_frame != q.shape[-2]:
             raise RuntimeError(f"attention over {q.shape[-2]} tokens, but the video has {frames}x{tokens_per_frame}")
-        cfg = routing.cfg
-        mask = routing.mask
-        if mask is None or mask.device != q.device:  # a block called on its own, or on another device
-            mask = routing.block_mask(q.device)
-
-        def radial(q, k, v):
-            return attention(
-                q, k, v, backend=cfg.backend.value, block_mask=mask, block_size=cfg.block_size, kernels=routing.kernels
-            )
-
+        mask, dense = self._mask(q), routing.dense_samples
         if dense is None or not bool(dense.any()):
             routing.count("radial")
-            return radial(q, k, v)
+            return self._radial(q, k, v, mask)
         # Mixed batch (training with a sigma rule): each sample on its own path.
         routing.count("dense", int(dense.sum()))
         routing.count("radial", int((~dense).sum()))
@@ -197,40 +178,77 @@ class WanSelfAttnProcessor:
                 (
                     attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], backend="dense")
                     if dense[i]
-                    else radial(q[i : i + 1], k[i : i + 1], v[i : i + 1])
+                    else self._radial(q[i : i + 1], k[i : i + 1], v[i : i + 1], mask)
                 )
                 for i in range(q.shape[0])
             ]
         )
 
+    def attend_joint(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """[B, H, N, D] joint attention over the video's F*s tokens followed by text tokens;
+        `key_mask` bool [B, N]: the valid tokens (the video, then each prompt's own tokens; the
+        padding after them never gets attention).
+
+        Dense: one masked SDPA call, as diffusers does. Radial: per sample, its n valid tokens run
+        the block-sparse kernel with the radial mask over the video and the text's rows and
+        columns dense (radial_block_mask's text_tokens); the padding rows, whose outputs no valid
+        token reads, attend densely to the n valid tokens, as they do in the stock model."""
+        routing = self.routing
+        dense, lengths = routing.dense_samples, routing.text_tokens
+        video = math.prod(routing.video_shape) if routing.video_shape is not None else None
+        if self._runs_dense():
+            routing.count("dense")
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+        if lengths is None or video is None or video + max(lengths) > q.shape[-2]:
+            raise RuntimeError("joint radial attention needs the video shape and text lengths: call the transformer")
+        out = []
+        for i in range(q.shape[0]):
+            one = slice(i, i + 1)
+            if dense is not None and bool(dense[i]):
+                routing.count("dense")
+                out.append(
+                    F.scaled_dot_product_attention(q[one], k[one], v[one], attn_mask=key_mask[one, None, None, :])
+                )
+                continue
+            routing.count("radial")
+            n = video + lengths[i]
+            qi, ki, vi = q[one], k[one, :, :n], v[one, :, :n]
+            valid = self._radial(qi[:, :, :n], ki, vi, self._mask(q, lengths[i]))
+            if n < q.shape[-2]:
+                valid = torch.cat([valid, F.scaled_dot_product_attention(qi[:, :, n:], ki, vi)], dim=2)
+            out.append(valid)
+        return torch.cat(out)
+
 
 def set_self_attention(transformer, cfg: AttentionConfig, mode: str = "train") -> AttentionRouting:
-    """Route every block's attn1 through `WanSelfAttnProcessor`s sharing one `AttentionRouting`.
+    """Route every self-attention layer of `transformer` through its family's processor
+    (models/families/), all sharing one `AttentionRouting`.
 
     `mode` picks the dense-timestep rule: "train" (cfg.train_dense_above_sigma) or "generate"
-    (cfg.dense_timesteps). Returns the routing; `describe(routing, n)` says which layer got what.
+    (cfg.dense_timesteps). Returns the routing; `describe(transformer)` says which layer got what.
     """
     cfg = replace(cfg, backend=AttentionBackend(cfg.backend))  # also accept a plain string
+    family = family_of(transformer)
     routing = AttentionRouting(cfg, dense_rule(cfg, mode))
     if cfg.backend == AttentionBackend.triton:
         from radial_lora.kernels.kernel_choice import KernelChoice  # imports Triton: only for this backend
 
         routing.kernels = KernelChoice(gluon=GluonKernels(cfg.kernels.gluon).value, tma=TmaLoads(cfg.kernels.tma).value)
-    for layer, block in enumerate(transformer.blocks):
-        block.attn1.set_processor(WanSelfAttnProcessor(layer, routing))
-    patch_t, patch_h, patch_w = transformer.config.patch_size
+    for layer, module in enumerate(family.self_attention(transformer)):
+        module.set_processor(family.processor(layer, routing))
 
     def read_shape_and_timestep(module, args, kwargs):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        _, _, frames, height, width = hidden.shape
-        routing.video_shape = (frames // patch_t, (height // patch_h) * (width // patch_w))
+        routing.video_shape = family.video_shape(module, hidden)
+        routing.text_tokens = family.text_tokens(args, kwargs)
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
         rule = routing.dense_rule  # read per forward: generation_rules swaps it
         routing.dense_samples = rule(timestep) if rule is not None else None
-        routing.mask = None
+        routing.masks = {}
         if cfg.backend != AttentionBackend.dense:
-            routing.mask = routing.block_mask(hidden.device)
-            prepare_mask(cfg.backend.value, routing.mask, math.prod(routing.video_shape), cfg.block_size)
+            for text in sorted(set(routing.text_tokens or [0])):
+                mask = routing.masks[text] = routing.block_mask(hidden.device, text)
+                prepare_mask(cfg.backend.value, mask, math.prod(routing.video_shape) + text, cfg.block_size)
 
     if getattr(transformer, "_radial_hook", None) is not None:
         transformer._radial_hook.remove()  # a second swap replaces the first
@@ -269,8 +287,8 @@ def generation_rules(transformer):
 
 def _radial_processors(transformer) -> list:
     """The self-attention processors of `transformer` that run the radial mask."""
-    processors = (block.attn1.processor for block in transformer.blocks)
-    return [p for p in processors if isinstance(p, WanSelfAttnProcessor) and p.radial]
+    processors = (module.processor for module in family_of(transformer).self_attention(transformer))
+    return [p for p in processors if isinstance(p, RadialSelfAttention) and p.radial]
 
 
 def triton_kernels(transformer, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -293,7 +311,7 @@ def triton_kernels(transformer, device: torch.device, dtype: torch.dtype) -> str
 
 def describe(transformer) -> str:
     """One line: how many self-attention layers got which backend."""
-    layers, radial = len(transformer.blocks), _radial_processors(transformer)
+    layers, radial = len(family_of(transformer).self_attention(transformer)), _radial_processors(transformer)
     if not radial:
         return f"self-attention: {layers} layers dense"
     cfg = radial[0].routing.cfg

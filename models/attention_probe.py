@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from radial_lora.kernels.dispatch import attention
-from radial_lora.models.attention import WanSelfAttnProcessor, set_self_attention
+from radial_lora.models.attention import set_self_attention
+from radial_lora.models.families.wan import WanSelfAttnProcessor
 
 
 def fit_exponential(x: np.ndarray, y: np.ndarray) -> dict[str, float]:

@@ -22,6 +22,8 @@ from functools import partial
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from radial_lora.models.families import family_of
+
 
 def attention_ops() -> set:
     """The attention ops whose outputs are kept: our Triton kernel and SDPA's fused kernels."""
@@ -60,7 +62,7 @@ def enable_checkpointing(transformer, keep_attention_blocks: int = 0, compile_ba
     one graph for the blocks that keep attention and one for the rest, each shared by the blocks
     it serves (dynamo treats the block as an input, not a constant), except that the first block
     compiles apart (its input needs no gradient)."""
-    blocks = list(transformer.blocks)
+    blocks = family_of(transformer).blocks(transformer)
     count = len(blocks) if keep_attention_blocks < 0 else min(keep_attention_blocks, len(blocks))
     keep = {id(b) for b in blocks[:count]}
     context = partial(create_selective_checkpoint_contexts, partial(_keep_self_attention, attention_ops()))

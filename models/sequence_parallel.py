@@ -27,6 +27,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 from radial_lora.configs.schema import ConfigError
+from radial_lora.models.families import family_of
 
 
 class SequenceParallel:
@@ -117,6 +118,9 @@ class _Gather(torch.autograd.Function):
 def enable_sequence_parallel(transformer, routing, group) -> SequenceParallel:
     """Split `transformer`'s tokens over the processes of `group` (after set_self_attention: the
     self-attention processors read `routing.sp`). Raises if the heads don't divide evenly."""
+    family = family_of(transformer)
+    if family.name != "wan":
+        raise ConfigError(f"trainer.sequence_parallel: built for Wan's blocks, not {family.name} yet")
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     heads = transformer.config.num_attention_heads
     if heads % size:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from radial_lora.configs.schema import AttentionConfig, LoraConfig, ModelConfig, TimestepConfig
-from radial_lora.models.attention import WanSelfAttnProcessor, set_self_attention
+from radial_lora.models.attention import set_self_attention
+from radial_lora.models.families.wan import WanSelfAttnProcessor
 from radial_lora.models.lora import LORA_WEIGHT_NAME, add_lora, export_lora
 from radial_lora.train.step import flow_matching_loss, sample_sigmas
 
