@@ -14,6 +14,7 @@ from radial_lora.configs.schema import ModelConfig
 TINY_MODELS = {
     "tiny-wan": ("tiny_wan", "tiny"),
     "tiny-wan-gpu": ("tiny_wan", "gpu"),
+    "tiny-wan2.2-ti2v": ("tiny_wan", "ti2v"),
     "pixel-wan": ("pixel_wan", "sprites"),
     "pixel-wan-toy": ("pixel_wan", "toy"),
 }

@@ -1,8 +1,9 @@
-"""Real Wan2.1 architectures with random weights (`model.init=random`).
+"""Real Wan architectures with random weights (`model.init=random`).
 
 For speed and memory work where no weights can be downloaded (a cluster node that reaches no model hub): the
 transformer has the published architecture of the named checkpoint, the VAE is Wan's
-(AutoencoderKLWan's defaults are Wan2.1's), the text encoder is UMT5-XXL's encoder. Only the
+(AutoencoderKLWan's defaults are Wan2.1's; Wan2.2-TI2V-5B has its own, 16x spatial compression
+and 48 latent channels), the text encoder is UMT5-XXL's encoder. Only the
 tokenizer is not the real one (google/umt5-xxl's vocabulary needs a download): the small local
 one from models/tiny_wan.py stands in; with random weights the token ids mean nothing anyway.
 Weights are created directly on the target device, in the configured dtypes.
@@ -25,10 +26,46 @@ _WAN21_COMMON = dict(
     eps=1e-6,
     rope_max_seq_len=1024,
 )
+TI2V_5B = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 TRANSFORMERS = {
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": dict(_WAN21_COMMON, num_attention_heads=12, ffn_dim=8960, num_layers=30),
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": dict(_WAN21_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+    TI2V_5B: dict(_WAN21_COMMON, in_channels=48, out_channels=48, num_attention_heads=24, ffn_dim=14336, num_layers=30),
 }
+# vae/config.json of Wan2.2-TI2V-5B-Diffusers: the Wan2.2 VAE (2x2 pixel patches in, a residual
+# encoder, 16x spatial and 4x temporal compression, 48 latent channels).
+WAN22_VAE = dict(
+    base_dim=160,
+    decoder_base_dim=256,
+    z_dim=48,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+    dropout=0.0,
+    is_residual=True,
+    in_channels=12,
+    out_channels=12,
+    patch_size=2,
+    scale_factor_spatial=16,
+    scale_factor_temporal=4,
+    latents_mean=[
+        -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+        0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+        -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+        -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+    ],
+    latents_std=[
+        0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+        0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+        0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+        0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+    ],
+)  # fmt: skip
+VAES = {TI2V_5B: WAN22_VAE}
+"""The VAE by model id where it is not AutoencoderKLWan's default (Wan2.1's)."""
+PIPELINE_OPTIONS = {TI2V_5B: dict(expand_timesteps=True)}
+"""WanPipeline's options by model id: TI2V-5B takes per-token timesteps (its first frame can be given)."""
 # google/umt5-xxl's encoder, as the Wan2.1 checkpoints ship it.
 UMT5_XXL = dict(
     vocab_size=256384,
@@ -90,7 +127,7 @@ def random_pipeline(
     model = build_transformer(TRANSFORMERS[model_id], dtypes["transformer"], device) if transformer else None
     with torch.device(device):
         with default_dtype(dtypes["vae"]):
-            vae = AutoencoderKLWan()
+            vae = AutoencoderKLWan(**VAES.get(model_id, {}))
         encoder = None
         if text_encoder:
             with default_dtype(dtypes["text_encoder"]):
@@ -101,4 +138,5 @@ def random_pipeline(
         vae=vae.eval(),
         transformer=model,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        **PIPELINE_OPTIONS.get(model_id, {}),
     )

@@ -53,13 +53,19 @@ def prepare_transformer(
 
 
 def check_rotary_covers(pipe, frames: list[int], sizes: list[list[int]]) -> None:
-    """Refuse, in one line, clips with more positions along time, height or width than the
+    """Refuse, in one line, sizes the VAE and patches do not divide (16 for Wan2.1, 32 for
+    Wan2.2-TI2V-5B), and clips with more positions along time, height or width than the
     transformer's rotary table holds (`rope_max_seq_len`, 1024 for Wan2.1): diffusers would fail
     inside the first step with a bare reshape error."""
     config = pipe.transformer.config
     limit = config.rope_max_seq_len
     p_t, p_h, p_w = config.patch_size
     t, s = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+    if any(h % (s * p_h) or w % (s * p_w) for h, w in sizes):
+        raise ConfigError(
+            f"data.sizes={sizes}: this model needs heights and widths that are multiples of {s * p_h} "
+            f"(its VAE compresses {s}x, then {p_h}x{p_w} patches)"
+        )
     longest, tallest, widest = max(frames), max(h for h, _ in sizes), max(w for _, w in sizes)
     for key, value, positions in (
         ("data.frames", longest, ((longest - 1) // t + 1) // p_t),

@@ -55,7 +55,10 @@ def _build_tokenizer():
 PRESETS = {
     "tiny": dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, freq_dim=32),
     "gpu": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=10, freq_dim=256),
+    "ti2v": dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, freq_dim=32),
 }
+"""Transformer sizes. `ti2v` goes with a Wan2.2-style VAE (2x2 pixel patches, residual, 16x
+spatial compression) and per-token timesteps, as Wan2.2-TI2V-5B has them."""
 
 
 TEXT_DIM = 32
@@ -91,15 +94,18 @@ def _build_components(seed: int, preset: str = "tiny") -> dict:
     torch.manual_seed(seed)
     tokenizer, text_encoder = tiny_text_encoder()
     text_dim = TEXT_DIM
-    z_dim = 4
+    z_dim = 8 if preset == "ti2v" else 4
+    wan22 = dict(is_residual=True, in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16)
     vae = AutoencoderKLWan(
-        base_dim=8,
+        base_dim=16 if preset == "ti2v" else 8,
+        decoder_base_dim=16 if preset == "ti2v" else None,
         z_dim=z_dim,
         dim_mult=[1, 2, 2, 2],
         num_res_blocks=1,
         temperal_downsample=[False, True, True],
         latents_mean=[0.0] * z_dim,
         latents_std=[1.0] * z_dim,
+        **(wan22 if preset == "ti2v" else {}),
     )
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2),
@@ -111,7 +117,10 @@ def _build_components(seed: int, preset: str = "tiny") -> dict:
     )
     # Wan's sampling scheduler in diffusers' examples; training draws its own sigmas.
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+    components = dict(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+    return components | ({"expand_timesteps": True} if preset == "ti2v" else {})
 
 
 def build_tiny_wan(path: str | os.PathLike, seed: int = 0, preset: str = "tiny") -> Path:

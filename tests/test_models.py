@@ -62,6 +62,23 @@ def test_clips_beyond_the_rotary_table_are_refused_in_one_line(tiny_model_dir):
         check_rotary_covers(pipe, [81, 4097], [[480, 832]])
     with pytest.raises(ConfigError, match=r"data\.sizes width 16400 gives 1025 rotary positions"):
         check_rotary_covers(pipe, [81], [[480, 832], [480, 16400]])
+    with pytest.raises(ConfigError, match=r"data\.sizes=\[\[480, 840\]\]: .* multiples of 16"):
+        check_rotary_covers(pipe, [81], [[480, 840]])
+
+
+def test_tiny_wan22_ti2v_is_a_real_pipeline_with_its_vae(tmp_path):
+    """The Wan2.2-TI2V stand-in: the residual VAE compresses 16x (sizes in multiples of 32), the
+    pipeline passes per-token timesteps, and it generates."""
+    from radial_lora.configs.schema import ConfigError
+    from radial_lora.models.setup import check_rotary_covers
+    from radial_lora.models.tiny_wan import build_tiny_wan
+
+    pipe = load(build_tiny_wan(tmp_path / "ti2v", preset="ti2v"))
+    assert pipe.vae.config.is_residual and pipe.vae_scale_factor_spatial == 16 and pipe.config.expand_timesteps
+    with pytest.raises(ConfigError, match="multiples of 32"):
+        check_rotary_covers(pipe, [17], [[48, 48]])
+    video = pipe("a blue circle", num_frames=5, height=64, width=64, num_inference_steps=2, output_type="pt").frames
+    assert video.shape == (1, 5, 3, 64, 64) and torch.isfinite(video).all()
 
 
 def test_dense_processor_matches_diffusers_stock_processor(tiny_model_dir):
@@ -156,6 +173,9 @@ def test_random_init_builds_the_published_architectures():
     assert 14.2 < billions(large.transformer) < 14.4 and large.transformer.config.num_layers == 40
     vae_only = random_pipeline("Wan-AI/Wan2.1-T2V-14B-Diffusers", dtypes, "meta", transformer=False, text_encoder=False)
     assert vae_only.transformer is None and vae_only.text_encoder is None and vae_only.vae is not None
+    ti2v = random_pipeline("Wan-AI/Wan2.2-TI2V-5B-Diffusers", dtypes, "meta", text_encoder=False)
+    assert 4.9 < billions(ti2v.transformer) < 5.1 and ti2v.transformer.config.in_channels == 48
+    assert ti2v.vae.config.z_dim == 48 and ti2v.vae_scale_factor_spatial == 16 and ti2v.config.expand_timesteps
 
 
 def test_pipeline_without_the_text_encoder_for_cached_training(tiny_model_dir):
@@ -186,3 +206,23 @@ def test_a_local_folder_that_is_not_a_model_is_named(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="is not a diffusers model folder"):
         load_pipeline(ModelConfig(id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", path=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_tiny_wan22_ti2v_trains_image_to_video_and_its_lora_loads(tmp_path, demo_videos_dir):
+    """model=tiny_wan2.2_ti2v through the trainer: the first latent frame given (its image-to-video
+    mode, per-token timesteps), a radial LoRA exported, loaded back into its pipeline."""
+    from conftest import DEMO_DATA, REPO, run_train
+
+    proc = run_train(
+        REPO, "model=tiny_wan2.2_ti2v", f"data.root={demo_videos_dir}", *DEMO_DATA, "data.num_workers=0",
+        f"cache_dir={tmp_path / 'cache'}", f"output_root={tmp_path / 'out'}", "attention=radial_tiny",
+        "train.condition_frames=1", "train.steps=2", "logger.mode=disabled",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "layers radial on" in proc.stdout
+    lora = tmp_path / "out/tiny/lora/pytorch_lora_weights.safetensors"
+    pipe = load(tmp_path / "cache/models/tiny-wan2.2-ti2v")
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    video = pipe("a blue circle", num_frames=5, height=64, width=64, num_inference_steps=2, output_type="pt").frames
+    assert video.shape == (1, 5, 3, 64, 64) and torch.isfinite(video).all()
