@@ -109,6 +109,13 @@ class AttentionBackend(str, Enum):
     triton = "triton"
 
 
+class Expert(str, Enum):
+    """Which expert of a two-expert model (Wan2.2-A14B) a run trains."""
+
+    high_noise = "high_noise"
+    low_noise = "low_noise"
+
+
 @dataclass
 class ModelConfig:
     """The pretrained video diffusion model (diffusers format) to fine-tune."""
@@ -145,6 +152,12 @@ class ModelConfig:
     Attention backends work inside the compiled blocks on GPU; on CPU the triton backend
     (interpreter) cannot be compiled. On in the wan experiments (at 4x on an H100, 24% off the
     step); why not everywhere: docs/recipes.md."""
+    expert: Expert | None = None
+    """Two-expert models (Wan2.2-A14B: `transformer` denoises the noise levels at and above the
+    model's boundary_ratio, `transformer_2` those below): the one this run loads and trains a LoRA
+    on, `high_noise` or `low_noise`; its noise levels are the only ones drawn. Train the other
+    expert in a second run (name=...): each expert gets its own LoRA, loaded on its own
+    transformer. Required for such models, refused for others."""
     compile_backend: str = "inductor"
     """torch.compile backend for compile_blocks (`aot_eager` traces the same graphs without
     generating code: the tests use it)."""
@@ -380,6 +393,11 @@ class TimestepConfig:
     shift: float = 3.0
     """For `shifted`: sigma' = shift*sigma / (1 + (shift-1)*sigma), weighting noisier levels (Wan: 3.0
     at 480p, 5.0 at 720p)."""
+    min_sigma: float = 0.0
+    """Noise levels are drawn from [min_sigma, max_sigma) only (the scheme's distribution cut to the
+    range): one expert's share of a two-expert model (model.expert sets it), or a curriculum."""
+    max_sigma: float = 1.0
+    """See min_sigma."""
 
 
 class TrainMode(str, Enum):
@@ -619,6 +637,11 @@ def validate(cfg: Config) -> None:
         (
             cfg.train.mode != TrainMode.full or not cfg.lora.init_from,
             "lora.init_from starts LoRA adapters; train.mode=full trains no adapters",
+        ),
+        (
+            0 <= cfg.train.timesteps.min_sigma < cfg.train.timesteps.max_sigma <= 1,
+            f"train.timesteps.min_sigma={cfg.train.timesteps.min_sigma} and max_sigma={cfg.train.timesteps.max_sigma} "
+            "must satisfy 0 <= min_sigma < max_sigma <= 1",
         ),
         (0 <= cfg.train.ema_decay < 1, f"train.ema_decay={cfg.train.ema_decay} must be in [0, 1) (0: off)"),
         (

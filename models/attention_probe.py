@@ -161,7 +161,7 @@ class EnergyProbe(WanSelfAttnProcessor):
         super().__init__(layer, routing)
         self.recorder = recorder
 
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.recorder.record(self.layer, q, k, v)
         return attention(q, k, v, backend="dense")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from radial_lora.configs.schema import ModelConfig
+from radial_lora.configs.schema import ConfigError, ModelConfig
 
 # Small random models built on the spot: model id -> (module of models/ that builds it, preset).
 # tiny_wan: the demo's latent-space Wan; pixel_wan: a pixel-space Wan (identity VAE) for
@@ -15,6 +15,7 @@ TINY_MODELS = {
     "tiny-wan": ("tiny_wan", "tiny"),
     "tiny-wan-gpu": ("tiny_wan", "gpu"),
     "tiny-wan2.2-ti2v": ("tiny_wan", "ti2v"),
+    "tiny-wan2.2-a14b": ("tiny_wan", "a14b"),
     "pixel-wan": ("pixel_wan", "sprites"),
     "pixel-wan-toy": ("pixel_wan", "toy"),
 }
@@ -120,19 +121,60 @@ def load_pipeline(cfg: ModelConfig, transformer: bool = True, device=None, text_
         "text_encoder": torch_dtype(cfg.text_encoder_dtype),
         "default": torch.float32,
     }
+    expert = getattr(cfg.expert, "value", cfg.expert)
     if cfg.init == "random":
         from radial_lora.models.random_init import random_pipeline
 
-        return random_pipeline(cfg.id, dtypes, device or "cpu", transformer=transformer, text_encoder=text_encoder)
+        return random_pipeline(
+            cfg.id, dtypes, device or "cpu", transformer=transformer, text_encoder=text_encoder, expert=expert
+        )
     source = model_source(cfg)
     # A pixel-space model's folder names its identity VAE class (models/pixel_wan.py); diffusers
     # loads a class of another library only once its module is imported.
     import radial_lora.models.pixel_wan  # noqa: F401
 
-    skip = {name: None for name, wanted in (("transformer", transformer), ("text_encoder", text_encoder)) if not wanted}
     try:
-        return WanPipeline.from_pretrained(source, dtype=dtypes, **skip)
+        two_experts = WanPipeline.load_config(source).get("transformer_2", [None])[0] is not None
+        check_expert(cfg.id, expert, two_experts)
+        wanted = (
+            ("transformer", transformer and not two_experts),
+            ("transformer_2", False),
+            ("text_encoder", text_encoder),
+        )
+        pipe = WanPipeline.from_pretrained(source, dtype=dtypes, **{name: None for name, keep in wanted if not keep})
+        if two_experts and transformer:  # only the trained expert, as the pipeline's `transformer`
+            from diffusers import WanTransformer3DModel
+
+            folder = EXPERT_FOLDERS[expert]
+            pipe.transformer = WanTransformer3DModel.from_pretrained(
+                source, subfolder=folder, torch_dtype=dtypes["transformer"]
+            )
+        return pipe
     except Exception as err:
-        if cfg.path:  # a local folder that fails to load is not a download problem
+        if cfg.path or isinstance(err, ConfigError):  # a local folder that fails to load is not a download problem
             raise
         raise _not_found(source, err) from None
+
+
+EXPERT_FOLDERS = {"high_noise": "transformer", "low_noise": "transformer_2"}
+"""Where a two-expert pipeline keeps each expert (diffusers' WanPipeline)."""
+
+
+def check_expert(model_id: str, expert: str | None, two_experts: bool) -> None:
+    """model.expert is required for a two-expert model and refused for any other."""
+    if two_experts and expert is None:
+        raise ConfigError(
+            f"{model_id} has two experts (transformer: high noise, transformer_2: low noise): set "
+            "model.expert=high_noise or model.expert=low_noise (one LoRA each, one run each)"
+        )
+    if not two_experts and expert is not None:
+        raise ConfigError(f"model.expert={expert}: {model_id} has one transformer")
+
+
+def expert_sigma_range(pipe, expert: str | None) -> tuple[float, float]:
+    """The noise levels [lo, hi) an expert denoises: at and above the pipeline's boundary_ratio
+    for the high-noise expert, below it for the low-noise one; (0, 1) without experts."""
+    if expert is None:
+        return 0.0, 1.0
+    boundary = pipe.config.boundary_ratio
+    return (boundary, 1.0) if getattr(expert, "value", expert) == "high_noise" else (0.0, boundary)

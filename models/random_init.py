@@ -27,9 +27,11 @@ _WAN21_COMMON = dict(
     rope_max_seq_len=1024,
 )
 TI2V_5B = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+T2V_A14B = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
 TRANSFORMERS = {
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": dict(_WAN21_COMMON, num_attention_heads=12, ffn_dim=8960, num_layers=30),
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": dict(_WAN21_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+    T2V_A14B: dict(_WAN21_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40),  # each of its 2 experts
     TI2V_5B: dict(_WAN21_COMMON, in_channels=48, out_channels=48, num_attention_heads=24, ffn_dim=14336, num_layers=30),
 }
 # vae/config.json of Wan2.2-TI2V-5B-Diffusers: the Wan2.2 VAE (2x2 pixel patches in, a residual
@@ -64,8 +66,10 @@ WAN22_VAE = dict(
 )  # fmt: skip
 VAES = {TI2V_5B: WAN22_VAE}
 """The VAE by model id where it is not AutoencoderKLWan's default (Wan2.1's)."""
-PIPELINE_OPTIONS = {TI2V_5B: dict(expand_timesteps=True)}
-"""WanPipeline's options by model id: TI2V-5B takes per-token timesteps (its first frame can be given)."""
+PIPELINE_OPTIONS = {TI2V_5B: dict(expand_timesteps=True), T2V_A14B: dict(boundary_ratio=0.875)}
+"""WanPipeline's options by model id: TI2V-5B takes per-token timesteps (its first frame can be
+given); A14B switches from its high-noise expert to the low-noise one below sigma 0.875."""
+TWO_EXPERTS = {T2V_A14B}
 # google/umt5-xxl's encoder, as the Wan2.1 checkpoints ship it.
 UMT5_XXL = dict(
     vocab_size=256384,
@@ -113,16 +117,20 @@ def random_pipeline(
     seed: int = 0,
     transformer: bool = True,
     text_encoder: bool = True,
+    expert: str | None = None,
 ):
     """A WanPipeline with `model_id`'s architecture and random weights, built on `device`
-    (without the transformer or the text encoder when they are not wanted)."""
+    (without the transformer or the text encoder when they are not wanted). A two-expert model
+    gets the one `expert` as its `transformer` (the only one a run trains)."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
+    from radial_lora.models.loading import check_expert
     from radial_lora.models.tiny_wan import _build_tokenizer
 
     if model_id not in TRANSFORMERS:
         raise ValueError(f"model.init=random knows {', '.join(TRANSFORMERS)}; not {model_id!r}")
+    check_expert(model_id, expert, model_id in TWO_EXPERTS)
     torch.manual_seed(seed)
     model = build_transformer(TRANSFORMERS[model_id], dtypes["transformer"], device) if transformer else None
     with torch.device(device):

@@ -56,9 +56,12 @@ PRESETS = {
     "tiny": dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, freq_dim=32),
     "gpu": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=10, freq_dim=256),
     "ti2v": dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, freq_dim=32),
+    "a14b": dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, freq_dim=32),
 }
 """Transformer sizes. `ti2v` goes with a Wan2.2-style VAE (2x2 pixel patches, residual, 16x
-spatial compression) and per-token timesteps, as Wan2.2-TI2V-5B has them."""
+spatial compression) and per-token timesteps, as Wan2.2-TI2V-5B has them; `a14b` is two such
+transformers (Wan2.1's VAE), a high- and a low-noise expert switched at sigma 0.875, as in
+Wan2.2-T2V-A14B."""
 
 
 TEXT_DIM = 32
@@ -120,6 +123,12 @@ def _build_components(seed: int, preset: str = "tiny") -> dict:
     components = dict(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
+    if preset == "a14b":
+        low_noise = WanTransformer3DModel(
+            patch_size=(1, 2, 2), in_channels=z_dim, out_channels=z_dim, text_dim=text_dim, rope_max_seq_len=1024,
+            **PRESETS[preset],
+        )  # fmt: skip
+        return components | {"transformer_2": low_noise, "boundary_ratio": 0.875}
     return components | ({"expand_timesteps": True} if preset == "ti2v" else {})
 
 

@@ -274,7 +274,7 @@ def test_pattern_local_reaches_the_attention(tmp_path):
     assert "2 layers local (+-1 frames) on reference" in describe(transformer)
     with torch.no_grad():
         transformer(torch.zeros(1, 3, 5, 64, 64), torch.tensor([500.0]), torch.zeros(1, 8, 32), return_dict=False)
-    assert torch.equal(routing.mask, local_block_mask(5, 256, block_size=64, window=1))
+    assert torch.equal(routing.masks[0], local_block_mask(5, 256, block_size=64, window=1))
     assert routing.calls["radial"] == 2
 
 

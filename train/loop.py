@@ -25,12 +25,18 @@ import torch
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from radial_lora.configs.schema import AttentionBackend, Config, ConfigError, TrainConfig, TrainMode
+from radial_lora.configs.schema import AttentionBackend, Config, ConfigError, TimestepConfig, TrainConfig, TrainMode
 from radial_lora.data.dataset import BucketBatchSampler, ClipDataset, collate
 from radial_lora.data.policy import REASONS, RejectCounts
 from radial_lora.data.setup import catalog_for, split_held_out, usable_clips
 from radial_lora.models.attention import describe, triton_kernels
-from radial_lora.models.loading import check_model_available, load_pipeline, torch_dtype, weights_fingerprint
+from radial_lora.models.loading import (
+    check_model_available,
+    expert_sigma_range,
+    load_pipeline,
+    torch_dtype,
+    weights_fingerprint,
+)
 from radial_lora.models.lora import check_targets_exist, export_lora, export_model, init_lora_from
 from radial_lora.models.lora_files import LoraFileError, load_lora
 from radial_lora.models.setup import check_rotary_covers, prepare_transformer
@@ -163,6 +169,8 @@ class Run:
     """Clips that failed to decode mid-run on this process (each replaced by the next of its bucket)."""
     held_out: list[HeldOutClip] = field(default_factory=list)
     """The clips set apart for the held-out loss (data.val_clips), encoded."""
+    timesteps: TimestepConfig | None = None
+    """train.timesteps as this run draws them: cut to its expert's noise levels (model.expert)."""
     ema: WeightAverage | None = None
     """The average of the trainable weights (train.ema_decay), or None."""
 
@@ -210,6 +218,36 @@ class Run:
         return RejectCounts({r: n for r, n in zip(REASONS, counts.tolist()) if n})
 
 
+def expert_timesteps(cfg: Config, pipe) -> TimestepConfig:
+    """train.timesteps cut to the noise levels of the run's expert (model.expert); refuses
+    validation that would leave them (held-out loss at other levels, or samples, which need both
+    experts)."""
+    from dataclasses import replace
+
+    lo, hi = expert_sigma_range(pipe, cfg.model.expert)
+    t = cfg.train.timesteps
+    timesteps = replace(t, min_sigma=max(t.min_sigma, lo), max_sigma=min(t.max_sigma, hi))
+    if cfg.model.expert is None:
+        return timesteps
+    if timesteps.min_sigma >= timesteps.max_sigma:
+        raise ConfigError(
+            f"train.timesteps.min_sigma/max_sigma leave no noise level of model.expert={cfg.model.expert.value} "
+            f"([{lo:g}, {hi:g}))"
+        )
+    outside = [s for s in cfg.validation.sigmas if not lo <= s < hi]
+    if cfg.data.val_clips and outside:
+        raise ConfigError(
+            f"validation.sigmas {outside} lie outside the noise levels model.expert={cfg.model.expert.value} "
+            f"denoises ([{lo:g}, {hi:g})): set validation.sigmas within them"
+        )
+    if cfg.validation.every and cfg.validation.samples:
+        raise ConfigError(
+            f"validation.samples: model.expert={cfg.model.expert.value} loads one of the two experts, and a "
+            "sample needs both; set validation.samples=0 (the held-out loss still runs)"
+        )
+    return timesteps
+
+
 def lora_file_info(cfg: Config) -> dict[str, str]:
     """What every exported LoRA file (or full model's training.json) states about how it was trained."""
     a = cfg.attention
@@ -221,6 +259,8 @@ def lora_file_info(cfg: Config) -> dict[str, str]:
         "radial_lora.sizes": json.dumps([list(s) for s in cfg.data.sizes]),
         "radial_lora.attention": json.dumps(attention),
     }
+    if cfg.model.expert is not None:
+        info["radial_lora.expert"] = cfg.model.expert.value  # which transformer of the pipeline it goes on
     if cfg.train.mode == TrainMode.lora:
         info["radial_lora.target_modules"] = json.dumps(list(cfg.lora.target_modules))
         info["radial_lora.trained_alpha"] = f"{cfg.lora.alpha:g}"
@@ -312,6 +352,12 @@ def build(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
         # From a latent cache the prompts come embedded: the text encoder is not loaded at all.
         pipe = load_pipeline(cfg.model, device=device, text_encoder=cache is None)
     fingerprint = fingerprint or weights_fingerprint(cfg.model)  # the demo's tiny model exists only now
+    timesteps = expert_timesteps(cfg, pipe)
+    if cfg.model.expert is not None:
+        say(
+            f"expert: {cfg.model.expert.value} (noise levels [{timesteps.min_sigma:g}, {timesteps.max_sigma:g}) "
+            "of the model's two experts)"
+        )
     pipe.vae.requires_grad_(False).eval()
     if pipe.text_encoder is not None:
         pipe.text_encoder.requires_grad_(False).eval()
@@ -428,6 +474,7 @@ def build(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
         stop=stop,
         say=say,
         held_out=held_out,
+        timesteps=timesteps,
         ema=ema,
     )
 
@@ -454,7 +501,9 @@ def train_step(run: Run, micro_batches: list[dict]) -> StepResult:
             sample_generator(cfg.train.seed, state.batches_seen, first + j, device) for j in range(posteriors.shape[0])
         ]
         state.batches_seen += 1
-        latents, sigmas, noise = noisy_inputs(run.pipe.vae, posteriors, gens, cfg.train.timesteps, device)
+        latents, sigmas, noise = noisy_inputs(
+            run.pipe.vae, posteriors, gens, run.timesteps or cfg.train.timesteps, device
+        )
         clean = conditioned_frames(gens, cfg.train.condition_frames, cfg.train.condition_probability, device)
         with accelerator.accumulate(run.transformer):
             loss = flow_matching_loss(run.transformer, latents, text, sigmas, noise, run.model_dtype, clean)

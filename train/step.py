@@ -25,18 +25,38 @@ def sample_generator(seed: int, batch_number: int, sample: int, device) -> torch
     return torch.Generator(device).manual_seed(int(entropy) & (2**63 - 1))
 
 
+MAX_DRAWS = 10_000
+
+
 def sample_sigmas(cfg: TimestepConfig, batch_size: int, generator: torch.Generator, device) -> torch.Tensor:
-    """Noise levels [B] in (0, 1) drawn per `cfg.sampling` (uniform, logit-normal or shifted)."""
+    """Noise levels [B] in (0, 1) drawn per `cfg.sampling` (uniform, logit-normal or shifted), cut
+    to [cfg.min_sigma, cfg.max_sigma): draws outside are drawn again from the same generator (the
+    scheme's distribution restricted to the range, exactly; a resumed run draws the same)."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
     scheme = "logit_normal" if cfg.sampling == TimestepSampling.logit_normal else "uniform"
-    u = compute_density_for_timestep_sampling(
-        scheme, batch_size, cfg.logit_mean, cfg.logit_std, device=device, generator=generator
+
+    def draw(n: int) -> torch.Tensor:
+        u = compute_density_for_timestep_sampling(
+            scheme, n, cfg.logit_mean, cfg.logit_std, device=device, generator=generator
+        )
+        if cfg.sampling == TimestepSampling.shifted:
+            # The time shift of SD3/Wan sampling: pushes sigma towards 1 (noisier) for shift > 1.
+            u = cfg.shift * u / (1 + (cfg.shift - 1) * u)
+        return u
+
+    sigmas = draw(batch_size)
+    if cfg.min_sigma <= 0 and cfg.max_sigma >= 1:
+        return sigmas
+    for _ in range(MAX_DRAWS):
+        outside = (sigmas < cfg.min_sigma) | (sigmas >= cfg.max_sigma)
+        if not bool(outside.any()):
+            return sigmas
+        sigmas = torch.where(outside, draw(batch_size), sigmas)
+    raise ValueError(
+        f"train.timesteps: {MAX_DRAWS} draws of {cfg.sampling.value} found no noise level in "
+        f"[{cfg.min_sigma}, {cfg.max_sigma})"
     )
-    if cfg.sampling == TimestepSampling.shifted:
-        # The time shift of SD3/Wan sampling: pushes sigma towards 1 (noisier) for shift > 1.
-        u = cfg.shift * u / (1 + (cfg.shift - 1) * u)
-    return u
 
 
 @torch.no_grad()
