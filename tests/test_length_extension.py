@@ -325,6 +325,11 @@ def test_the_experiments_phases_run_end_to_end_at_toy_size(tmp_path):
     started = OmegaConf.load(elsewhere / "outputs/sprites_base/config.yaml")
     assert started.model.path == str(elsewhere / "outputs/sprites_start/model") and started.optim.warmup_steps == 100
     assert "Model exported to" in log and (elsewhere / "outputs/sprites_base/checkpoints/step_000002").exists()
+    # The energy probe (gate G2) of a carried base, whose training config stayed behind.
+    fresh = tmp_path / "fresh"
+    run.main(["unpack", "--dir", str(fresh), "--toy", "--source", str(tmp_path / "parts")])
+    run.energy(fresh, run.settings(True))
+    assert 0 < json.loads((fresh / "plan.json").read_text())["radial_mass_at_L"] <= 1
 
 
 # --- the energy-decay tool ---

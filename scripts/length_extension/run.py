@@ -260,14 +260,23 @@ def energy(run_dir: Path, s: dict) -> None:
     from radial_lora.scripts import attention_energy
 
     plan = plan_of(run_dir)
-    probes = {"base": run_dir / "outputs/sprites_base", "c0": run_dir / "outputs/arm_c0"}
-    for name, run in probes.items():
-        if name in plan.get("energy", {}) or not run.exists():
+    # The base by its folder and the experiment's config (an unpacked base has no run config: its
+    # training ran on another machine); the dense LoRA by its run, which trained here.
+    base = [
+        "+experiment=sprites_base", f"model={s['model']}", f"model.path={base_model(run_dir)}",
+        f"data.frames=[{s['L']}]", f"data.val_clips={s['val_clips']}", f"cache_dir={run_dir / 'cache'}",
+        f"output_root={run_dir / 'outputs'}",
+    ]  # fmt: skip
+    probes = {
+        "base": (base_model(run_dir), base),
+        "c0": (run_dir / "outputs/arm_c0", ["--run", str(run_dir / "outputs/arm_c0")]),
+    }
+    for name, (needed, source) in probes.items():
+        if name in plan.get("energy", {}) or not needed.exists():
             continue
-        device = ["--device", s["device"]]
         summary = attention_energy.main(
-            ["--run", str(run), "--decay", "0.2", "--block-size", "64", "--local-window", "6",
-             "--out", str(run_dir / "results" / f"energy_{name}"), *device]
+            [*source, "--decay", "0.2", "--block-size", "64", "--local-window", "6",
+             "--out", str(run_dir / "results" / f"energy_{name}"), "--device", s["device"]]
         )  # fmt: skip
         plan.setdefault("energy", {})[name] = {
             k: summary[k]
