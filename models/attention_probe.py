@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from radial_lora.configs.schema import ConfigError
 from radial_lora.kernels.dispatch import attention
 from radial_lora.models.attention import set_self_attention
+from radial_lora.models.families import family_of
 from radial_lora.models.families.wan import WanSelfAttnProcessor
 
 
@@ -171,6 +173,9 @@ def install_probe(transformer, attention_cfg, recorder: Recorder) -> None:
     otherwise as given, dense in every layer), and keep the recorder's grid per forward."""
     from dataclasses import replace
 
+    family = family_of(transformer)
+    if family.name != "wan":
+        raise ConfigError(f"the attention energy probe is built for Wan's self-attention, not {family.name} yet")
     routing = set_self_attention(transformer, replace(attention_cfg, backend="dense"), mode="generate")
     for layer, block in enumerate(transformer.blocks):
         block.attn1.set_processor(EnergyProbe(layer, routing, recorder))

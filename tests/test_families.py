@@ -99,3 +99,12 @@ def test_joint_attention_against_an_explicit_token_mask():
 def test_an_unknown_transformer_class_fails_in_one_line():
     with pytest.raises(ConfigError, match=r"Linear: no attention adapter .* \(supported: WanTransformer3DModel"):
         family_of(torch.nn.Linear(2, 2))
+
+
+def test_the_energy_probe_says_it_is_built_for_wan():
+    from radial_lora.models.attention_probe import Recorder, install_probe
+
+    with pytest.raises(ConfigError, match="energy probe is built for Wan's self-attention, not hunyuan_video"):
+        install_probe(
+            tiny_hunyuan(), AttentionConfig(backend="dense"), Recorder(queries=4, seed=0, masks={}, block_size=16)
+        )
