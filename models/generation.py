@@ -34,20 +34,43 @@ def generate_video(
     max_text_tokens: int,
     negative_prompt: str = "",
     device: torch.device | str | None = None,
+    image=None,
 ) -> np.ndarray:
     """uint8 frames [T, H, W, 3] of one video from `prompt`, seeded by `seed` (a generator on
     `device`, the pipeline's by default), with the transformer's attention under its generation
-    rule (the first attention.dense_timesteps steps dense, as the paper generates)."""
+    rule (the first attention.dense_timesteps steps dense, as the paper generates).
+
+    With `image` (a PIL image) the video starts from it: for a model that takes per-token
+    timesteps (Wan2.2-TI2V-5B), through diffusers' WanImageToVideoPipeline on the same components,
+    which holds the image's latent as the first latent frame at timestep 0, as training with
+    train.condition_frames=1 gives it."""
     check_video_shape(frames, height, width)
     device = torch.device(device) if device is not None else pipe._execution_device
+    if image is not None:
+        if not pipe.config.get("expand_timesteps", False):
+            raise ValueError(
+                "image-to-video: this model has no image input (Wan2.2-TI2V-5B has, through its per-token "
+                "timesteps; Wan2.1/2.2 I2V checkpoints are not supported yet)"
+            )
+        from diffusers import WanImageToVideoPipeline
+
+        # The prompts through the text-to-video pipeline's encode_prompt (the same UMT5 encoding);
+        # the image-to-video module's own prompt cleaning needs ftfy, which diffusers does not require.
+        embeds, negative = pipe.encode_prompt(
+            prompt, negative_prompt, do_classifier_free_guidance=guidance > 1.0,
+            max_sequence_length=max_text_tokens, device=device,
+        )  # fmt: skip
+        pipe = WanImageToVideoPipeline.from_pipe(pipe)
+        prompts = {"image": image, "prompt_embeds": embeds, "negative_prompt_embeds": negative}
+    else:
+        prompts = {"prompt": prompt, "negative_prompt": negative_prompt}
     generator = torch.Generator(device).manual_seed(seed)
     # Wan's pipeline rounds num_frames to 4n+1 for its VAE's 4x temporal compression; a model
     # without one (models/pixel_wan.py, scale factor 1) would get a frame more: ask for one fewer.
     asked = frames - 1 if pipe.vae_scale_factor_temporal == 1 else frames
     with torch.inference_mode(), generation_rules(pipe.transformer):
         video = pipe(
-            prompt,
-            negative_prompt=negative_prompt,
+            **prompts,
             num_frames=asked,
             height=height,
             width=width,
@@ -55,6 +78,6 @@ def generate_video(
             guidance_scale=guidance,
             generator=generator,
             output_type="np",
-            max_sequence_length=max_text_tokens,
+            **({} if image is not None else {"max_sequence_length": max_text_tokens}),
         ).frames
     return to_uint8(video)

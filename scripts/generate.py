@@ -3,6 +3,7 @@
     python -m scripts.generate --run outputs/wan_4x --prompt "a red fox running through snow"
     python -m scripts.generate --run outputs/wan_4x --prompt "..." --frames 321 --steps 50 --out fox.mp4
     python -m scripts.generate --run outputs/tiny --prompt "a red square" --steps 4 --device cpu   # the demo's
+    python -m scripts.generate --run outputs/wan22_5b_4x --prompt "..." --image first_frame.png  # image-to-video
 
 The run folder's `config.yaml` gives the model (`model.path` / hub id), the attention (radial
 mask, backend, and `attention.dense_timesteps`: the first denoising steps run dense, as in the
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--run", type=Path, required=True, help="a training run's folder (outputs/NAME)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default="")
+    parser.add_argument(
+        "--image", type=Path, help="image-to-video: the first frame (models with an image input: Wan2.2-TI2V-5B)"
+    )
     parser.add_argument("--lora", type=Path, help=f"a LoRA file (default: RUN/lora/{LORA_WEIGHT_NAME})")
     parser.add_argument("--no-lora", action="store_true", help="the base model alone, for comparison")
     parser.add_argument("--frames", type=int, help="video frames, 4n+1 (default: the run's longest clips)")
@@ -83,6 +87,14 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit(f"error: --frames/--height/--width: {err}") from None
     device = torch.device(args.device)
     print(f"size: {height}x{width} ({why}), {frames} frames")
+    image = None
+    if args.image is not None:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            image = Image.open(args.image).convert("RGB")
+        except (OSError, UnidentifiedImageError) as err:
+            raise SystemExit(f"error: --image {args.image}: not a readable image ({err})") from None
 
     pipe = load_pipeline(cfg.model, device=device)
     if not args.no_lora:
@@ -96,6 +108,11 @@ def main(argv: list[str] | None = None) -> Path:
     print(describe(pipe.transformer) + f"; first {cfg.attention.dense_timesteps} steps dense")
     pipe.to(device)
 
+    if image is not None and not pipe.config.get("expand_timesteps", False):
+        raise SystemExit(
+            f"error: --image: {cfg.model.id} has no image input (Wan2.2-TI2V-5B has; Wan2.1/2.2 I2V checkpoints "
+            "are not supported yet)"
+        )
     video = generate_video(
         pipe,
         args.prompt,
@@ -108,6 +125,7 @@ def main(argv: list[str] | None = None) -> Path:
         seed=args.seed,
         max_text_tokens=cfg.model.max_text_tokens,
         device=device,
+        image=image,
     )
 
     from radial_lora.data.demo_videos import write_mp4

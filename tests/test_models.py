@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -226,3 +227,27 @@ def test_tiny_wan22_ti2v_trains_image_to_video_and_its_lora_loads(tmp_path, demo
     pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
     video = pipe("a blue circle", num_frames=5, height=64, width=64, num_inference_steps=2, output_type="pt").frames
     assert video.shape == (1, 5, 3, 64, 64) and torch.isfinite(video).all()
+
+
+def test_image_to_video_starts_from_the_image(tmp_path):
+    """Wan2.2-TI2V's image input: the video's first frame is the image through the VAE (its latent
+    held as the first latent frame), a different image gives a different video; a model without
+    an image input says so."""
+    from PIL import Image
+
+    from radial_lora.models.generation import generate_video
+    from radial_lora.models.tiny_wan import build_tiny_wan
+
+    pipe = load(build_tiny_wan(tmp_path / "ti2v", preset="ti2v"))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    kw = dict(frames=5, height=64, width=64, steps=2, guidance=1.0, seed=0, max_text_tokens=8, device="cpu")
+    first, again, other = (generate_video(pipe, "a cat", image=im, **kw) for im in (images[0], images[0], images[1]))
+    assert first.shape == (5, 64, 64, 3) and np.array_equal(first, again) and not np.array_equal(first[0], other[0])
+    with torch.no_grad():  # the image through the VAE alone: what the first frame must be
+        x = torch.from_numpy(np.asarray(images[0])).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1
+        alone = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample[0, :, 0]
+    alone = ((alone.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy()
+    assert np.abs(first[0].astype(float) - alone).max() <= 2
+    with pytest.raises(ValueError, match="this model has no image input"):
+        generate_video(load(build_tiny_wan(tmp_path / "t2v")), "a cat", image=images[0], **kw)
