@@ -103,7 +103,9 @@ def check_model_available(cfg: ModelConfig, cache_dir: str | None = None) -> Non
         raise _not_found(cfg.id, err) from None
 
 
-def load_pipeline(cfg: ModelConfig, transformer: bool = True, device=None, text_encoder: bool = True):
+def load_pipeline(
+    cfg: ModelConfig, transformer: bool = True, device=None, text_encoder: bool = True, both_experts: bool = False
+):
     """A `WanPipeline` with the transformer, VAE and text encoder in their configured dtypes.
 
     Loading the whole pipeline (rather than each class by hand) keeps training on exactly the
@@ -111,7 +113,9 @@ def load_pipeline(cfg: ModelConfig, transformer: bool = True, device=None, text_
     the transformer out (encoding-only work such as the latent cache); `text_encoder=False` leaves
     the text encoder out (training from a latent cache, whose prompts are already embedded:
     UMT5-XXL has 5.68B parameters, on every process). With `model.init=random` the architecture is
-    built with random weights on `device` (models/random_init.py).
+    built with random weights on `device` (models/random_init.py). A two-expert model loads
+    model.expert alone as `transformer` (training), or with `both_experts` both, as diffusers
+    generates with them (`transformer` high noise, `transformer_2` low noise).
     """
     from diffusers import WanPipeline
 
@@ -126,8 +130,9 @@ def load_pipeline(cfg: ModelConfig, transformer: bool = True, device=None, text_
         from radial_lora.models.random_init import random_pipeline
 
         return random_pipeline(
-            cfg.id, dtypes, device or "cpu", transformer=transformer, text_encoder=text_encoder, expert=expert
-        )
+            cfg.id, dtypes, device or "cpu", transformer=transformer, text_encoder=text_encoder, expert=expert,
+            both_experts=both_experts,
+        )  # fmt: skip
     source = model_source(cfg)
     # A pixel-space model's folder names its identity VAE class (models/pixel_wan.py); diffusers
     # loads a class of another library only once its module is imported.
@@ -135,6 +140,9 @@ def load_pipeline(cfg: ModelConfig, transformer: bool = True, device=None, text_
 
     try:
         two_experts = WanPipeline.load_config(source).get("transformer_2", [None])[0] is not None
+        if two_experts and both_experts:
+            wanted = (("transformer", transformer), ("transformer_2", transformer), ("text_encoder", text_encoder))
+            return WanPipeline.from_pretrained(source, dtype=dtypes, **{n: None for n, keep in wanted if not keep})
         check_expert(cfg.id, expert, two_experts)
         wanted = (
             ("transformer", transformer and not two_experts),

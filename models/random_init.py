@@ -118,10 +118,12 @@ def random_pipeline(
     transformer: bool = True,
     text_encoder: bool = True,
     expert: str | None = None,
+    both_experts: bool = False,
 ):
     """A WanPipeline with `model_id`'s architecture and random weights, built on `device`
     (without the transformer or the text encoder when they are not wanted). A two-expert model
-    gets the one `expert` as its `transformer` (the only one a run trains)."""
+    gets the one `expert` as its `transformer` (the only one a run trains), or with `both_experts`
+    both (`transformer_2` the low-noise one), as generation uses them."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -130,9 +132,14 @@ def random_pipeline(
 
     if model_id not in TRANSFORMERS:
         raise ValueError(f"model.init=random knows {', '.join(TRANSFORMERS)}; not {model_id!r}")
-    check_expert(model_id, expert, model_id in TWO_EXPERTS)
+    both = both_experts and model_id in TWO_EXPERTS
+    if not both:
+        check_expert(model_id, expert, model_id in TWO_EXPERTS)
     torch.manual_seed(seed)
     model = build_transformer(TRANSFORMERS[model_id], dtypes["transformer"], device) if transformer else None
+    low_noise = (
+        build_transformer(TRANSFORMERS[model_id], dtypes["transformer"], device) if transformer and both else None
+    )
     with torch.device(device):
         with default_dtype(dtypes["vae"]):
             vae = AutoencoderKLWan(**VAES.get(model_id, {}))
@@ -145,6 +152,7 @@ def random_pipeline(
         text_encoder=encoder,
         vae=vae.eval(),
         transformer=model,
+        transformer_2=low_noise,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         **PIPELINE_OPTIONS.get(model_id, {}),
     )

@@ -4,6 +4,12 @@
     python -m scripts.generate --run outputs/wan_4x --prompt "..." --frames 321 --steps 50 --out fox.mp4
     python -m scripts.generate --run outputs/tiny --prompt "a red square" --steps 4 --device cpu   # the demo's
     python -m scripts.generate --run outputs/wan22_5b_4x --prompt "..." --image first_frame.png  # image-to-video
+    python -m scripts.generate --run outputs/wan22_4x --other-lora outputs/wan22_4x_low/lora/pytorch_lora_weights.safetensors
+
+A run of one expert of a two-expert model (Wan2.2-A14B, model.expert) generates with both experts:
+its LoRA on its expert, `--other-lora` (the other expert's run) on the other, else that one as
+pretrained. Both run the run's attention; the first attention.dense_timesteps steps, all in the
+high-noise expert's share, are dense.
 
 The run folder's `config.yaml` gives the model (`model.path` / hub id), the attention (radial
 mask, backend, and `attention.dense_timesteps`: the first denoising steps run dense, as in the
@@ -65,6 +71,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument("--lora", type=Path, help=f"a LoRA file (default: RUN/lora/{LORA_WEIGHT_NAME})")
     parser.add_argument("--no-lora", action="store_true", help="the base model alone, for comparison")
+    parser.add_argument("--other-lora", type=Path, help="two-expert models: the other expert's LoRA file")
     parser.add_argument("--frames", type=int, help="video frames, 4n+1 (default: the run's longest clips)")
     parser.add_argument("--height", type=int, help="default: the run's first size")
     parser.add_argument("--width", type=int)
@@ -96,15 +103,32 @@ def main(argv: list[str] | None = None) -> Path:
         except (OSError, UnidentifiedImageError) as err:
             raise SystemExit(f"error: --image {args.image}: not a readable image ({err})") from None
 
-    pipe = load_pipeline(cfg.model, device=device)
+    expert = cfg.model.expert.value if cfg.model.expert is not None else None
+    pipe = load_pipeline(cfg.model, device=device, both_experts=expert is not None)
+    on = {"high_noise": "transformer", "low_noise": "transformer_2"}
+    loras = []
     if not args.no_lora:
         lora = args.lora or args.run / "lora" / LORA_WEIGHT_NAME
         if not lora.exists():
             raise SystemExit(f"error: no LoRA at {lora} (pass --lora FILE, or --no-lora for the base model)")
-        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
-        print(f"LoRA: {lora}")
+        loras.append((lora, on.get(expert, "transformer")))
+    if args.other_lora is not None:
+        if expert is None:
+            raise SystemExit("error: --other-lora: this run's model has one transformer")
+        if not args.other_lora.exists():
+            raise SystemExit(f"error: --other-lora: no file {args.other_lora}")
+        loras.append((args.other_lora, on["low_noise" if expert == "high_noise" else "high_noise"]))
+    for path, target in loras:
+        pipe.load_lora_weights(
+            str(path.parent), weight_name=path.name, load_into_transformer_2=target == "transformer_2"
+        )
+        print(f"LoRA: {path}" + (f" on {target}" if expert is not None else ""))
     # The attention the LoRA was trained with; `dense_timesteps` makes the first steps dense.
     set_self_attention(pipe.transformer, cfg.attention, mode="generate")
+    if getattr(pipe, "transformer_2", None) is not None:  # the low-noise expert: past the dense first steps
+        from dataclasses import replace
+
+        set_self_attention(pipe.transformer_2, replace(cfg.attention, dense_timesteps=0), mode="generate")
     print(describe(pipe.transformer) + f"; first {cfg.attention.dense_timesteps} steps dense")
     pipe.to(device)
 

@@ -60,6 +60,23 @@ def test_the_low_noise_expert_trains_its_own_lora(tmp_path, demo_videos_dir):
     assert "validation: loss_33f" in proc.stdout
     with safe_open(str(tmp_path / "out/tiny/lora/pytorch_lora_weights.safetensors"), "pt") as f:
         assert f.metadata()["radial_lora.expert"] == "low_noise"
+    # It generates with both experts: its LoRA on the low-noise one, another on the high-noise one.
+    from radial_lora.scripts import generate
+
+    lora = tmp_path / "out/tiny/lora/pytorch_lora_weights.safetensors"
+    video = generate.main(
+        ["--run", str(tmp_path / "out/tiny"), "--prompt", "a red square", "--frames", "5", "--steps", "2",
+         "--device", "cpu", "--other-lora", str(lora), "--out", str(tmp_path / "both.mp4")]
+    )  # fmt: skip
+    assert video.stat().st_size > 0
+    pipe = load_pipeline(
+        ModelConfig(id="tiny-wan2.2-a14b", path=str(tmp_path / "cache/models/tiny-wan2.2-a14b")), both_experts=True
+    )
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, load_into_transformer_2=True)
+    adapted = [any("lora_A" in n for n, _ in t.named_parameters()) for t in (pipe.transformer, pipe.transformer_2)]
+    assert adapted == [False, True], "the low-noise expert's LoRA goes on transformer_2 alone"
+    with pytest.raises(SystemExit, match="--other-lora: no file"):
+        generate.main(["--run", str(tmp_path / "out/tiny"), "--prompt", "x", "--other-lora", str(tmp_path / "nope")])
     refused = run_train(REPO, *common, "name=samples", "validation.every=2", "validation.samples=1")
     assert refused.returncode != 0 and "a sample needs both" in refused.stderr
     refused = run_train(REPO, *common, "name=sigmas", "data.val_clips=1", "validation.every=2", "validation.samples=0",
