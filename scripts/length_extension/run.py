@@ -131,8 +131,13 @@ def calibrate(run_dir: Path, s: dict) -> None:
         )
     pretrain_steps = s["pretrain_steps"] or int(2 * 8.5 * 60 / times["pretrain"])  # two phases of 8.5 min
     plan = {"step_s": times, "pretrain_steps": pretrain_steps, "lora_steps": s["lora_steps"]}
-    (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    save_plan(run_dir, plan)
     print(json.dumps(plan, indent=1))
+
+
+def save_plan(run_dir: Path, plan: dict) -> None:
+    """Write plan.json (what plan_of reads)."""
+    (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
 
 
 def plan_of(run_dir: Path) -> dict:
@@ -163,7 +168,7 @@ def pretrain(run_dir: Path, s: dict, minutes: float, total_steps: int | None = N
     if total_steps is not None and total_steps != plan["pretrain_steps"]:
         plan.setdefault("pretrain_steps_changes", []).append([plan["pretrain_steps"], total_steps])
         plan["pretrain_steps"] = total_steps
-        (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+        save_plan(run_dir, plan)
     step_s = plan.get("pretrain_step_s_measured", plan["step_s"]["pretrain"])
     budget = max(1, int(minutes * 60 / step_s))
     earlier = plan.get("pretrained_steps", 0)  # steps of runs before this one (packed and carried here)
@@ -188,7 +193,7 @@ def pretrain(run_dir: Path, s: dict, minutes: float, total_steps: int | None = N
     if stop - start > 2:
         plan = plan_of(run_dir)
         plan["pretrain_step_s_measured"] = median_step(out)
-        (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+        save_plan(run_dir, plan)
     print(out.strip().splitlines()[-1])
 
 
@@ -206,7 +211,7 @@ def pilot(run_dir: Path, s: dict) -> None:
         losses[lr] = float(re.findall(r"validation: loss_\d+f ([0-9.]+)", out)[-1])
     plan["pilot_loss"] = {f"{lr:g}": v for lr, v in losses.items()}
     plan["lr"] = min(losses, key=losses.get)
-    (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    save_plan(run_dir, plan)
     print(f"learning rate {plan['lr']:g} (held-out loss {losses})")
 
 
@@ -232,7 +237,7 @@ def arms(run_dir: Path, s: dict, only: list[str] | None = None) -> None:
         )  # fmt: skip
         plan.setdefault("arm_step_s", {})[name] = median_step(out) if plan["lora_steps"] > 2 else None
         plan.setdefault("arm_wall_s", {})[name] = round(time.time() - started, 1)
-        (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+        save_plan(run_dir, plan)
         print(f"arm {name}: {out.strip().splitlines()[-1]}")
 
 
@@ -291,7 +296,7 @@ def energy(run_dir: Path, s: dict) -> None:
     if "base" in plan.get("energy", {}):
         plan["radial_mass_at_L"] = plan["energy"]["base"]["kept_mass_radial"]
         plan["temporal_fit_r2"] = plan["energy"]["base"]["temporal_profile_fit"]["r2"]
-    (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    save_plan(run_dir, plan)
 
 
 def check(run_dir: Path, s: dict) -> dict:
@@ -323,7 +328,7 @@ def check(run_dir: Path, s: dict) -> dict:
     best = min(record["by_shift"], key=lambda k: record["by_shift"][k]["position_error"])
     plan["sample_shift"] = float(best)
     plan.setdefault("checks", []).append(record)
-    (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    save_plan(run_dir, plan)
     limits = {k.removeprefix("base_"): v for k, v in GATE_LIMITS.items() if k.startswith("base_")}
     for shift, got in record["by_shift"].items():
         line = ", ".join(f"{k} {v:.3f} (G1: <= {limits[k]:g})" for k, v in got.items())
@@ -402,7 +407,7 @@ def pack(run_dir: Path, out: Path) -> None:
     # The plan travels with the steps the packed weights have had, for a later `pretrain` to go on.
     plan = plan_of(run_dir)
     plan["pretrained_steps"] = plan.get("pretrained_steps", 0) + pretrained_here(run_dir)
-    (out / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    save_plan(out, plan)
     print(f"packed {len(data) / 2**20:.1f} MiB into {-(-len(data) // PART)} parts in {out}")
 
 
