@@ -140,17 +140,18 @@ def load_pipeline(
 
     try:
         two_experts = WanPipeline.load_config(source).get("transformer_2", [None])[0] is not None
-        if two_experts and both_experts:
-            wanted = (("transformer", transformer), ("transformer_2", transformer), ("text_encoder", text_encoder))
-            return WanPipeline.from_pretrained(source, dtype=dtypes, **{n: None for n, keep in wanted if not keep})
-        check_expert(cfg.id, expert, two_experts)
-        wanted = (
-            ("transformer", transformer and not two_experts),
-            ("transformer_2", False),
-            ("text_encoder", text_encoder),
+        one_expert = two_experts and not both_experts  # loaded by hand below, alone
+        if not (two_experts and both_experts):
+            check_expert(cfg.id, expert, two_experts)
+        wanted = {
+            "transformer": transformer and not one_expert,
+            "transformer_2": transformer and two_experts and not one_expert,
+            "text_encoder": text_encoder,
+        }
+        pipe = WanPipeline.from_pretrained(
+            source, dtype=dtypes, **{name: None for name, keep in wanted.items() if not keep}
         )
-        pipe = WanPipeline.from_pretrained(source, dtype=dtypes, **{name: None for name, keep in wanted if not keep})
-        if two_experts and transformer:  # only the trained expert, as the pipeline's `transformer`
+        if one_expert and transformer:  # only the trained expert, as the pipeline's `transformer`
             from diffusers import WanTransformer3DModel
 
             folder = EXPERT_FOLDERS[expert]

@@ -29,7 +29,7 @@ import torch
 from radial_lora.configs.schema import Config, typed_config
 from radial_lora.models.attention import describe, set_self_attention
 from radial_lora.models.generation import check_video_shape, generate_video
-from radial_lora.models.loading import load_pipeline
+from radial_lora.models.loading import EXPERT_FOLDERS, load_pipeline
 from radial_lora.models.lora import LORA_WEIGHT_NAME
 
 
@@ -105,19 +105,18 @@ def main(argv: list[str] | None = None) -> Path:
 
     expert = cfg.model.expert.value if cfg.model.expert is not None else None
     pipe = load_pipeline(cfg.model, device=device, both_experts=expert is not None)
-    on = {"high_noise": "transformer", "low_noise": "transformer_2"}
     loras = []
     if not args.no_lora:
         lora = args.lora or args.run / "lora" / LORA_WEIGHT_NAME
         if not lora.exists():
             raise SystemExit(f"error: no LoRA at {lora} (pass --lora FILE, or --no-lora for the base model)")
-        loras.append((lora, on.get(expert, "transformer")))
+        loras.append((lora, EXPERT_FOLDERS.get(expert, "transformer")))
     if args.other_lora is not None:
         if expert is None:
             raise SystemExit("error: --other-lora: this run's model has one transformer")
         if not args.other_lora.exists():
             raise SystemExit(f"error: --other-lora: no file {args.other_lora}")
-        loras.append((args.other_lora, on["low_noise" if expert == "high_noise" else "high_noise"]))
+        loras.append((args.other_lora, EXPERT_FOLDERS["low_noise" if expert == "high_noise" else "high_noise"]))
     for path, target in loras:
         pipe.load_lora_weights(
             str(path.parent), weight_name=path.name, load_into_transformer_2=target == "transformer_2"

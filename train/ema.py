@@ -13,7 +13,7 @@ import contextlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 EMA_FILE = "ema.safetensors"
 
@@ -63,12 +63,12 @@ class WeightAverage:
         path = Path(folder, EMA_FILE)
         if not path.is_file():
             return False
-        state = load_file(str(path))
-        missing = sorted(set(self.names) - set(state))
-        if missing or len(state) != len(self.names):
-            raise ValueError(f"{path}: does not match the trainable weights (missing {missing[:3]})")
-        for shadow, name in zip(self.ema.shadow_params, self.names):
-            shadow.copy_(state[name].to(shadow.device))
         with safe_open(str(path), framework="pt") as f:
+            saved = set(f.keys())
+            missing = sorted(set(self.names) - saved)
+            if missing or len(saved) != len(self.names):
+                raise ValueError(f"{path}: does not match the trainable weights (missing {missing[:3]})")
+            for shadow, name in zip(self.ema.shadow_params, self.names):
+                shadow.copy_(f.get_tensor(name).to(shadow.device))
             self.ema.optimization_step = int(f.metadata()["steps"])
         return True

@@ -31,8 +31,6 @@ class Family:
     """What the attention seam needs to know about one model family."""
 
     name: str = ""
-    joint_text: bool = False
-    """Text tokens share the self-attention with the video tokens (after them)."""
 
     def processor(self, layer: int, routing):
         """Our self-attention processor for layer `layer`, sharing `routing`."""

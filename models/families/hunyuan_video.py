@@ -80,7 +80,6 @@ class HunyuanVideoSelfAttnProcessor(RadialSelfAttention):
 
 class HunyuanVideo(Family):
     name = "hunyuan_video"
-    joint_text = True
 
     def processor(self, layer, routing):
         return HunyuanVideoSelfAttnProcessor(layer, routing)
