@@ -4,7 +4,10 @@ Layout of a cache folder (written by `python -m scripts.precompute`):
   index.json                      {"meta": {...}, "entries": {video: {...}}, "failed": {video: reason}}
   shard_r{rank}_{n:04d}.safetensors  tensors "{key}.latent_params" [2C, T', H', W'] (the VAE
                                      posterior's mean and log-variance) and "{key}.text" [L, D]
-                                     (the prompt embedding without its zero padding)
+                                     (the prompt embedding without its zero padding); for an
+                                     image-to-video model also "{key}.condition" [C, T', H', W']
+                                     (the latent of the first frame, then gray) and, for Wan2.1's,
+                                     "{key}.image_embeds" [N, D] (the first frame's CLIP embedding)
 
 `meta` records what the cache depends on (model, sampling parameters, text length, dtype); a
 cache built for anything else is refused with a message saying what differs. Each entry records
@@ -93,7 +96,8 @@ class LatentCache:
         return kept, failed
 
     def load(self, clip: Clip) -> dict:
-        """{"latent_params": [2C, T', H', W'], "text": [max_text_tokens, D]} of one clip."""
+        """{"latent_params": [2C, T', H', W'], "text": [max_text_tokens, D]} of one clip, and its
+        "condition" / "image_embeds" where the cache holds them (an image-to-video model)."""
         from safetensors import safe_open
 
         entry = self.entries[clip.video]
@@ -104,7 +108,10 @@ class LatentCache:
         text = f.get_tensor(f"{entry['key']}.text")
         padded = text.new_zeros(self.text_tokens, text.shape[1])
         padded[: text.shape[0]] = text
-        return {"latent_params": f.get_tensor(f"{entry['key']}.latent_params"), "text": padded}
+        sample = {"latent_params": f.get_tensor(f"{entry['key']}.latent_params"), "text": padded}
+        for name in entry.get("image", ()):  # an image-to-video model's first-frame inputs
+            sample[name] = f.get_tensor(f"{entry['key']}.{name}")
+        return sample
 
     def __getstate__(self):  # open file handles don't cross into worker processes
         state = dict(self.__dict__)

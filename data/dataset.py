@@ -96,7 +96,7 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 def collate(samples: list[dict]) -> dict:
     """Stack one bucket's samples; list captions and skipped inputs."""
     batch: dict = {"skipped": [s for sample in samples for s in sample["skipped"]]}
-    for key in ("frames", "latent_params", "text"):
+    for key in ("frames", "latent_params", "text", "condition", "image_embeds"):
         if key in samples[0]:
             batch[key] = _stack([s[key] for s in samples])
     if "caption" in samples[0]:

@@ -40,27 +40,33 @@ def generate_video(
     `device`, the pipeline's by default), with the transformer's attention under its generation
     rule (the first attention.dense_timesteps steps dense, as the paper generates).
 
-    With `image` (a PIL image) the video starts from it: for a model that takes per-token
-    timesteps (Wan2.2-TI2V-5B), through diffusers' WanImageToVideoPipeline on the same components,
-    which holds the image's latent as the first latent frame at timestep 0, as training with
+    With `image` (a PIL image) the video starts from it. An image-to-video model (Wan2.1-I2V,
+    Wan2.2-I2V-A14B: its pipeline is WanImageToVideoPipeline) needs one, and takes it as its
+    first-frame condition (models/image_conditioning.py). A model that takes per-token timesteps
+    (Wan2.2-TI2V-5B) takes one through WanImageToVideoPipeline on the same components, which holds
+    the image's latent as the first latent frame at timestep 0, as training with
     train.condition_frames=1 gives it."""
+    from radial_lora.models.image_conditioning import takes_first_frame
+
     check_video_shape(frames, height, width)
     device = torch.device(device) if device is not None else pipe._execution_device
+    first_frame = takes_first_frame(pipe)
+    if first_frame and image is None:
+        raise ValueError("this is an image-to-video model: it generates from a first frame (give --image)")
     if image is not None:
-        if not pipe.config.get("expand_timesteps", False):
+        if not (first_frame or pipe.config.get("expand_timesteps", False)):
             raise ValueError(
-                "image-to-video: this model has no image input (Wan2.2-TI2V-5B has, through its per-token "
-                "timesteps; Wan2.1/2.2 I2V checkpoints are not supported yet)"
+                "image-to-video: this model has no image input (Wan2.1/2.2 I2V models have, and Wan2.2-TI2V-5B "
+                "through its per-token timesteps)"
             )
         from diffusers import WanImageToVideoPipeline
 
-        # The prompts through the text-to-video pipeline's encode_prompt (the same UMT5 encoding);
-        # the image-to-video module's own prompt cleaning needs ftfy, which diffusers does not require.
         embeds, negative = pipe.encode_prompt(
             prompt, negative_prompt, do_classifier_free_guidance=guidance > 1.0,
             max_sequence_length=max_text_tokens, device=device,
         )  # fmt: skip
-        pipe = WanImageToVideoPipeline.from_pipe(pipe)
+        if not first_frame:
+            pipe = WanImageToVideoPipeline.from_pipe(pipe)
         prompts = {"image": image, "prompt_embeds": embeds, "negative_prompt_embeds": negative}
     else:
         prompts = {"prompt": prompt, "negative_prompt": negative_prompt}

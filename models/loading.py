@@ -16,6 +16,8 @@ TINY_MODELS = {
     "tiny-wan-gpu": ("tiny_wan", "gpu"),
     "tiny-wan2.2-ti2v": ("tiny_wan", "ti2v"),
     "tiny-wan2.2-a14b": ("tiny_wan", "a14b"),
+    "tiny-wan2.1-i2v": ("tiny_wan", "i2v"),
+    "tiny-wan2.2-i2v-a14b": ("tiny_wan", "a14b_i2v"),
     "pixel-wan": ("pixel_wan", "sprites"),
     "pixel-wan-toy": ("pixel_wan", "toy"),
 }
@@ -106,18 +108,19 @@ def check_model_available(cfg: ModelConfig, cache_dir: str | None = None) -> Non
 def load_pipeline(
     cfg: ModelConfig, transformer: bool = True, device=None, text_encoder: bool = True, both_experts: bool = False
 ):
-    """A `WanPipeline` with the transformer, VAE and text encoder in their configured dtypes.
+    """The model's pipeline (`WanPipeline`, or `WanImageToVideoPipeline` for an image-to-video
+    model) with the transformer, VAE and text encoder in their configured dtypes.
 
     Loading the whole pipeline (rather than each class by hand) keeps training on exactly the
     path users take for inference, and gives us its `encode_prompt`. `transformer=False` leaves
     the transformer out (encoding-only work such as the latent cache); `text_encoder=False` leaves
-    the text encoder out (training from a latent cache, whose prompts are already embedded:
-    UMT5-XXL has 5.68B parameters, on every process). With `model.init=random` the architecture is
-    built with random weights on `device` (models/random_init.py). A two-expert model loads
-    model.expert alone as `transformer` (training), or with `both_experts` both, as diffusers
-    generates with them (`transformer` high noise, `transformer_2` low noise).
+    the text encoder and the CLIP image encoder out (training from a latent cache, whose prompts
+    and images are already embedded: UMT5-XXL has 5.68B parameters, on every process). With
+    `model.init=random` the architecture is built with random weights on `device`
+    (models/random_init.py). A two-expert model loads model.expert alone as `transformer`
+    (training), or with `both_experts` both, as diffusers generates with them (`transformer` high
+    noise, `transformer_2` low noise).
     """
-    from diffusers import WanPipeline
 
     dtypes = {
         "transformer": torch_dtype(cfg.transformer_dtype),
@@ -139,7 +142,9 @@ def load_pipeline(
     import radial_lora.models.pixel_wan  # noqa: F401
 
     try:
-        two_experts = WanPipeline.load_config(source).get("transformer_2", [None])[0] is not None
+        folder = pipeline_config(source)
+        pipeline = pipeline_class(folder.get("_class_name"), source)
+        two_experts = folder.get("transformer_2", [None])[0] is not None
         one_expert = two_experts and not both_experts  # loaded by hand below, alone
         if not (two_experts and both_experts):
             check_expert(cfg.id, expert, two_experts)
@@ -148,7 +153,9 @@ def load_pipeline(
             "transformer_2": transformer and two_experts and not one_expert,
             "text_encoder": text_encoder,
         }
-        pipe = WanPipeline.from_pretrained(
+        if folder.get("image_encoder", [None])[0] is not None:
+            wanted["image_encoder"] = text_encoder  # the CLIP image encoder goes with the text encoder
+        pipe = pipeline.from_pretrained(
             source, dtype=dtypes, **{name: None for name, keep in wanted.items() if not keep}
         )
         if one_expert and transformer:  # only the trained expert, as the pipeline's `transformer`
@@ -163,6 +170,26 @@ def load_pipeline(
         if cfg.path or isinstance(err, ConfigError):  # a local folder that fails to load is not a download problem
             raise
         raise _not_found(source, err) from None
+
+
+PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
+"""The diffusers pipeline classes a model folder may name (model_index.json's _class_name)."""
+
+
+def pipeline_config(source: str) -> dict:
+    """The model folder's (or hub id's) model_index.json."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.load_config(source)
+
+
+def pipeline_class(name: str | None, source: str):
+    """The diffusers class of a model folder's pipeline; a ConfigError for classes not supported."""
+    import diffusers
+
+    if name not in PIPELINES:
+        raise ConfigError(f"{source}: a {name} model; supported pipelines: {', '.join(PIPELINES)}")
+    return getattr(diffusers, name)
 
 
 EXPERT_FOLDERS = {"high_noise": "transformer", "low_noise": "transformer_2"}

@@ -28,12 +28,28 @@ _WAN21_COMMON = dict(
 )
 TI2V_5B = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 T2V_A14B = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+I2V_A14B = "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
+I2V_14B = ("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers")
+_WAN_14B = dict(_WAN21_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+# Image-to-video: 36 input channels (16 noisy, 4 of the given-frame mask, 16 of the first frame's
+# latent: models/image_conditioning.py); Wan2.1's also reads CLIP-ViT-H's 1280-wide image tokens
+# through added key/value projections of its cross-attention.
+_I2V = dict(in_channels=36)
+_CLIP_IMAGE = dict(image_dim=1280, added_kv_proj_dim=5120)
 TRANSFORMERS = {
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": dict(_WAN21_COMMON, num_attention_heads=12, ffn_dim=8960, num_layers=30),
-    "Wan-AI/Wan2.1-T2V-14B-Diffusers": dict(_WAN21_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40),
-    T2V_A14B: dict(_WAN21_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40),  # each of its 2 experts
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": _WAN_14B,
+    T2V_A14B: _WAN_14B,  # each of its 2 experts
     TI2V_5B: dict(_WAN21_COMMON, in_channels=48, out_channels=48, num_attention_heads=24, ffn_dim=14336, num_layers=30),
+    **{model: dict(_WAN_14B, **_I2V, **_CLIP_IMAGE) for model in I2V_14B},
+    I2V_A14B: dict(_WAN_14B, **_I2V),  # each of its 2 experts
 }
+# image_encoder/config.json of Wan2.1-I2V-14B-*-Diffusers: CLIP-ViT-H/14's vision tower
+# (laion/CLIP-ViT-H-14-laion2B-s32B-b79K), 257 tokens of 1280 from a 224x224 crop.
+CLIP_VIT_H = dict(
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=224,
+    patch_size=14, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5,
+)  # fmt: skip
 # vae/config.json of Wan2.2-TI2V-5B-Diffusers: the Wan2.2 VAE (2x2 pixel patches in, a residual
 # encoder, 16x spatial and 4x temporal compression, 48 latent channels).
 WAN22_VAE = dict(
@@ -66,10 +82,17 @@ WAN22_VAE = dict(
 )  # fmt: skip
 VAES = {TI2V_5B: WAN22_VAE}
 """The VAE by model id where it is not AutoencoderKLWan's default (Wan2.1's)."""
-PIPELINE_OPTIONS = {TI2V_5B: dict(expand_timesteps=True), T2V_A14B: dict(boundary_ratio=0.875)}
-"""WanPipeline's options by model id: TI2V-5B takes per-token timesteps (its first frame can be
-given); A14B switches from its high-noise expert to the low-noise one below sigma 0.875."""
-TWO_EXPERTS = {T2V_A14B}
+PIPELINE_OPTIONS = {
+    TI2V_5B: dict(expand_timesteps=True),
+    T2V_A14B: dict(boundary_ratio=0.875),
+    I2V_A14B: dict(boundary_ratio=0.9),
+}
+"""The pipeline's options by model id: TI2V-5B takes per-token timesteps (its first frame can be
+given); T2V-A14B switches from its high-noise expert to the low-noise one below sigma 0.875,
+I2V-A14B below 0.9 (Wan2.2's published boundaries)."""
+TWO_EXPERTS = {T2V_A14B, I2V_A14B}
+IMAGE_TO_VIDEO = {*I2V_14B, I2V_A14B}
+"""Models whose pipeline is WanImageToVideoPipeline."""
 # google/umt5-xxl's encoder, as the Wan2.1 checkpoints ship it.
 UMT5_XXL = dict(
     vocab_size=256384,
@@ -124,8 +147,8 @@ def random_pipeline(
     (without the transformer or the text encoder when they are not wanted). A two-expert model
     gets the one `expert` as its `transformer` (the only one a run trains), or with `both_experts`
     both (`transformer_2` the low-noise one), as generation uses them."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
     from radial_lora.models.loading import check_expert
     from radial_lora.models.tiny_wan import _build_tokenizer
@@ -147,12 +170,19 @@ def random_pipeline(
         if text_encoder:
             with default_dtype(dtypes["text_encoder"]):
                 encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).eval()
-    return WanPipeline(
+        image = {}
+        if model_id in IMAGE_TO_VIDEO:
+            image["image_processor"] = CLIPImageProcessor()  # CLIP's 224 crop and normalization
+            if text_encoder and TRANSFORMERS[model_id].get("image_dim"):  # fp32, as diffusers' examples load it
+                image["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H)).eval()
+    pipeline = WanImageToVideoPipeline if model_id in IMAGE_TO_VIDEO else WanPipeline
+    return pipeline(
         tokenizer=_build_tokenizer(),
         text_encoder=encoder,
         vae=vae.eval(),
         transformer=model,
         transformer_2=low_noise,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        **image,
         **PIPELINE_OPTIONS.get(model_id, {}),
     )

@@ -57,11 +57,34 @@ PRESETS = {
     "gpu": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=10, freq_dim=256),
     "ti2v": dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, freq_dim=32),
     "a14b": dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, freq_dim=32),
+    "i2v": dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, freq_dim=32),
+    "a14b_i2v": dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, freq_dim=32),
 }
 """Transformer sizes. `ti2v` goes with a Wan2.2-style VAE (2x2 pixel patches, residual, 16x
 spatial compression) and per-token timesteps, as Wan2.2-TI2V-5B has them; `a14b` is two such
 transformers (Wan2.1's VAE), a high- and a low-noise expert switched at sigma 0.875, as in
-Wan2.2-T2V-A14B."""
+Wan2.2-T2V-A14B. `i2v` is an image-to-video Wan2.1 (2z + 4 input channels: the first-frame
+condition, models/image_conditioning.py; a small CLIP vision encoder whose embedding enters the
+cross-attention), `a14b_i2v` Wan2.2-I2V-A14B's layout: two image-to-video experts without CLIP,
+switched at sigma 0.9."""
+IMAGE_TO_VIDEO = {"i2v", "a14b_i2v"}
+TWO_EXPERTS = {"a14b": 0.875, "a14b_i2v": 0.9}
+"""The two-expert presets and the noise level where they switch (the pipeline's boundary_ratio)."""
+
+
+def tiny_image_encoder():
+    """(image processor, image encoder): a 2-layer CLIP vision model on 32x32 crops (17 tokens of
+    width 16) and the processor that resizes and normalizes images for it, as CLIP-ViT-H's does."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    encoder = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=8,
+        )
+    )  # fmt: skip
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return processor, encoder.eval()
 
 
 TEXT_DIM = 32
@@ -110,48 +133,54 @@ def _build_components(seed: int, preset: str = "tiny") -> dict:
         latents_std=[1.0] * z_dim,
         **(wan22 if preset == "ti2v" else {}),
     )
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        in_channels=z_dim,
-        out_channels=z_dim,
-        text_dim=text_dim,
-        rope_max_seq_len=1024,
+    arch = dict(
+        patch_size=(1, 2, 2), in_channels=z_dim, out_channels=z_dim, text_dim=text_dim, rope_max_seq_len=1024,
         **PRESETS[preset],
-    )
+    )  # fmt: skip
+    components = {}
+    if preset in IMAGE_TO_VIDEO:  # the first-frame condition's channels: a mask of 4, then a latent
+        arch["in_channels"] = 2 * z_dim + 4
+    if preset == "i2v":  # Wan2.1-I2V: the CLIP embedding through the cross-attention's added k/v
+        components["image_processor"], components["image_encoder"] = tiny_image_encoder()
+        inner = arch["num_attention_heads"] * arch["attention_head_dim"]
+        arch |= dict(image_dim=components["image_encoder"].config.hidden_size, added_kv_proj_dim=inner)
+    transformer = WanTransformer3DModel(**arch)
     # Wan's sampling scheduler in diffusers' examples; training draws its own sigmas.
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    components = dict(
+    components |= dict(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
-    if preset == "a14b":
-        low_noise = WanTransformer3DModel(
-            patch_size=(1, 2, 2), in_channels=z_dim, out_channels=z_dim, text_dim=text_dim, rope_max_seq_len=1024,
-            **PRESETS[preset],
-        )  # fmt: skip
-        return components | {"transformer_2": low_noise, "boundary_ratio": 0.875}
+    if preset in TWO_EXPERTS:
+        return components | {"transformer_2": WanTransformer3DModel(**arch), "boundary_ratio": TWO_EXPERTS[preset]}
     return components | ({"expand_timesteps": True} if preset == "ti2v" else {})
 
 
 def build_tiny_wan(path: str | os.PathLike, seed: int = 0, preset: str = "tiny") -> Path:
-    """Write a small random WanPipeline folder to `path` (once: an existing folder is kept)."""
-    return write_pipeline_once(path, lambda: _build_components(seed, preset))
+    """Write a small random WanPipeline folder (WanImageToVideoPipeline for the image-to-video
+    presets) to `path` (once: an existing folder is kept)."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    pipeline = WanImageToVideoPipeline if preset in IMAGE_TO_VIDEO else WanPipeline
+    return write_pipeline_once(path, lambda: _build_components(seed, preset), pipeline)
 
 
-def write_pipeline_once(path: str | os.PathLike, components) -> Path:
-    """Save `WanPipeline(**components())` to `path` unless a model is there already.
+def write_pipeline_once(path: str | os.PathLike, components, pipeline=None) -> Path:
+    """Save `pipeline(**components())` (a WanPipeline by default) to `path` unless a model is
+    there already.
 
     Built into a temporary sibling and renamed, so an interrupted build never leaves a half
     folder that later runs would try to load.
     """
     from diffusers import WanPipeline
 
+    pipeline = pipeline or WanPipeline
     path = Path(path)
     if (path / "model_index.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     try:
-        WanPipeline(**components()).save_pretrained(tmp)
+        pipeline(**components()).save_pretrained(tmp)
         try:
             tmp.rename(path)
         except OSError:  # another process finished first: keep its copy

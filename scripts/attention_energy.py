@@ -55,11 +55,12 @@ def load_model(cfg: Config, run: Path | None, device):
 
 
 def input_clip(cfg: Config, pipe, device):
-    """(clean latents [1, C, F, H, W], text embedding, what it is): the first held-out clip of
-    the config's data (else its first clip), encoded as training encodes it."""
+    """(clean latents [1, C, F, H, W], text embedding, what it is, an image-to-video model's
+    first-frame inputs): the first held-out clip of the config's data (else its first clip),
+    encoded as training encodes it."""
     from radial_lora.data.dataset import ClipDataset, collate
     from radial_lora.data.setup import catalog_for, split_held_out
-    from radial_lora.train.step import encode_captions, posterior_params
+    from radial_lora.train.step import encode_captions, first_frame_inputs, posterior_params
     from radial_lora.train.validation import latent_mean
 
     catalog = catalog_for(cfg.data, seed=cfg.train.seed)
@@ -69,7 +70,8 @@ def input_clip(cfg: Config, pipe, device):
     batch = collate([{**dataset.load(0, 0), "skipped": []}])
     x0 = latent_mean(pipe.vae, posterior_params(pipe.vae, batch["frames"])).to(device)
     text = encode_captions(pipe, batch["captions"], cfg.model.max_text_tokens, device)
-    return x0, text, f"{clip.video} ({clip.bucket[0]} frames at {clip.bucket[1]}x{clip.bucket[2]})"
+    image = first_frame_inputs(pipe, pipe.transformer, batch["frames"], device)
+    return x0, text, f"{clip.video} ({clip.bucket[0]} frames at {clip.bucket[1]}x{clip.bucket[2]})", image
 
 
 def plot(rows: list[dict], summary: dict, path: Path) -> None:
@@ -145,16 +147,21 @@ def main(argv: list[str] | None = None) -> dict:
     }
     recorder = Recorder(queries=args.queries, seed=cfg.train.seed, masks=masks, block_size=a.block_size)
     install_probe(transformer, a, recorder)
-    x0, text, what = input_clip(cfg, pipe, device)
+    x0, text, what, image = input_clip(cfg, pipe, device)
     dtype = next(transformer.parameters()).dtype
     generator = torch.Generator(device).manual_seed(cfg.train.seed)
     noise = torch.randn(x0.shape, generator=generator, device=device)
+    extra = {}
+    if image.get("image_embeds") is not None:
+        extra["encoder_hidden_states_image"] = image["image_embeds"].to(dtype)
     with torch.no_grad():
         for sigma in args.sigmas:
             recorder.sigma = sigma
             noisy = (1 - sigma) * x0 + sigma * noise
+            if image:  # an image-to-video model: the first-frame condition beside the latents
+                noisy = torch.cat([noisy, image["condition"]], dim=1)
             transformer(hidden_states=noisy.to(dtype), timestep=torch.tensor([sigma * 1000], device=device),
-                        encoder_hidden_states=text.to(dtype), return_dict=False)  # fmt: skip
+                        encoder_hidden_states=text.to(dtype), return_dict=False, **extra)  # fmt: skip
     summary = summarize(recorder.rows) | {
         "clip": what,
         "sigmas": args.sigmas,

@@ -29,6 +29,7 @@ import torch
 from radial_lora.configs.schema import Config, typed_config
 from radial_lora.models.attention import describe, set_self_attention
 from radial_lora.models.generation import check_video_shape, generate_video
+from radial_lora.models.image_conditioning import takes_first_frame
 from radial_lora.models.loading import EXPERT_FOLDERS, load_pipeline
 from radial_lora.models.lora import LORA_WEIGHT_NAME
 
@@ -67,7 +68,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument(
-        "--image", type=Path, help="image-to-video: the first frame (models with an image input: Wan2.2-TI2V-5B)"
+        "--image",
+        type=Path,
+        help="image-to-video: the first frame (Wan2.1/2.2 I2V models need one; Wan2.2-TI2V-5B takes one)",
     )
     parser.add_argument("--lora", type=Path, help=f"a LoRA file (default: RUN/lora/{LORA_WEIGHT_NAME})")
     parser.add_argument("--no-lora", action="store_true", help="the base model alone, for comparison")
@@ -131,10 +134,11 @@ def main(argv: list[str] | None = None) -> Path:
     print(describe(pipe.transformer) + f"; first {cfg.attention.dense_timesteps} steps dense")
     pipe.to(device)
 
-    if image is not None and not pipe.config.get("expand_timesteps", False):
+    if image is None and takes_first_frame(pipe):
+        raise SystemExit(f"error: --image: {cfg.model.id} is an image-to-video model; give it the first frame")
+    if image is not None and not (takes_first_frame(pipe) or pipe.config.get("expand_timesteps", False)):
         raise SystemExit(
-            f"error: --image: {cfg.model.id} has no image input (Wan2.2-TI2V-5B has; Wan2.1/2.2 I2V checkpoints "
-            "are not supported yet)"
+            f"error: --image: {cfg.model.id} has no image input (the Wan2.1/2.2 I2V models and Wan2.2-TI2V-5B have)"
         )
     video = generate_video(
         pipe,

@@ -35,8 +35,9 @@ def precompute(cfg) -> Path:
     from radial_lora.data.policy import RejectCounts
     from radial_lora.data.setup import catalog_for, meta_for
     from radial_lora.data.video import BadVideo
+    from radial_lora.models.image_conditioning import MASK_CHANNELS, takes_first_frame
     from radial_lora.models.loading import load_pipeline, torch_dtype
-    from radial_lora.train.step import encode_captions, posterior_params
+    from radial_lora.train.step import encode_captions, first_frame_inputs, posterior_params
 
     if not cfg.data.cache:
         raise ConfigError("data.cache must name the folder to write the cache to")
@@ -74,10 +75,18 @@ def precompute(cfg) -> Path:
         text = encode_captions(pipe, [clip.caption], cfg.model.max_text_tokens, state.device)[0]
         length = len(pipe.tokenizer(clip.caption, max_length=cfg.model.max_text_tokens, truncation=True).input_ids)
         key = f"r{state.process_index}_{i}"
-        shard[f"{key}.latent_params"] = params.to("cpu", dtype).contiguous()
-        shard[f"{key}.text"] = text[:length].to("cpu", dtype).contiguous()
-        shard_bytes += shard[f"{key}.latent_params"].nbytes + shard[f"{key}.text"].nbytes
+        tensors = {"latent_params": params, "text": text[:length]}
+        image = first_frame_inputs(pipe, None, pixels[None], state.device)
+        if image:  # the mask is rebuilt when read (it is the same for every clip)
+            tensors["condition"] = image["condition"][0, MASK_CHANNELS:]
+            if image["image_embeds"] is not None:
+                tensors["image_embeds"] = image["image_embeds"][0]
+        for name, tensor in tensors.items():
+            shard[f"{key}.{name}"] = tensor.to("cpu", dtype).contiguous()
+            shard_bytes += shard[f"{key}.{name}"].nbytes
         entries[clip.video] = {**entry_key(clip), "shard": shard_name(), "key": key}
+        if image:
+            entries[clip.video]["image"] = [n for n in ("condition", "image_embeds") if n in tensors]
         if shard_bytes > SHARD_BYTES:
             flush()
     flush()
@@ -87,7 +96,8 @@ def precompute(cfg) -> Path:
     state.wait_for_everyone()
     index_file = root / INDEX
     if state.is_main_process:
-        merged = {"meta": meta_for(cfg), "entries": {}, "failed": {}}
+        meta = meta_for(cfg) | {"first_frame": takes_first_frame(pipe)}  # an image-to-video model's inputs
+        merged = {"meta": meta, "entries": {}, "failed": {}}
         for p in sorted(root.glob("index_r*.json")):
             partial = json.loads(p.read_text())
             merged["entries"].update(partial["entries"])

@@ -60,15 +60,23 @@ from radial_lora.train.distributed import (
 from radial_lora.train.ema import WeightAverage
 from radial_lora.train.preemption import ignore_stop_signals, note_preemption, stop_signals
 from radial_lora.train.step import (
+    cached_first_frame_inputs,
     conditioned_frames,
     encode_captions,
+    first_frame_inputs,
     flow_matching_loss,
     noisy_inputs,
     posterior_params,
     sample_generator,
 )
 from radial_lora.train.tracking import peak_memory_gb, start_tracking
-from radial_lora.train.validation import HeldOutClip, check_validation, encode_held_out, validate_run
+from radial_lora.train.validation import (
+    HeldOutClip,
+    check_image_samples,
+    check_validation,
+    encode_held_out,
+    validate_run,
+)
 
 # The run's own lines go to the terminal (print) and to {run dir}/train.log through this logger,
 # which configs/train.yaml routes to Hydra's file handler only.
@@ -248,6 +256,19 @@ def expert_timesteps(cfg: Config, pipe) -> TimestepConfig:
     return timesteps
 
 
+def check_image_inputs(cfg: Config, pipe, cache) -> None:
+    """An image-to-video model trains on its first-frame inputs: a latent cache must hold them
+    (built for this model by scripts/precompute.py), and sample videos need held-out clips."""
+    from radial_lora.models.image_conditioning import takes_first_frame
+
+    if cache is not None and takes_first_frame(pipe) and not cache.meta.get("first_frame"):
+        raise ConfigError(
+            f"data.cache={cfg.data.cache} holds no first-frame inputs, which this image-to-video model trains "
+            "on: rebuild it with `python -m scripts.precompute`"
+        )
+    check_image_samples(cfg, pipe)
+
+
 def lora_file_info(cfg: Config) -> dict[str, str]:
     """What every exported LoRA file (or full model's training.json) states about how it was trained."""
     a = cfg.attention
@@ -362,6 +383,7 @@ def build(cfg: Config, resolved_config: dict, resume_from: Path | None = None, n
     if pipe.text_encoder is not None:
         pipe.text_encoder.requires_grad_(False).eval()
     check_rotary_covers(pipe, cfg.data.frames, cfg.data.sizes)
+    check_image_inputs(cfg, pipe, cache)
     transformer = pipe.transformer
     params = prepare_transformer(transformer, cfg.model, cfg.attention, cfg.lora, sp_group, mode=cfg.train.mode)
     if cfg.train.mode == TrainMode.full:
@@ -493,9 +515,11 @@ def train_step(run: Run, micro_batches: list[dict]) -> StepResult:
             run.skipped.add(reason)
         if "latent_params" in batch:  # from the cache
             posteriors, text = batch["latent_params"], batch["text"].to(device)
+            image = cached_first_frame_inputs(batch, device)
         else:
             posteriors = posterior_params(run.pipe.vae, batch["frames"])
             text = encode_captions(run.pipe, batch["captions"], cfg.model.max_text_tokens, device)
+            image = first_frame_inputs(run.pipe, run.transformer, batch["frames"], device)
         first = run.data_rank * cfg.data.batch_size  # this slice's place in the global batch
         gens = [
             sample_generator(cfg.train.seed, state.batches_seen, first + j, device) for j in range(posteriors.shape[0])
@@ -506,7 +530,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> StepResult:
         )
         clean = conditioned_frames(gens, cfg.train.condition_frames, cfg.train.condition_probability, device)
         with accelerator.accumulate(run.transformer):
-            loss = flow_matching_loss(run.transformer, latents, text, sigmas, noise, run.model_dtype, clean)
+            loss = flow_matching_loss(run.transformer, latents, text, sigmas, noise, run.model_dtype, clean, **image)
             # Gradients are averaged over all processes, but the `sp` processes of a group
             # each hold part of one clip's gradient: x sp makes the average their sum.
             accelerator.backward(loss * sp if sp > 1 else loss)

@@ -100,6 +100,40 @@ def encode_captions(pipe, captions: list[str], max_tokens: int, device) -> torch
     return embeds
 
 
+@torch.no_grad()
+def first_frame_inputs(pipe, transformer, frames: torch.Tensor, device) -> dict:
+    """What an image-to-video Wan takes beyond the noisy latents (models/image_conditioning.py),
+    from uint8 clips [B, T, H, W, 3]: {"condition": [B, 4 + z, T', H', W'] (the mask, then the
+    latent of the first frame followed by gray), "image_embeds": [B, N, D] CLIP embedding of the
+    first frame, or None for a model without one}; {} for a model that takes no image.
+    `transformer` None (encoding without it, scripts/precompute.py): the CLIP embedding is made
+    when the pipeline has an image encoder."""
+    from radial_lora.models import image_conditioning as image
+
+    if not image.takes_first_frame(pipe):
+        return {}
+    first = to_vae_input(frames[:, :1], pipe.vae.device, pipe.vae.dtype)
+    embeds = None
+    if image.needs_image_embeds(transformer) if transformer is not None else pipe.image_encoder is not None:
+        embeds = image.image_embeds(pipe, list(frames[:, 0].cpu().numpy()), device)
+    latents = image.condition_latents(pipe.vae, first, frames.shape[1]).to(device)
+    return {"condition": image.with_mask(latents), "image_embeds": embeds}
+
+
+def cached_first_frame_inputs(batch: dict, device) -> dict:
+    """first_frame_inputs from a latent cache's batch (its condition latents [B, z, T', H', W'] and
+    CLIP embeddings, scripts/precompute.py); {} when the cache holds none (a model without an image)."""
+    from radial_lora.models.image_conditioning import with_mask
+
+    if "condition" not in batch:
+        return {}
+    embeds = batch.get("image_embeds")
+    return {
+        "condition": with_mask(batch["condition"].to(device).float()),
+        "image_embeds": embeds.to(device).float() if embeds is not None else None,
+    }
+
+
 def conditioned_frames(generators: list[torch.Generator], frames: int, probability: float, device) -> torch.Tensor:
     """[B] how many leading latent frames each sample is given clean (train.condition_frames):
     `frames` with `probability`, else 0, drawn from each sample's own generator (after its latent,
@@ -127,12 +161,17 @@ def flow_matching_loss(
     noise: torch.Tensor,
     dtype: torch.dtype,
     clean_frames: torch.Tensor | None = None,
+    condition: torch.Tensor | None = None,
+    image_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared error between the predicted and the true velocity (eps - x0), in fp32.
 
     `dtype` is the transformer's storage dtype, which its inputs are cast to. `clean_frames` [B]
     (optional): each sample's first N latent frames are given clean, their tokens get timestep 0
     (a per-token timestep [B, S], as Wan2.2's TI2V model takes it), and the loss leaves them out.
+    `condition` [B, 4 + z, T, H, W] (an image-to-video Wan, first_frame_inputs): concatenated to
+    the noisy latents' channels, as the pipeline feeds it; the loss leaves the first latent frame
+    out (the given image). `image_embeds` [B, N, D]: the CLIP embedding Wan2.1-I2V reads.
     """
     s = sigmas.view(-1, 1, 1, 1, 1)
     noisy = (1 - s) * latents + s * noise
@@ -145,11 +184,19 @@ def flow_matching_loss(
         patch = getattr(transformer, "module", transformer).config.patch_size
         timestep = token_timesteps(timestep, clean, latents.shape, patch)
         weight = (~clean).float()[:, None, :, None, None].expand_as(latents)
+    extra = {}
+    if condition is not None:
+        noisy = torch.cat([noisy, condition.to(noisy.device, noisy.dtype)], dim=1)
+        weight = torch.ones_like(latents) if weight is None else weight.clone()
+        weight[:, :, 0] = 0
+    if image_embeds is not None:
+        extra["encoder_hidden_states_image"] = image_embeds.to(dtype)
     pred = transformer(
         hidden_states=noisy.to(dtype),
         timestep=timestep,
         encoder_hidden_states=text_embeds.to(dtype),
         return_dict=False,
+        **extra,
     )[0]
     error = (pred.float() - (noise - latents).float()) ** 2
     if weight is None:

@@ -14,7 +14,7 @@ writes them to `samples/step_NNNNNN/` in the run folder and to W&B.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,13 @@ from radial_lora.configs.schema import Config, ConfigError, Strategy
 from radial_lora.data.dataset import ClipDataset, collate
 from radial_lora.data.video import BadVideo
 from radial_lora.models.generation import generate_video
-from radial_lora.train.step import encode_captions, flow_matching_loss, posterior_params
+from radial_lora.train.step import (
+    cached_first_frame_inputs,
+    encode_captions,
+    first_frame_inputs,
+    flow_matching_loss,
+    posterior_params,
+)
 
 
 @dataclass
@@ -38,6 +44,11 @@ class HeldOutClip:
     """[1, C, T', H', W'] normalized posterior mean"""
     text: torch.Tensor
     """[1, L, D] caption embedding"""
+    image: dict = field(default_factory=dict)
+    """An image-to-video model's first-frame inputs (train/step.py first_frame_inputs), else {}."""
+    first_frame: np.ndarray | None = None
+    """uint8 [H, W, 3]: the clip's first frame, which an image-to-video model's samples start from
+    (None from a latent cache, which keeps no pixels)."""
 
 
 def check_validation(cfg: Config, text_encoder_loaded: bool) -> str | None:
@@ -86,14 +97,18 @@ def encode_held_out(pipe, clips, cfg: Config, cache, device, say) -> list[HeldOu
         except BadVideo as bad:
             say(f"validation: held-out clip {clip.video} left out: {bad.reason}")
             continue
+        first = None
         if "latent_params" in batch:
             params, text = batch["latent_params"], batch["text"]
+            image = cached_first_frame_inputs(batch, "cpu")
         else:
             params = posterior_params(pipe.vae, batch["frames"])
             text = encode_captions(pipe, batch["captions"], cfg.model.max_text_tokens, device)
-        held.append(
-            HeldOutClip(clip.video, clip.bucket[0], clip.caption, latent_mean(pipe.vae, params).cpu(), text.cpu())
-        )
+            image = first_frame_inputs(pipe, pipe.transformer, batch["frames"], device)
+            first = batch["frames"][0, 0].numpy()
+        image = {k: v.cpu() if v is not None else None for k, v in image.items()}
+        mean = latent_mean(pipe.vae, params).cpu()
+        held.append(HeldOutClip(clip.video, clip.bucket[0], clip.caption, mean, text.cpu(), image, first))
     return held
 
 
@@ -107,7 +122,8 @@ def held_out_losses(transformer, held: list[HeldOutClip], sigmas: list[float], s
             g = torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, i, j]).generate_state(1)[0]))
             noise = torch.randn(x0.shape, generator=g, device=device)
             s = torch.full((1,), sigma, device=device)
-            loss = flow_matching_loss(transformer, x0, clip.text.to(device), s, noise, dtype)
+            image = {k: v.to(device) if v is not None else None for k, v in clip.image.items()}
+            loss = flow_matching_loss(transformer, x0, clip.text.to(device), s, noise, dtype, **image)
             sums.setdefault(clip.frames, []).append(float(loss))
     return {f"val/loss_{frames}f": sum(v) / len(v) for frames, v in sorted(sums.items())}
 
@@ -118,8 +134,37 @@ def sample_prompts(cfg: Config, held: list[HeldOutClip]) -> list[str]:
     return prompts[: cfg.validation.samples]
 
 
-def render_samples(pipe, cfg: Config, prompts: list[str], folder: Path, device) -> list[tuple[str, Path]]:
-    """Render each prompt (seed validation.seed + i) into folder/sample_{i}.mp4; [(prompt, path)]."""
+def sample_images(pipe, held: list[HeldOutClip], count: int) -> list:
+    """The images an image-to-video model's samples start from: the held-out clips' first frames
+    in turn (PIL images); Nones for a model that takes no image."""
+    from PIL import Image
+
+    from radial_lora.models.image_conditioning import takes_first_frame
+
+    if not takes_first_frame(pipe):
+        return [None] * count
+    frames = [clip.first_frame for clip in held if clip.first_frame is not None]
+    return [Image.fromarray(frames[i % len(frames)]) for i in range(count)] if frames else [None] * count
+
+
+def check_image_samples(cfg: Config, pipe) -> None:
+    """An image-to-video model's sample videos start from held-out clips' first frames: refuse
+    samples without held-out clips, in one line."""
+    from radial_lora.models.image_conditioning import takes_first_frame
+
+    v = cfg.validation
+    if v.every and v.samples and takes_first_frame(pipe) and cfg.data.val_clips == 0:
+        raise ConfigError(
+            "validation.samples: an image-to-video model's samples start from the first frames of held-out "
+            "clips; set data.val_clips >= 1, or validation.samples=0"
+        )
+
+
+def render_samples(
+    pipe, cfg: Config, prompts: list[str], folder: Path, device, images: list | None = None
+) -> list[tuple[str, Path]]:
+    """Render each prompt (seed validation.seed + i; for an image-to-video model from images[i])
+    into folder/sample_{i}.mp4; [(prompt, path)]."""
     from radial_lora.data.demo_videos import write_mp4
 
     v = cfg.validation
@@ -140,6 +185,7 @@ def render_samples(pipe, cfg: Config, prompts: list[str], folder: Path, device) 
             negative_prompt=v.negative_prompt,
             max_text_tokens=cfg.model.max_text_tokens,
             device=device,
+            image=images[i] if images else None,
         )
         path = folder / f"sample_{i}.mp4"
         write_mp4(path, video, fps=cfg.data.fps or 16.0)
@@ -166,7 +212,8 @@ def validate_run(run, held: list[HeldOutClip]) -> dict:
             start = time.perf_counter()
             run.pipe.set_progress_bar_config(disable=True)
             folder = run.run_dir / "samples" / f"step_{step:06d}"
-            written = render_samples(run.pipe, cfg, prompts, folder, device)
+            images = sample_images(run.pipe, held, len(prompts))
+            written = render_samples(run.pipe, cfg, prompts, folder, device, images)
             metrics["val/samples_time_s"] = time.perf_counter() - start
             metrics |= wandb_videos(accelerator, written, cfg.data.fps or 16.0)
             run.say(f"validation: {len(written)} samples in {folder} ({metrics['val/samples_time_s']:.1f} s)")
